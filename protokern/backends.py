@@ -1,0 +1,141 @@
+"""The backend registry: which implementation runs protokern's ops for a given tensor.
+
+A backend is a set of three functions over the canonical forms of `protokern.reference`
+(``x`` ``(B, D, H, W)``, ``prototypes`` ``(M, D, ph, pw)``). Kernel packages register one with
+`register_backend`; the ops in `protokern.ops` call `select_backend` at run time, so a backend
+added later needs no change to any caller.
+
+Choice, strongest first: `use_backend` / `set_backend` (process-wide, not per thread, so the
+backward pass, which PyTorch may run on another thread, sees the same choice), then the
+``PROTOKERN_BACKEND`` environment variable, then the available backend of highest priority
+that runs on the tensor's device type (CUDA: ``cuda`` > ``triton``; CPU: ``cpu`` >
+``reference``).
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from protokern import reference
+
+ENV_VAR = "PROTOKERN_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops.
+
+    Attributes:
+        name: the name users select it by.
+        min_distance: ``(x, prototypes, metric) -> (values (B, M), indices (B, M) int64)``.
+        min_distance_backward: ``(grad_values, x, prototypes, indices, metric)
+            -> (grad_x, grad_prototypes)``.
+        distance_map: ``(x, prototypes, metric) -> (B, M, H', W')``.
+        device_types: device types it runs on (``{"cpu"}``, ``{"cuda"}``); None for any.
+        priority: among available backends for a device type, the highest is the default.
+        unavailable_reason: returns why it cannot run in this install, or None if it can.
+    """
+
+    name: str
+    min_distance: Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor]]
+    min_distance_backward: Callable[[Tensor, Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
+    distance_map: Callable[[Tensor, Tensor, str], Tensor]
+    device_types: frozenset[str] | None = None
+    priority: int = 0
+    unavailable_reason: Callable[[], str | None] = lambda: None
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.device_types is None or device_type in self.device_types
+
+
+_registry: dict[str, Backend] = {}
+_selected: str | None = None
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _registry[backend.name] = backend
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Names of the backends this install can run, highest priority first.
+
+    With ``device`` (``"cpu"``, ``"cuda"``, a `torch.device`), only those that run on it.
+    """
+    device_type = None if device is None else torch.device(device).type
+    return [
+        b.name
+        for b in sorted(_registry.values(), key=lambda b: -b.priority)
+        if b.unavailable_reason() is None and (device_type is None or b.runs_on(device_type))
+    ]
+
+
+def _lookup(name: str, source: str) -> Backend:
+    if name not in _registry:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise ValueError(f"{source}: unknown protokern backend {name!r}; known backends: {known}")
+    reason = _registry[name].unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"{source}: protokern backend {name!r} is not available: {reason}")
+    return _registry[name]
+
+
+def set_backend(name: str | None) -> None:
+    """Run every op on backend ``name`` from now on; None restores the automatic choice.
+
+    Raises ValueError for an unknown name and RuntimeError for one this install cannot run.
+    """
+    global _selected
+    if name is not None:
+        _lookup(name, "set_backend")
+    _selected = name
+
+
+def get_backend() -> str | None:
+    """The backend set by `set_backend`/`use_backend`, or None when the choice is automatic."""
+    return _selected
+
+
+@contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (None: automatic choice)."""
+    previous = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def select_backend(device: torch.device) -> Backend:
+    """The backend that runs an op whose inputs live on ``device``."""
+    if _selected is not None:
+        backend, source = _lookup(_selected, "set_backend"), f"set_backend({_selected!r})"
+    elif os.environ.get(ENV_VAR):
+        name = os.environ[ENV_VAR]
+        backend, source = _lookup(name, f"{ENV_VAR}={name}"), f"{ENV_VAR}={name}"
+    else:
+        for name in available_backends(device):
+            return _registry[name]
+        raise RuntimeError(f"no protokern backend runs on {device.type} tensors")
+    if not backend.runs_on(device.type):
+        runs_on = ", ".join(sorted(backend.device_types or ()))
+        raise RuntimeError(
+            f"{source}: backend {backend.name!r} runs on {runs_on} tensors, "
+            f"but the inputs are on {device.type}"
+        )
+    return backend
+
+
+register_backend(
+    Backend(
+        name="reference",
+        min_distance=reference.min_distance,
+        min_distance_backward=reference.min_distance_backward,
+        distance_map=reference.distance_map,
+    )
+)

@@ -1,0 +1,259 @@
+"""protokern's operators: validation, `torch.library` registration, autograd and dispatch.
+
+Public functions (`min_distance`, `distance_map`) validate the user's shapes, reshape them
+(views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
+``(M, D, ph, pw)``, and call the custom ops
+
+- ``protokern::min_distance(x, prototypes, metric) -> (values, indices)``
+- ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric)
+  -> (grad_x, grad_prototypes)``
+- ``protokern::distance_map(x, prototypes, metric) -> (B, M, H', W')``
+
+which pick a backend at run time (`protokern.backends.select_backend`). The ops have fake
+implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from protokern import reference
+from protokern.backends import select_backend
+
+METRICS = ("sqeuclidean", "cosine")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class MinDistance(NamedTuple):
+    """Result of `min_distance`, like `torch.min`'s: both ``(B, M)``."""
+
+    values: Tensor
+    """Minimum distance over positions, in the input dtype."""
+    indices: Tensor
+    """int64 flat row-major index into ``H' x W'`` (or ``L``) of the first position attaining it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_metric(metric: object, where: str) -> None:
+    """Raise ValueError unless ``metric`` names a supported metric."""
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"{where}: unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def canonicalize(
+    x: Tensor, prototypes: Tensor, metric: str, where: str
+) -> tuple[Tensor, Tensor, bool]:
+    """Check the public inputs and view them as ``x`` ``(B, D, H, W)``, ``p`` ``(M, D, ph, pw)``.
+
+    Returns ``(x4, p4, tokens)``, ``tokens`` telling whether ``x`` was ``(B, L, D)``, which
+    becomes ``(B, D, L, 1)``. Raises TypeError/ValueError naming the argument and the shapes.
+    """
+    for name, t in (("x", x), ("prototypes", prototypes)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(
+                f"{where}: {name} must be float16, bfloat16, float32 or float64, "
+                f"got {t.dtype} (shape {_shape(t)})"
+            )
+    check_metric(metric, where)
+    if x.dtype != prototypes.dtype:
+        raise TypeError(
+            f"{where}: x and prototypes must share a dtype, got x {x.dtype} {_shape(x)} and "
+            f"prototypes {prototypes.dtype} {_shape(prototypes)}"
+        )
+    if x.device != prototypes.device:
+        raise ValueError(
+            f"{where}: x and prototypes must be on one device, got x on {x.device} and "
+            f"prototypes on {prototypes.device}"
+        )
+
+    if x.dim() == 3:
+        tokens, x4, layout = True, x.transpose(1, 2).unsqueeze(-1), "(B, L, D)"
+    elif x.dim() == 4:
+        tokens, x4, layout = False, x, "(B, D, H, W)"
+    else:
+        raise ValueError(
+            f"{where}: x must be a (B, D, H, W) feature map or (B, L, D) tokens, "
+            f"got a {x.dim()}-d tensor of shape {_shape(x)}"
+        )
+    if prototypes.dim() == 2:
+        p4 = prototypes[:, :, None, None]
+    elif prototypes.dim() == 4:
+        p4 = prototypes
+    else:
+        raise ValueError(
+            f"{where}: prototypes must be (M, D), (M, D, 1, 1) or (M, D, ph, pw), "
+            f"got a {prototypes.dim()}-d tensor of shape {_shape(prototypes)}"
+        )
+
+    batch, dim, height, width = x4.shape
+    num, proto_dim, ph, pw = p4.shape
+    if proto_dim != dim:
+        raise ValueError(
+            f"{where}: x {_shape(x)} as {layout} has D={dim} but prototypes "
+            f"{_shape(prototypes)} have D={proto_dim}"
+        )
+    if num == 0 and batch > 0:
+        raise ValueError(
+            f"{where}: prototypes {_shape(prototypes)} is empty (M = 0) but x {_shape(x)} "
+            f"has B={batch} images; there is no minimum to return"
+        )
+    if tokens and (ph, pw) != (1, 1):
+        raise ValueError(
+            f"{where}: tokens x {_shape(x)} as (B, L, D) take prototypes (M, D) or "
+            f"(M, D, 1, 1), got prototypes {_shape(prototypes)} with a {ph}x{pw} window"
+        )
+    if ph < 1 or pw < 1 or ph > height or pw > width:
+        what = f"L={height} tokens" if tokens else f"the {height}x{width} feature map"
+        raise ValueError(
+            f"{where}: the prototype window {ph}x{pw} (prototypes {_shape(prototypes)}) does "
+            f"not fit in {what} (x {_shape(x)} as {layout})"
+        )
+    return x4, p4, tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (canonical inputs; the public functions below validate)
+
+
+def _in_layout_of(like: Tensor, t: Tensor) -> Tensor:
+    """``t`` with the strides `torch.empty_like(like)` has, so outputs match the fake impls."""
+    out = torch.empty_like(like)
+    if out.stride() == t.stride():
+        return t
+    return out.copy_(t)
+
+
+@torch.library.custom_op("protokern::min_distance", mutates_args=())
+def _min_distance_op(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    return select_backend(x.device).min_distance(x, prototypes, metric)
+
+
+@_min_distance_op.register_fake
+def _(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
+    shape = (x.shape[0], prototypes.shape[0])
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("protokern::min_distance_backward", mutates_args=())
+def _min_distance_backward_op(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    backend = select_backend(x.device)
+    grad_x, grad_prototypes = backend.min_distance_backward(
+        grad_values, x, prototypes, indices, metric
+    )
+    return _in_layout_of(x, grad_x), _in_layout_of(prototypes, grad_prototypes)
+
+
+@_min_distance_backward_op.register_fake
+def _(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(prototypes)
+
+
+@torch.library.custom_op("protokern::distance_map", mutates_args=())
+def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+    return select_backend(x.device).distance_map(x, prototypes, metric)
+
+
+@_distance_map_op.register_fake
+def _(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+    torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
+    out_h = x.shape[2] - prototypes.shape[2] + 1
+    out_w = x.shape[3] - prototypes.shape[3] + 1
+    return x.new_empty((x.shape[0], prototypes.shape[0], out_h, out_w))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _save_inputs(ctx, inputs: tuple, output) -> None:
+    x, prototypes, metric = inputs
+    ctx.metric = metric
+    if isinstance(output, tuple):  # min_distance: backward needs the chosen positions
+        ctx.save_for_backward(x, prototypes, output[1])
+    else:
+        ctx.save_for_backward(x, prototypes)
+
+
+def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
+    x, prototypes, indices = ctx.saved_tensors
+    grad_x, grad_prototypes = torch.ops.protokern.min_distance_backward(
+        grad_values, x, prototypes, indices, ctx.metric
+    )
+    return grad_x, grad_prototypes, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "protokern.min_distance does not support double backward: its gradient flows through "
+        "the selected position only, and that selection has no second derivative. "
+        "Use create_graph=False, or pk.distance_map (twice differentiable) for second-order terms."
+    )
+
+
+def _distance_map_grad(ctx, grad_map: Tensor):
+    x, prototypes = ctx.saved_tensors
+    grad_x, grad_prototypes = reference.distance_map_backward(grad_map, x, prototypes, ctx.metric)
+    return _in_layout_of(x, grad_x), _in_layout_of(prototypes, grad_prototypes), None
+
+
+_min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_inputs)
+_min_distance_backward_op.register_autograd(
+    _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+_distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> MinDistance:
+    """Minimum over positions of the distance between every patch of ``x`` and every prototype.
+
+    Args:
+        x: ``(B, D, H, W)`` feature map (any strides, channels_last included) or ``(B, L, D)``
+            tokens.
+        prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``; patches are the valid
+            stride-1 windows of ``x`` (``H' = H - ph + 1``, ``W' = W - pw + 1``; tokens:
+            ``ph = pw = 1``).
+        metric: ``"sqeuclidean"`` (``sum((patch - p)^2)``) or ``"cosine"``
+            (``1 - <patch, p> / (max(|patch|, 1e-8) * max(|p|, 1e-8))``).
+
+    Returns:
+        `MinDistance` ``(values, indices)``, both ``(B, M)``: the minimum distance in the input
+        dtype (recomputed exactly at the chosen position) and the int64 row-major flat index
+        into ``H' x W'`` (or ``L``) of the first position attaining it. A NaN distance makes the
+        value NaN and the index that of the first NaN position, as in `torch.min`.
+
+    Gradients flow to ``x`` and ``prototypes`` through the selected position only; double
+    backward raises RuntimeError. Computed in float32 for float16/bfloat16 inputs.
+    """
+    x4, p4, _ = canonicalize(x, prototypes, metric, "protokern.min_distance")
+    values, indices = torch.ops.protokern.min_distance(x4, p4, metric)
+    return MinDistance(values, indices)
+
+
+def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> Tensor:
+    """Every patch-to-prototype distance (for explanations and similarity maps).
+
+    Takes the inputs of `min_distance` and returns ``(B, M, H', W')`` for a feature map or
+    ``(B, M, L)`` for tokens, in the input dtype. Differentiable (twice, too).
+    """
+    x4, p4, tokens = canonicalize(x, prototypes, metric, "protokern.distance_map")
+    dmap = torch.ops.protokern.distance_map(x4, p4, metric)
+    return dmap.flatten(2) if tokens else dmap

@@ -1,0 +1,103 @@
+"""Build protokern's optional native extension `protokern._C` from whatever `csrc/` holds.
+
+Sources, by convention (DESIGN.md §3-§4):
+  csrc/*.cpp, csrc/cpu/*.cpp      always (C++ CPU kernels and the bindings)
+  csrc/cuda/*.cu, csrc/cuda/*.cpp  only where PyTorch has CUDA and nvcc is found (WITH_CUDA defined)
+
+Environment:
+  PROTOKERN_NO_EXT=1       build no extension (pure-Python install)
+  PROTOKERN_REQUIRE_EXT=1  a failed extension build fails the install (CI sets it once kernels exist)
+  TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU, else "8.0;9.0"
+
+The extension is built against the installed torch, so install with
+`pip install --no-build-isolation ...`. Where torch cannot be imported at build time, or no
+source exists, or compilation fails (and PROTOKERN_REQUIRE_EXT is unset), the package installs
+without it and every op runs on the pure-PyTorch `reference` backend.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(message: str) -> None:
+    print(f"protokern setup: {message}", file=sys.stderr)
+
+
+def _sources(*patterns: str) -> list[str]:
+    found: list[str] = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join("csrc", pattern), root_dir=ROOT))
+    return found
+
+
+def _extension_build() -> dict:
+    """Return the `ext_modules`/`cmdclass` arguments of setup(), empty for a pure-Python build."""
+    if os.environ.get("PROTOKERN_NO_EXT", "") not in ("", "0"):
+        _say("PROTOKERN_NO_EXT is set: no extension, pure-Python install")
+        return {}
+    cpu_sources = _sources("*.cpp", "cpu/*.cpp")
+    cuda_sources = _sources("cuda/*.cu", "cuda/*.cpp")
+    if not cpu_sources and not cuda_sources:
+        _say("csrc/ holds no kernel sources yet: pure-Python install")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say("torch is not importable at build time (use pip --no-build-isolation): "
+             "pure-Python install")
+        return {}
+
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None \
+        and cpp_extension.CUDA_HOME is not None
+    if cuda_sources and not with_cuda:
+        _say("PyTorch without CUDA or no nvcc found: skipping the CUDA kernels")
+    if with_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    compile_args: dict[str, list[str]] = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    kind = cpp_extension.CppExtension
+    sources = cpu_sources
+    macros: list[tuple[str, str | None]] = []
+    if with_cuda:
+        kind = cpp_extension.CUDAExtension
+        sources = cpu_sources + cuda_sources
+        macros.append(("WITH_CUDA", None))
+        compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+
+    extension = kind(
+        name="protokern._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+        extra_link_args=openmp,
+    )
+    require = os.environ.get("PROTOKERN_REQUIRE_EXT", "") not in ("", "0")
+
+    class BuildOptionalExtension(cpp_extension.BuildExtension):
+        """Falls back to the pure-Python package when compilation fails, unless required."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # compiler and ninja failures have no common type
+                if require:
+                    raise
+                _say(f"WARNING: building {ext.name} failed ({error}); installing without it. "
+                     "Set PROTOKERN_REQUIRE_EXT=1 to make this an error.")
+
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildOptionalExtension}}
+
+
+setup(**_extension_build())
