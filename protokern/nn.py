@@ -31,7 +31,12 @@ class PrototypeLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if isinstance(patch, int):
+            patch = (patch, patch)
+        if not isinstance(patch, (tuple, list)) or len(patch) != 2:
+            raise ValueError(f"PrototypeLayer: patch must be an int or a pair (ph, pw), "
+                             f"got {patch!r}")
+        ph, pw = patch
         for name, value in (("num_prototypes", num_prototypes), ("dim", dim), ("patch", ph),
                             ("patch", pw)):
             if not isinstance(value, int) or value < 1:

@@ -91,7 +91,7 @@ def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[s
 def _rows_and_protos(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     dtype = compute_dtype(x.dtype)
     _, _, ph, pw = prototypes.shape
-    return patches(x.to(dtype), ph, pw), prototypes.reshape(prototypes.shape[0], -1).to(dtype)
+    return patches(x.to(dtype), ph, pw), prototypes.flatten(1).to(dtype)
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -107,8 +107,13 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
     image = torch.arange(batch, device=x.device)[:, None]
     for block in prototype_blocks(num, batch * (length + size)):
-        chosen = first_argmin(pairwise_distance(rows, protos[block], metric))
-        values[:, block] = distance_at(rows[image, chosen], protos[block], metric).to(x.dtype)
+        dist = pairwise_distance(rows, protos[block], metric)
+        chosen = first_argmin(dist)
+        exact = distance_at(rows[image, chosen], protos[block], metric)
+        # a NaN from the expansion (a NaN input, or inf - inf from an infinite one) stays NaN
+        # even where the direct formula would give a number for that position
+        seen_nan = dist.gather(-1, chosen[..., None])[..., 0].isnan()
+        values[:, block] = torch.where(seen_nan, float("nan"), exact).to(x.dtype)
         indices[:, block] = chosen
     return values, indices
 

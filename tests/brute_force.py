@@ -1,0 +1,49 @@
+"""An independent float64 brute force of protokern's contract (DESIGN.md §2), for the tests.
+
+No GEMM expansion and no unfold: every window offset is compared directly, so it shares no
+code path or rounding behaviour with `protokern.reference`. Differentiable, for gradient tests.
+"""
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def as_map(x: Tensor) -> Tensor:
+    """(B, L, D) tokens become a (B, D, L, 1) map; maps pass through."""
+    return x.permute(0, 2, 1)[..., None] if x.dim() == 3 else x
+
+
+def as_window(prototypes: Tensor) -> Tensor:
+    return prototypes[:, :, None, None] if prototypes.dim() == 2 else prototypes
+
+
+def distances(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+    """All distances (B, M, L') in float64, L' row-major over the valid windows."""
+    x, p = as_map(x).double(), as_window(prototypes).double()
+    _, _, height, width = x.shape
+    _, _, ph, pw = p.shape
+    out_h, out_w = height - ph + 1, width - pw + 1
+    dot = sq_diff = x_sq = 0
+    for i in range(ph):
+        for j in range(pw):
+            xs = x[:, None, :, i:i + out_h, j:j + out_w]  # (B, 1, D, H', W')
+            ps = p[None, :, :, i, j, None, None]  # (1, M, D, 1, 1)
+            sq_diff = sq_diff + ((xs - ps) ** 2).sum(2)
+            dot = dot + (xs * ps).sum(2)
+            x_sq = x_sq + (xs ** 2).sum(2)
+    if metric == "sqeuclidean":
+        d = sq_diff
+    else:
+        x_norm = torch.sqrt(x_sq).clamp_min(EPS)
+        p_norm = torch.sqrt((p ** 2).sum((1, 2, 3))).clamp_min(EPS)[None, :, None, None]
+        d = 1 - dot / (x_norm * p_norm)
+    return d.flatten(2)
+
+
+def first_min(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Min over the last dim and the first index attaining it (ties: lowest index)."""
+    values = d.amin(-1)
+    indices = (d == values[..., None]).to(torch.int8).argmax(-1)
+    return values, indices

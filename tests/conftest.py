@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+import torch
+
+import protokern as pk
+
+sys.path.insert(0, os.path.dirname(__file__))  # brute_force.py and helpers.py
+
+CPU_BACKENDS = pk.available_backends("cpu")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """Runs the test once per backend this install can run on CPU tensors."""
+    with pk.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,46 @@
+"""Tolerances and comparisons of DESIGN.md §5, shared by the tests."""
+
+import torch
+from torch import Tensor
+
+from brute_force import distances, first_min
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+"""Relative error allowed against a float64 oracle (float64 itself: rounding noise only)."""
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """max |out - ref| / max |ref| (norm-wise, so near-zero entries do not explode)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_matches_brute_force(x: Tensor, prototypes: Tensor, metric: str, values: Tensor,
+                               indices: Tensor) -> None:
+    """Values within tolerance; every index either the brute force's or a near-tie of it."""
+    tol = TOLERANCE[x.dtype]
+    d = distances(x, prototypes, metric)
+    ref_values, ref_indices = first_min(d)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    assert values.shape == ref_values.shape == indices.shape
+    assert relative_error(values, ref_values) <= tol
+    # where a backend picked another position, its true distance must tie the minimum
+    gap = d.gather(-1, indices[..., None])[..., 0] - ref_values
+    scale = ref_values.abs().max().clamp_min(1.0)
+    differs = indices != ref_indices
+    assert (gap[differs] <= tol * scale).all(), f"index off by more than a near-tie: {gap.max()}"
+    if x.dtype in (torch.float32, torch.float64):
+        # with a clear winner (runner-up further than the tolerance) the index must be exact
+        runner_up = d.sort(-1).values[..., 1] if d.shape[-1] > 1 else ref_values + scale
+        clear = (runner_up - ref_values) > tol * scale
+        assert (indices[clear] == ref_indices[clear]).all()
+
+
+def brute_force_grads(x: Tensor, prototypes: Tensor, metric: str, weights: Tensor):
+    """Gradients of sum(weights * min distance) by autograd through the brute force."""
+    xd = x.detach().double().requires_grad_()
+    pd = prototypes.detach().double().requires_grad_()
+    d = distances(xd, pd, metric)
+    _, idx = first_min(d.detach())
+    values = d.gather(-1, idx[..., None])[..., 0]
+    return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))

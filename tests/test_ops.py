@@ -1,0 +1,289 @@
+"""The op contract (DESIGN.md §2), run on every backend this install has for CPU tensors."""
+
+import pytest
+import torch
+from brute_force import distances, first_min
+from helpers import TOLERANCE, assert_matches_brute_force, brute_force_grads, relative_error
+from torch.library import opcheck
+
+import protokern as pk
+from protokern import reference
+from protokern.ops import canonicalize
+
+METRICS = ["sqeuclidean", "cosine"]
+
+# name -> (x shape, prototypes shape); a 3-d x is (B, L, D) tokens
+CASES = {
+    "map-MD": ((2, 5, 4, 6), (7, 5)),
+    "map-MD11": ((2, 5, 4, 6), (7, 5, 1, 1)),
+    "patch2x3-M37": ((3, 4, 5, 6), (37, 4, 2, 3)),
+    "M1": ((2, 6, 3, 3), (1, 6)),
+    "M37-D3": ((2, 3, 5, 5), (37, 3)),
+    "D300-patch2x2": ((2, 300, 3, 4), (11, 300, 2, 2)),
+    "L1-map": ((3, 8, 1, 1), (5, 8)),
+    "L1-window-fills-map": ((2, 3, 2, 3), (4, 3, 2, 3)),
+    "tokens": ((3, 9, 16), (10, 16)),
+    "tokens-L1": ((2, 1, 8), (6, 8, 1, 1)),
+}
+
+
+def make(case: str, dtype=torch.float32, requires_grad=False):
+    x_shape, p_shape = CASES[case]
+    x = torch.randn(x_shape, dtype=dtype, requires_grad=requires_grad)
+    p = torch.randn(p_shape, dtype=dtype, requires_grad=requires_grad)
+    return x, p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", CASES)
+def test_min_distance_matches_brute_force(backend, case, metric, dtype):
+    x, p = make(case, dtype)
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", ["patch2x3-M37", "D300-patch2x2", "tokens"])
+def test_half_precision_inputs(backend, case, metric, dtype):
+    x, p = make(case, dtype)
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
+
+
+def test_result_is_a_named_tuple(backend):
+    x, p = make("map-MD")
+    result = pk.min_distance(x, p)
+    assert isinstance(result, pk.MinDistance)
+    assert result.values is result[0] and result.indices is result[1]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_many_prototype_blocks_give_the_same_answer(backend, metric, monkeypatch):
+    """The reference bounds memory by prototype blocks; tiny blocks must not change results."""
+    x, p = make("patch2x3-M37", torch.float64)
+    whole = pk.min_distance(x, p, metric)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 50)
+    blocked = pk.min_distance(x, p, metric)
+    torch.testing.assert_close(blocked.values, whole.values)
+    assert torch.equal(blocked.indices, whole.indices)
+    torch.testing.assert_close(pk.distance_map(x, p, metric), distances(x, p, metric).view(
+        3, 37, 4, 4))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed-prototypes"])
+def test_strided_inputs(backend, metric, layout):
+    if layout == "channels_last":
+        x = torch.randn(3, 6, 5, 7).to(memory_format=torch.channels_last)
+        p = torch.randn(9, 6, 2, 2)
+    elif layout == "sliced":
+        x = torch.randn(3, 12, 8, 9)[:, ::2, 1:, :-2]
+        p = torch.randn(9, 6, 3, 2)
+    else:
+        x = torch.randn(3, 6, 5, 7)
+        p = torch.randn(6, 9).t()
+    assert not x.is_contiguous() or not p.is_contiguous()
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
+    torch.testing.assert_close(
+        pk.distance_map(x, p, metric).flatten(2), distances(x, p, metric).float(),
+        rtol=1e-5, atol=1e-4)
+
+
+def test_strided_tokens(backend):
+    x = torch.randn(4, 16, 10)[:, ::2, 1:]  # (B, L, D) non-contiguous
+    p = torch.randn(7, 9)
+    values, indices = pk.min_distance(x, p)
+    assert_matches_brute_force(x, p, "sqeuclidean", values, indices)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("patch", [(1, 1), (2, 2)])
+def test_ties_go_to_the_lowest_index(backend, metric, patch):
+    # small integers keep every sum exact, so duplicated windows tie exactly
+    x = torch.randint(-3, 4, (2, 3, 4, 4)).float()
+    x[:, :, :, 2:] = x[:, :, :, :2]  # columns 2-3 repeat columns 0-1
+    x[:, :, 2:, :] = x[:, :, :2, :]  # rows 2-3 repeat rows 0-1
+    p = torch.randint(-3, 4, (5, 3, *patch)).float()
+    p[0] = x[0, :, 2:2 + patch[0], 2:2 + patch[1]]  # also found at (0, 0)
+    values, indices = pk.min_distance(x, p, metric)
+    ref_values, ref_indices = first_min(distances(x, p, metric))
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values.float())
+    assert indices[0, 0] == 0
+    assert values[0, 0] == 0 if metric == "sqeuclidean" else values[0, 0].abs() < 1e-6
+
+
+def test_ties_between_all_positions(backend):
+    x = torch.ones(2, 4, 3, 5)
+    values, indices = pk.min_distance(x, torch.randn(6, 4))
+    assert (indices == 0).all()
+    values, indices = pk.min_distance(x.permute(0, 2, 3, 1).reshape(2, 15, 4), torch.randn(6, 4))
+    assert (indices == 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_in_x_poisons_only_the_windows_that_see_it(backend, metric):
+    x = torch.randn(3, 4, 5, 5)
+    p = torch.randn(6, 4, 2, 2)
+    clean = pk.min_distance(x, p, metric)
+    x[1, 2, 3, 1] = float("nan")  # inside windows (2..3, 0..1); the first is row 2, col 0
+    values, indices = pk.min_distance(x, p, metric)
+    assert values[1].isnan().all()
+    assert (indices[1] == 2 * 4 + 0).all()
+    keep = torch.tensor([0, 2])
+    assert torch.equal(values[keep], clean.values[keep])
+    assert torch.equal(indices[keep], clean.indices[keep])
+    dmap = pk.distance_map(x, p, metric)
+    assert dmap[1, :, 2:4, 0:2].isnan().all()
+    assert dmap.isnan().sum() == 6 * 4
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_in_a_prototype_poisons_only_its_column(backend, metric):
+    x = torch.randn(3, 9, 4)
+    p = torch.randn(5, 4)
+    clean = pk.min_distance(x, p, metric)
+    p[3, 1] = float("nan")
+    values, indices = pk.min_distance(x, p, metric)
+    assert values[:, 3].isnan().all() and (indices[:, 3] == 0).all()
+    others = torch.tensor([0, 1, 2, 4])
+    assert torch.equal(values[:, others], clean.values[:, others])
+    assert torch.equal(indices[:, others], clean.indices[:, others])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_infinite_input_gives_the_true_value_or_nan(backend, metric):
+    """inf - inf in the expansion must surface as NaN, never as a wrong number."""
+    x = torch.randn(2, 5, 3)
+    x[0, 1, 2] = float("inf")
+    p = torch.randn(4, 3)
+    values, _ = pk.min_distance(x, p, metric)
+    true_values, _ = first_min(distances(x, p, metric))  # float64, no expansion
+    assert values[1].isfinite().all()
+    assert (values.isnan() | torch.isclose(values.double(), true_values, rtol=1e-5)).all()
+    if metric == "cosine":  # inf / inf: the true value is NaN too
+        assert values[0].isnan().all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_empty_batch(backend, metric):
+    values, indices = pk.min_distance(torch.randn(0, 4, 3, 3), torch.randn(5, 4), metric)
+    assert values.shape == indices.shape == (0, 5)
+    assert pk.distance_map(torch.randn(0, 4, 3, 3), torch.randn(5, 4), metric).shape == (
+        0, 5, 3, 3)
+    values, _ = pk.min_distance(torch.randn(0, 4, 3, 3), torch.randn(0, 4), metric)
+    assert values.shape == (0, 0)
+
+
+def test_zero_vectors_under_cosine(backend):
+    """Norms are bounded below by eps: a zero patch or prototype has distance exactly 1."""
+    x = torch.zeros(1, 3, 2, 2)
+    p = torch.randn(2, 3)
+    p[1] = 0
+    values, _ = pk.min_distance(x, p, "cosine")
+    assert torch.equal(values, torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", CASES)
+def test_distance_map_matches_brute_force(backend, case, metric, dtype):
+    x, p = make(case, dtype)
+    dmap = pk.distance_map(x, p, metric)
+    ref = distances(x, p, metric)
+    if x.dim() == 3:
+        assert dmap.shape == ref.shape
+    else:
+        _, _, height, width = x.shape
+        ph, pw = p.shape[2:] if p.dim() == 4 else (1, 1)
+        assert dmap.shape == (x.shape[0], p.shape[0], height - ph + 1, width - pw + 1)
+    assert dmap.dtype == dtype
+    # the map is the GEMM expansion: in float32 its error scales with the norms
+    assert relative_error(dmap.flatten(2), ref) <= 10 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_brute_force(backend, case, metric, dtype):
+    x, p = make(case, dtype, requires_grad=True)
+    values, indices = pk.min_distance(x, p, metric)
+    weights = torch.randn_like(values)
+    (values * weights).sum().backward()
+    ref_x, ref_p = brute_force_grads(x, p, metric, weights)
+    assert x.grad.dtype == dtype and p.grad.shape == p.shape
+    assert relative_error(x.grad, ref_x) <= 10 * TOLERANCE[dtype]
+    assert relative_error(p.grad, ref_p) <= 10 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradients_of_strided_and_half_inputs(backend, metric):
+    x = torch.randn(3, 12, 8, 9)[:, ::2, 1:, :-2].to(memory_format=torch.channels_last)
+    p = torch.randn(9, 6, 3, 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.detach().to(dtype).requires_grad_()
+        pd = p.detach().to(dtype).requires_grad_()
+        values, _ = pk.min_distance(xd, pd, metric)
+        weights = torch.rand_like(values)
+        (values * weights).sum().backward()
+        ref_x, ref_p = brute_force_grads(xd, pd, metric, weights)
+        assert xd.grad.dtype == dtype
+        assert relative_error(xd.grad, ref_x) <= 10 * TOLERANCE[dtype]
+        assert relative_error(pd.grad, ref_p) <= 10 * TOLERANCE[dtype]
+
+
+def test_only_the_selected_position_gets_gradient(backend):
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    p = torch.randn(1, 3)
+    values, indices = pk.min_distance(x, p)
+    values.sum().backward()
+    touched = x.grad.flatten(2).abs().sum(1) != 0  # (B, L)
+    assert touched.sum() == 2
+    assert touched[0, indices[0, 0]] and touched[1, indices[1, 0]]
+
+
+def test_double_backward_raises(backend):
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    p = torch.randn(5, 3, requires_grad=True)
+    values, _ = pk.min_distance(x, p)
+    (grad_x,) = torch.autograd.grad(values.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()
+
+
+# small enough for finite differences: (x shape, prototypes shape)
+GRADCHECK_CASES = {
+    "patch2x3": ((2, 3, 4, 5), (4, 3, 2, 3)),
+    "tokens": ((2, 5, 4), (3, 4)),
+    "L1-map": ((2, 4, 1, 1), (3, 4, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", GRADCHECK_CASES)
+def test_gradcheck_reference(case, metric):
+    """The oracle's gradients against finite differences (DESIGN.md §5)."""
+    x_shape, p_shape = GRADCHECK_CASES[case]
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(p_shape, dtype=torch.float64, requires_grad=True)
+    with pk.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda a, b: pk.min_distance(a, b, metric).values, (x, p))
+        assert torch.autograd.gradcheck(lambda a, b: pk.distance_map(a, b, metric), (x, p))
+        assert torch.autograd.gradgradcheck(lambda a, b: pk.distance_map(a, b, metric), (x, p))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", ["patch2x3-M37", "tokens"])
+def test_opcheck(backend, case, metric):
+    """Schema, fake impl, autograd registration and AOT dispatch of every op."""
+    x, p = make(case, torch.float64)
+    x4, p4, _ = canonicalize(x, p, metric, "test")
+    x4, p4 = x4.requires_grad_(), p4.requires_grad_()
+    opcheck(torch.ops.protokern.min_distance.default, (x4, p4, metric))
+    opcheck(torch.ops.protokern.distance_map.default, (x4, p4, metric))
+    values, indices = torch.ops.protokern.min_distance(x4, p4, metric)
+    opcheck(torch.ops.protokern.min_distance_backward.default,
+            (torch.randn_like(values), x4.detach(), p4.detach(), indices, metric))
