@@ -1,6 +1,6 @@
 """The backend registry: which implementation runs protokern's ops for a given tensor.
 
-A backend is a set of three functions over the canonical forms of `protokern.reference`
+A backend is a set of functions over the canonical forms of `protokern.reference`
 (``x`` ``(B, D, H, W)``, ``prototypes`` ``(M, D, ph, pw)``). Kernel packages register one with
 `register_backend`; the ops in `protokern.ops` call `select_backend` at run time, so a backend
 added later needs no change to any caller.
@@ -35,6 +35,9 @@ class Backend:
         min_distance_backward: ``(grad_values, x, prototypes, indices, metric)
             -> (grad_x, grad_prototypes)``.
         distance_map: ``(x, prototypes, metric) -> (B, M, H', W')``.
+        distance_map_backward: ``(grad_map, x, prototypes, metric)
+            -> (grad_x, grad_prototypes)``; by default the reference's GEMM formula, which
+            runs on any device.
         device_types: device types it runs on (``{"cpu"}``, ``{"cuda"}``); None for any.
         priority: among available backends for a device type, the highest is the default.
         unavailable_reason: returns why it cannot run in this install, or None if it can.
@@ -44,6 +47,9 @@ class Backend:
     min_distance: Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor]]
     min_distance_backward: Callable[[Tensor, Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
     distance_map: Callable[[Tensor, Tensor, str], Tensor]
+    distance_map_backward: Callable[[Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]] = (
+        reference.distance_map_backward
+    )
     device_types: frozenset[str] | None = None
     priority: int = 0
     unavailable_reason: Callable[[], str | None] = lambda: None

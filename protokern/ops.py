@@ -8,6 +8,8 @@ Public functions (`min_distance`, `distance_map`) validate the user's shapes, re
 - ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric)
   -> (grad_x, grad_prototypes)``
 - ``protokern::distance_map(x, prototypes, metric) -> (B, M, H', W')``
+- ``protokern::distance_map_backward(grad_map, x, prototypes, metric)
+  -> (grad_x, grad_prototypes)``
 
 which pick a backend at run time (`protokern.backends.select_backend`). The ops have fake
 implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
@@ -18,7 +20,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern import reference
 from protokern.backends import select_backend
 
 METRICS = ("sqeuclidean", "cosine")
@@ -125,17 +126,14 @@ def canonicalize(
 # Custom ops (canonical inputs; the public functions below validate)
 
 
-def _in_layout_of(like: Tensor, t: Tensor) -> Tensor:
-    """``t`` with the strides `torch.empty_like(like)` has, so outputs match the fake impls."""
-    out = torch.empty_like(like)
-    if out.stride() == t.stride():
-        return t
-    return out.copy_(t)
+# Every output is contiguous, in the fake and the real implementations alike, whatever the
+# strides of the inputs: a layout that depends on shapes only cannot differ between the two.
 
 
 @torch.library.custom_op("protokern::min_distance", mutates_args=())
 def _min_distance_op(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    return select_backend(x.device).min_distance(x, prototypes, metric)
+    values, indices = select_backend(x.device).min_distance(x, prototypes, metric)
+    return values.contiguous(), indices.contiguous()
 
 
 @_min_distance_op.register_fake
@@ -153,19 +151,19 @@ def _min_distance_backward_op(
     grad_x, grad_prototypes = backend.min_distance_backward(
         grad_values, x, prototypes, indices, metric
     )
-    return _in_layout_of(x, grad_x), _in_layout_of(prototypes, grad_prototypes)
+    return grad_x.contiguous(), grad_prototypes.contiguous()
 
 
 @_min_distance_backward_op.register_fake
 def _(
     grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
 ) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(prototypes)
+    return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
 
 
 @torch.library.custom_op("protokern::distance_map", mutates_args=())
 def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
-    return select_backend(x.device).distance_map(x, prototypes, metric)
+    return select_backend(x.device).distance_map(x, prototypes, metric).contiguous()
 
 
 @_distance_map_op.register_fake
@@ -174,6 +172,23 @@ def _(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     out_h = x.shape[2] - prototypes.shape[2] + 1
     out_w = x.shape[3] - prototypes.shape[3] + 1
     return x.new_empty((x.shape[0], prototypes.shape[0], out_h, out_w))
+
+
+# An op rather than PyTorch code traced into the backward graph: traced, the reference's
+# unfold/fold gave wrong conv-backbone gradients under Inductor's channels_last layout
+# optimisation (tests/test_compile.py catches it). As an op, a backend can also fuse it.
+@torch.library.custom_op("protokern::distance_map_backward", mutates_args=())
+def _distance_map_backward_op(
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    backend = select_backend(x.device)
+    grad_x, grad_prototypes = backend.distance_map_backward(grad_map, x, prototypes, metric)
+    return grad_x.contiguous(), grad_prototypes.contiguous()
+
+
+@_distance_map_backward_op.register_fake
+def _(grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,25 +212,30 @@ def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
     return grad_x, grad_prototypes, None
 
 
+def _distance_map_grad(ctx, grad_map: Tensor):
+    x, prototypes = ctx.saved_tensors
+    grad_x, grad_prototypes = torch.ops.protokern.distance_map_backward(
+        grad_map, x, prototypes, ctx.metric
+    )
+    return grad_x, grad_prototypes, None
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
-        "protokern.min_distance does not support double backward: its gradient flows through "
-        "the selected position only, and that selection has no second derivative. "
-        "Use create_graph=False, or pk.distance_map (twice differentiable) for second-order terms."
+        "protokern ops do not support double backward (second-order gradients through "
+        "min_distance or distance_map); call torch.autograd.grad/backward with "
+        "create_graph=False."
     )
 
 
-def _distance_map_grad(ctx, grad_map: Tensor):
-    x, prototypes = ctx.saved_tensors
-    grad_x, grad_prototypes = reference.distance_map_backward(grad_map, x, prototypes, ctx.metric)
-    return _in_layout_of(x, grad_x), _in_layout_of(prototypes, grad_prototypes), None
+def _save_nothing(ctx, inputs: tuple, output) -> None:
+    pass
 
 
 _min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_inputs)
-_min_distance_backward_op.register_autograd(
-    _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
 _distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_inputs)
+for _backward_op in (_min_distance_backward_op, _distance_map_backward_op):
+    _backward_op.register_autograd(_no_double_backward, setup_context=_save_nothing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +272,8 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     """Every patch-to-prototype distance (for explanations and similarity maps).
 
     Takes the inputs of `min_distance` and returns ``(B, M, H', W')`` for a feature map or
-    ``(B, M, L)`` for tokens, in the input dtype. Differentiable (twice, too).
+    ``(B, M, L)`` for tokens, in the input dtype. Differentiable once (double backward raises
+    RuntimeError).
     """
     x4, p4, tokens = canonicalize(x, prototypes, metric, "protokern.distance_map")
     dmap = torch.ops.protokern.distance_map(x4, p4, metric)

@@ -192,8 +192,7 @@ def distance_map_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``sum(grad_map * distance_map(x, prototypes))`` w.r.t. both inputs.
 
-    Written with GEMMs over the whole map (the map's gradient is that large already); built
-    from differentiable PyTorch ops, so it can itself be differentiated.
+    Written with GEMMs over the whole map (the map's gradient is that large already).
     """
     rows, protos = _rows_and_protos(x, prototypes)
     grad = grad_map.flatten(2).to(rows.dtype)  # (B, M, L')
