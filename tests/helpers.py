@@ -1,18 +1,10 @@
 """Tolerances and comparisons of DESIGN.md §5, shared by the tests."""
 
 import torch
+from brute_force import distances, first_min
 from torch import Tensor
 
-from brute_force import distances, first_min
-
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-"""Relative error allowed against a float64 oracle (float64 itself: rounding noise only)."""
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """max |out - ref| / max |ref| (norm-wise, so near-zero entries do not explode)."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+from protokern.testing import TOLERANCE, relative_error, selection_gap
 
 
 def assert_matches_brute_force(x: Tensor, prototypes: Tensor, metric: str, values: Tensor,
@@ -25,7 +17,7 @@ def assert_matches_brute_force(x: Tensor, prototypes: Tensor, metric: str, value
     assert values.shape == ref_values.shape == indices.shape
     assert relative_error(values, ref_values) <= tol
     # where a backend picked another position, its true distance must tie the minimum
-    gap = d.gather(-1, indices[..., None])[..., 0] - ref_values
+    gap = selection_gap(indices, d)
     scale = ref_values.abs().max().clamp_min(1.0)
     differs = indices != ref_indices
     assert (gap[differs] <= tol * scale).all(), f"index off by more than a near-tie: {gap.max()}"

@@ -87,9 +87,8 @@ def test_strided_inputs(backend, metric, layout):
     assert not x.is_contiguous() or not p.is_contiguous()
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
-    torch.testing.assert_close(
-        pk.distance_map(x, p, metric).flatten(2), distances(x, p, metric).float(),
-        rtol=1e-5, atol=1e-4)
+    dmap = pk.distance_map(x, p, metric)
+    assert relative_error(dmap.flatten(2), distances(x, p, metric)) <= TOLERANCE[x.dtype]
 
 
 def test_strided_tokens(backend):
@@ -201,8 +200,7 @@ def test_distance_map_matches_brute_force(backend, case, metric, dtype):
         ph, pw = p.shape[2:] if p.dim() == 4 else (1, 1)
         assert dmap.shape == (x.shape[0], p.shape[0], height - ph + 1, width - pw + 1)
     assert dmap.dtype == dtype
-    # the map is the GEMM expansion: in float32 its error scales with the norms
-    assert relative_error(dmap.flatten(2), ref) <= 10 * TOLERANCE[dtype]
+    assert relative_error(dmap.flatten(2), ref) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -215,8 +213,8 @@ def test_gradients_match_brute_force(backend, case, metric, dtype):
     (values * weights).sum().backward()
     ref_x, ref_p = brute_force_grads(x, p, metric, weights)
     assert x.grad.dtype == dtype and p.grad.shape == p.shape
-    assert relative_error(x.grad, ref_x) <= 10 * TOLERANCE[dtype]
-    assert relative_error(p.grad, ref_p) <= 10 * TOLERANCE[dtype]
+    assert relative_error(x.grad, ref_x) <= TOLERANCE[dtype]
+    assert relative_error(p.grad, ref_p) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -231,8 +229,8 @@ def test_gradients_of_strided_and_half_inputs(backend, metric):
         (values * weights).sum().backward()
         ref_x, ref_p = brute_force_grads(xd, pd, metric, weights)
         assert xd.grad.dtype == dtype
-        assert relative_error(xd.grad, ref_x) <= 10 * TOLERANCE[dtype]
-        assert relative_error(pd.grad, ref_p) <= 10 * TOLERANCE[dtype]
+        assert relative_error(xd.grad, ref_x) <= TOLERANCE[dtype]
+        assert relative_error(pd.grad, ref_p) <= TOLERANCE[dtype]
 
 
 def test_only_the_selected_position_gets_gradient(backend):

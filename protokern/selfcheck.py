@@ -1,0 +1,127 @@
+"""`protokern demo` until the ProtoPNet demo exists: every backend checked against the oracle.
+
+For a few prototype-model shapes, runs min_distance forward and backward on each available
+backend and compares values, indices and gradients with the float64 reference; times each
+backend side by side with a naive PyTorch formulation (`torch.cdist` then `min`).
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from protokern import backends, reference
+from protokern.ops import canonicalize, min_distance
+from protokern.testing import TOLERANCE, relative_error, selection_gap
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    x_shape: tuple[int, ...]
+    prototype_shape: tuple[int, ...]
+    metric: str
+
+
+CASES = (
+    Case("feature map, 1x1 prototypes", (16, 64, 7, 7), (500, 64), "sqeuclidean"),
+    Case("feature map, 2x2 patches", (8, 32, 7, 7), (200, 32, 2, 2), "sqeuclidean"),
+    Case("tokens, cosine", (32, 49, 64), (500, 64), "cosine"),
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    case: str
+    backend: str
+    dtype: torch.dtype
+    value_error: float
+    index_agreement: float
+    grad_error: float
+    milliseconds: float
+    naive_milliseconds: float
+    passed: bool
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _naive_min_distance(x: Tensor, prototypes: Tensor) -> Tensor:
+    """1x1 sqeuclidean by `torch.cdist` + min: what a user writes without protokern."""
+    rows = x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+    return torch.cdist(rows, prototypes.flatten(1)).square().amin(1)
+
+
+def check_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> CheckResult:
+    x = torch.randn(case.x_shape, device=device, dtype=dtype)
+    prototypes = torch.randn(case.prototype_shape, device=device, dtype=dtype)
+    weights = torch.rand(case.x_shape[0], case.prototype_shape[0], device=device)
+
+    # the oracle: float64 reference
+    x64, p64 = x.double().requires_grad_(), prototypes.double().requires_grad_()
+    with backends.use_backend("reference"):
+        ref = min_distance(x64, p64, case.metric)
+    (ref.values * weights).sum().backward()
+    x4, p4, _ = canonicalize(x64.detach(), p64.detach(), case.metric, "selfcheck")
+    ref_distances = reference.distance_map(x4, p4, case.metric).flatten(2)
+
+    xb, pb = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
+
+    def forward_backward():
+        xb.grad = pb.grad = None
+        out = min_distance(xb, pb, case.metric)
+        (out.values * weights.to(dtype)).sum().backward()
+        return out
+
+    with backends.use_backend(backend):
+        out = forward_backward()
+        milliseconds = _timed(forward_backward)
+
+    naive_ms = float("nan")
+    if case.metric == "sqeuclidean" and len(case.prototype_shape) == 2:
+        xn, pn = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
+        naive_ms = _timed(lambda: _naive_min_distance(xn, pn).sum().backward())
+
+    tol = TOLERANCE[dtype]
+    value_error = relative_error(out.values, ref.values)
+    gap = selection_gap(out.indices, ref_distances)
+    agreement = (gap <= tol * ref.values.abs().max().clamp_min(1)).double().mean().item()
+    grad_error = max(relative_error(xb.grad, x64.grad), relative_error(pb.grad, p64.grad))
+    return CheckResult(case.name, backend, dtype, value_error, agreement, grad_error,
+                       milliseconds, naive_ms,
+                       value_error <= tol and agreement == 1.0 and grad_error <= tol)
+
+
+def run_selfcheck(device: str = "cpu", seed: int = 0) -> list[CheckResult]:
+    """Check every case on every backend available for ``device``, in float32 and bfloat16."""
+    torch.manual_seed(seed)
+    return [
+        check_case(case, backend, dtype, device)
+        for case in CASES
+        for backend in backends.available_backends(device)
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+
+
+def format_table(results: list[CheckResult]) -> str:
+    header = (f"{'case':<28} {'backend':<10} {'dtype':<9} {'value err':>9} {'indices':>8} "
+              f"{'grad err':>9} {'fwd+bwd ms':>10} {'cdist ms':>9}  check")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        naive = "-" if r.naive_milliseconds != r.naive_milliseconds else \
+            f"{r.naive_milliseconds:9.2f}"
+        lines.append(
+            f"{r.case:<28} {r.backend:<10} {str(r.dtype).removeprefix('torch.'):<9} "
+            f"{r.value_error:9.1e} {100 * r.index_agreement:7.1f}% {r.grad_error:9.1e} "
+            f"{r.milliseconds:10.2f} {naive:>9}  {'ok' if r.passed else 'FAILED'}"
+        )
+    return "\n".join(lines)
