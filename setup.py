@@ -88,14 +88,15 @@ def _extension_build() -> dict:
     class BuildOptionalExtension(cpp_extension.BuildExtension):
         """Falls back to the pure-Python package when compilation fails, unless required."""
 
-        def build_extension(self, ext):
+        def build_extensions(self):
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as error:  # compiler and ninja failures have no common type
                 if require:
                     raise
-                _say(f"WARNING: building {ext.name} failed ({error}); installing without it. "
-                     "Set PROTOKERN_REQUIRE_EXT=1 to make this an error.")
+                _say(f"WARNING: building protokern._C failed ({error}); installing without "
+                     "it. Set PROTOKERN_REQUIRE_EXT=1 to make this an error.")
+                self.extensions = []  # so no later step looks for the missing library
 
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildOptionalExtension}}
 
