@@ -5,16 +5,17 @@ A backend is a set of functions over the canonical forms of `protokern.reference
 `register_backend`; the ops in `protokern.ops` call `select_backend` at run time, so a backend
 added later needs no change to any caller.
 
-Choice, strongest first: `use_backend` / `set_backend` (process-wide, not per thread, so the
-backward pass, which PyTorch may run on another thread, sees the same choice), then the
-``PROTOKERN_BACKEND`` environment variable, then the available backend of highest priority
-that runs on the tensor's device type (CUDA: ``cuda`` > ``triton``; CPU: ``cpu`` >
-``reference``).
+Choice, strongest first: `use_backend` (for the current thread or asyncio task), then
+`set_backend` (process-wide), then the ``PROTOKERN_BACKEND`` environment variable, then the
+available backend of highest priority that runs on the tensors' device type (CUDA: ``cuda`` >
+``triton``; CPU: ``cpu`` > ``reference``). The backward pass runs on the backend its forward
+pass ran on, whichever thread PyTorch runs it on.
 """
 
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,9 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
-_selected: str | None = None
+_process_choice: str | None = None
+_UNSET = object()
+_scoped_choice: ContextVar = ContextVar("protokern_backend", default=_UNSET)
 
 
 def register_backend(backend: Backend) -> None:
@@ -80,7 +83,11 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     ]
 
 
-def _lookup(name: str, source: str) -> Backend:
+def backend_named(name: str, source: str = "protokern") -> Backend:
+    """The registered, available backend ``name``; ``source`` says who asked, in errors.
+
+    Raises ValueError for an unknown name and RuntimeError for one this install cannot run.
+    """
     if name not in _registry:
         known = ", ".join(sorted(_registry)) or "none"
         raise ValueError(f"{source}: unknown protokern backend {name!r}; known backends: {known}")
@@ -91,39 +98,48 @@ def _lookup(name: str, source: str) -> Backend:
 
 
 def set_backend(name: str | None) -> None:
-    """Run every op on backend ``name`` from now on; None restores the automatic choice.
+    """Run every op on backend ``name`` from now on, in every thread; None: automatic choice.
 
-    Raises ValueError for an unknown name and RuntimeError for one this install cannot run.
+    A `use_backend` block still takes precedence inside it. Raises ValueError for an unknown
+    name and RuntimeError for one this install cannot run.
     """
-    global _selected
+    global _process_choice
     if name is not None:
-        _lookup(name, "set_backend")
-    _selected = name
+        backend_named(name, "set_backend")
+    _process_choice = name
 
 
 def get_backend() -> str | None:
-    """The backend set by `set_backend`/`use_backend`, or None when the choice is automatic."""
-    return _selected
+    """The backend chosen for this thread by `use_backend`/`set_backend`; None if automatic."""
+    scoped = _scoped_choice.get()
+    return _process_choice if scoped is _UNSET else scoped
 
 
 @contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` (None: automatic choice)."""
-    previous = _selected
-    set_backend(name)
+    """Run the ops inside the ``with`` block on backend ``name`` (None: automatic choice).
+
+    Applies to the current thread (or asyncio task) only, so concurrent blocks in other
+    threads do not interfere.
+    """
+    if name is not None:
+        backend_named(name, "use_backend")
+    token = _scoped_choice.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped_choice.reset(token)
 
 
 def select_backend(device: torch.device) -> Backend:
     """The backend that runs an op whose inputs live on ``device``."""
-    if _selected is not None:
-        backend, source = _lookup(_selected, "set_backend"), f"set_backend({_selected!r})"
+    chosen = get_backend()
+    if chosen is not None:
+        source = f"backend {chosen!r} chosen by use_backend/set_backend"
+        backend = backend_named(chosen, source)
     elif os.environ.get(ENV_VAR):
-        name = os.environ[ENV_VAR]
-        backend, source = _lookup(name, f"{ENV_VAR}={name}"), f"{ENV_VAR}={name}"
+        source = f"{ENV_VAR}={os.environ[ENV_VAR]}"
+        backend = backend_named(os.environ[ENV_VAR], source)
     else:
         for name in available_backends(device):
             return _registry[name]

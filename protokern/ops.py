@@ -5,10 +5,10 @@ Public functions (`min_distance`, `distance_map`) validate the user's shapes, re
 ``(M, D, ph, pw)``, and call the custom ops
 
 - ``protokern::min_distance(x, prototypes, metric) -> (values, indices)``
-- ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric)
+- ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric, backend)
   -> (grad_x, grad_prototypes)``
 - ``protokern::distance_map(x, prototypes, metric) -> (B, M, H', W')``
-- ``protokern::distance_map_backward(grad_map, x, prototypes, metric)
+- ``protokern::distance_map_backward(grad_map, x, prototypes, metric, backend)
   -> (grad_x, grad_prototypes)``
 
 which pick a backend at run time (`protokern.backends.select_backend`). The ops have fake
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern.backends import select_backend
+from protokern.backends import backend_named, select_backend
 
 METRICS = ("sqeuclidean", "cosine")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -143,12 +143,14 @@ def _(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
+# The backward ops take the name of the backend that ran the forward pass (recorded by the
+# autograd setup, which runs in the forward's thread), so both passes run on one backend.
 @torch.library.custom_op("protokern::min_distance_backward", mutates_args=())
 def _min_distance_backward_op(
-    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    backend = select_backend(x.device)
-    grad_x, grad_prototypes = backend.min_distance_backward(
+    grad_x, grad_prototypes = backend_named(backend).min_distance_backward(
         grad_values, x, prototypes, indices, metric
     )
     return grad_x.contiguous(), grad_prototypes.contiguous()
@@ -156,7 +158,8 @@ def _min_distance_backward_op(
 
 @_min_distance_backward_op.register_fake
 def _(
-    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
 
@@ -179,15 +182,18 @@ def _(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
 # optimisation (tests/test_compile.py catches it). As an op, a backend can also fuse it.
 @torch.library.custom_op("protokern::distance_map_backward", mutates_args=())
 def _distance_map_backward_op(
-    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, backend: str
 ) -> tuple[Tensor, Tensor]:
-    backend = select_backend(x.device)
-    grad_x, grad_prototypes = backend.distance_map_backward(grad_map, x, prototypes, metric)
+    grad_x, grad_prototypes = backend_named(backend).distance_map_backward(
+        grad_map, x, prototypes, metric
+    )
     return grad_x.contiguous(), grad_prototypes.contiguous()
 
 
 @_distance_map_backward_op.register_fake
-def _(grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def _(
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, backend: str
+) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
 
 
@@ -195,19 +201,22 @@ def _(grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str) -> tuple[Ten
 # Autograd
 
 
-def _save_inputs(ctx, inputs: tuple, output) -> None:
-    x, prototypes, metric = inputs
-    ctx.metric = metric
-    if isinstance(output, tuple):  # min_distance: backward needs the chosen positions
-        ctx.save_for_backward(x, prototypes, output[1])
-    else:
-        ctx.save_for_backward(x, prototypes)
+def _save_for_min_distance(ctx, inputs: tuple, output: tuple) -> None:
+    x, prototypes, ctx.metric = inputs
+    ctx.backend = select_backend(x.device).name
+    ctx.save_for_backward(x, prototypes, output[1])  # the chosen positions
+
+
+def _save_for_distance_map(ctx, inputs: tuple, output: Tensor) -> None:
+    x, prototypes, ctx.metric = inputs
+    ctx.backend = select_backend(x.device).name
+    ctx.save_for_backward(x, prototypes)
 
 
 def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
     x, prototypes, indices = ctx.saved_tensors
     grad_x, grad_prototypes = torch.ops.protokern.min_distance_backward(
-        grad_values, x, prototypes, indices, ctx.metric
+        grad_values, x, prototypes, indices, ctx.metric, ctx.backend
     )
     return grad_x, grad_prototypes, None
 
@@ -215,7 +224,7 @@ def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
 def _distance_map_grad(ctx, grad_map: Tensor):
     x, prototypes = ctx.saved_tensors
     grad_x, grad_prototypes = torch.ops.protokern.distance_map_backward(
-        grad_map, x, prototypes, ctx.metric
+        grad_map, x, prototypes, ctx.metric, ctx.backend
     )
     return grad_x, grad_prototypes, None
 
@@ -232,8 +241,8 @@ def _save_nothing(ctx, inputs: tuple, output) -> None:
     pass
 
 
-_min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_inputs)
-_distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_inputs)
+_min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_for_min_distance)
+_distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_for_distance_map)
 for _backward_op in (_min_distance_backward_op, _distance_map_backward_op):
     _backward_op.register_autograd(_no_double_backward, setup_context=_save_nothing)
 

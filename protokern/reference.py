@@ -7,11 +7,12 @@ forms that `protokern.ops` produces from the public API:
 - ``prototypes``: ``(M, D, ph, pw)``,
 - windows are valid and stride 1: ``H' = H - ph + 1``, ``W' = W - pw + 1``, ``L' = H' * W'``.
 
-Distances go through the GEMM expansion (``|x|^2 - 2 x.p + |p|^2``), which is how every fused
-kernel computes them, one block of prototypes at a time so that no more than about
-``CHUNK_ELEMENTS`` distances are alive at once. The value returned by `min_distance` is then
-recomputed directly at the chosen position (``sum((x_patch - p)^2)``), so it carries no
-cancellation error. float16/bfloat16 inputs are computed in float32, float64 in float64.
+`min_distance` is exact: the GEMM expansion (``|x|^2 - 2 x.p + |p|^2``, how every fused kernel
+computes distances) only shortlists positions, which are then recomputed directly in float64
+(see `exact_min`). `distance_map` is the expansion itself, so in float32 its absolute error is
+about ``eps * (|x_patch|^2 + |p|^2)``. Work is done one block of prototypes at a time, so that
+no more than about ``CHUNK_ELEMENTS`` distances are alive at once. float16/bfloat16 inputs are
+computed in float32, float64 in float64.
 """
 
 import torch
@@ -21,8 +22,8 @@ from torch import Tensor
 EPS = 1e-8
 """Lower bound of a norm in the cosine metric: ``max(|v|, EPS)``."""
 
-CHUNK_ELEMENTS = 1 << 24
-"""About how many distance (or gathered patch) entries one block of prototypes may hold."""
+CHUNK_ELEMENTS = 1 << 22
+"""About how many distances one block of prototypes may hold (a few such tensors are alive)."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,37 +50,68 @@ def fold_patches(grad_rows: Tensor, height: int, width: int, ph: int, pw: int) -
     return F.fold(grad_rows.transpose(1, 2), (height, width), (ph, pw))
 
 
-def pairwise_distance(rows: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """Distances ``(B, c, L')`` between patch rows ``(B, L', K)`` and prototypes ``(c, K)``."""
+def _input_rounding(rows: Tensor) -> float:
+    """Relative rounding of GEMM inputs that PyTorch may apply to float32 (TF32, bfloat16)."""
+    if rows.dtype != torch.float32:
+        return 0.0
+    precision = torch.get_float32_matmul_precision()
+    if rows.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        precision = "high" if precision == "highest" else precision
+    return {"highest": 0.0, "high": 2.0**-10, "medium": 2.0**-7}[precision]
+
+
+def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)`` by the GEMM expansion,
+    and a bound on their rounding error (``inf`` where an intermediate overflowed).
+
+    The bound is the worst case of a K-term float sum (``~K eps`` relative to the sum of the
+    magnitudes), plus the rounding of the GEMM inputs where TF32/bfloat16 matmuls are allowed.
+    """
+    size = rows.shape[-1]
+    eps = torch.finfo(rows.dtype).eps
+    rounding = _input_rounding(rows)
     dots = torch.matmul(protos, rows.transpose(1, 2))
     if metric == "sqeuclidean":
-        row_sq = rows.square().sum(-1)[:, None, :]
-        proto_sq = protos.square().sum(-1)[None, :, None]
-        return (row_sq - 2 * dots + proto_sq).clamp_min(0)
-    row_norm = rows.norm(dim=-1).clamp_min(EPS)[:, None, :]
-    proto_norm = protos.norm(dim=-1).clamp_min(EPS)[None, :, None]
-    return 1 - dots / (proto_norm * row_norm)
+        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
+        dist = (magnitude - 2 * dots).clamp_min(0)
+        return dist, ((size + 4) * eps + 2 * rounding) * magnitude
+    row_norm = rows.norm(dim=-1)[:, None, :]
+    proto_norm = protos.norm(dim=-1)[None, :, None]
+    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
+    finite = (row_norm * proto_norm).isfinite()
+    bound = torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
+    return dist, bound
 
 
 def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """Direct (non-expanded) distances ``(B, c)`` between rows ``(B, c, K)`` and ``(c, K)``."""
+    """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments."""
     if metric == "sqeuclidean":
         return (selected - protos).square().sum(-1)
     dots = (selected * protos).sum(-1)
-    return 1 - dots / (selected.norm(dim=-1).clamp_min(EPS) * protos.norm(dim=-1).clamp_min(EPS))
+    norms = selected.norm(dim=-1).clamp_min(EPS) * protos.norm(dim=-1).clamp_min(EPS)
+    return (1 - dots / norms).clamp(0, 2)
 
 
-def first_argmin(distances: Tensor) -> Tensor:
-    """Index of the first minimum along the last dim; a NaN counts as the minimum.
+def exact_min(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Min over positions of the exact distance and the first position attaining it, ``(B, c)``.
 
-    So ties go to the lowest position, and a NaN distance selects (the first) NaN position,
-    which makes the recomputed value NaN, as `torch.min` propagates NaN.
+    The expansion only shortlists: every position within its rounding bound of the minimum
+    (and every position where it overflowed or gave NaN) is recomputed directly in float64,
+    and the first exact minimum wins. So ties go to the lowest position whatever the GEMM's
+    rounding, small distances next to large norms are not lost to cancellation, and a NaN
+    input makes the value NaN at the first NaN position, as `torch.min` does.
     """
-    key = torch.where(distances.isnan(), float("-inf"), distances)
-    is_min = key == key.amin(-1, keepdim=True)
-    length = distances.shape[-1]
-    positions = torch.arange(length, device=distances.device)
-    return torch.where(is_min, positions, length).amin(-1)
+    dist, bound = expanded_distance(rows, protos, metric)
+    suspect = dist.isnan() | bound.isinf()
+    upper = torch.where(suspect, float("inf"), dist + bound).amin(-1, keepdim=True)
+    image, proto, position = (suspect | (dist - bound <= upper)).nonzero(as_tuple=True)
+    exact = torch.full(dist.shape, float("inf"), dtype=torch.float64, device=dist.device)
+    step = max(1, CHUNK_ELEMENTS // (8 * max(1, rows.shape[-1])))  # float64 rows, a few copies
+    for s in range(0, image.numel(), step):
+        i, m, pos = image[s:s + step], proto[s:s + step], position[s:s + step]
+        exact[i, m, pos] = distance_at(rows[i, pos].double(), protos[m].double(), metric)
+    values, indices = exact.min(-1)
+    return values, indices
 
 
 def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
@@ -98,23 +130,16 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     """Min over positions of the distance, and the first position attaining it.
 
     Returns ``values`` ``(B, M)`` in ``x.dtype`` and ``indices`` ``(B, M)`` int64, flat over
-    ``H' x W'``.
+    ``H' x W'``. Exact: see `exact_min`.
     """
     rows, protos = _rows_and_protos(x, prototypes)
     batch, length, size = rows.shape
     num = protos.shape[0]
     values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
     indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
-    image = torch.arange(batch, device=x.device)[:, None]
     for block in prototype_blocks(num, batch * (length + size)):
-        dist = pairwise_distance(rows, protos[block], metric)
-        chosen = first_argmin(dist)
-        exact = distance_at(rows[image, chosen], protos[block], metric)
-        # a NaN from the expansion (a NaN input, or inf - inf from an infinite one) stays NaN
-        # even where the direct formula would give a number for that position
-        seen_nan = dist.gather(-1, chosen[..., None])[..., 0].isnan()
-        values[:, block] = torch.where(seen_nan, float("nan"), exact).to(x.dtype)
-        indices[:, block] = chosen
+        block_values, indices[:, block] = exact_min(rows, protos[block], metric)
+        values[:, block] = block_values.to(x.dtype)
     return values, indices
 
 
@@ -183,7 +208,8 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     out_h, out_w = x.shape[-2] - ph + 1, x.shape[-1] - pw + 1
     out = torch.empty(batch, protos.shape[0], out_h, out_w, dtype=x.dtype, device=x.device)
     for block in prototype_blocks(protos.shape[0], batch * length):
-        out[:, block] = pairwise_distance(rows, protos[block], metric).unflatten(-1, (out_h, out_w))
+        dist, _ = expanded_distance(rows, protos[block], metric)
+        out[:, block] = dist.unflatten(-1, (out_h, out_w))
     return out
 
 
@@ -192,25 +218,33 @@ def distance_map_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``sum(grad_map * distance_map(x, prototypes))`` w.r.t. both inputs.
 
-    Written with GEMMs over the whole map (the map's gradient is that large already).
+    GEMMs over one block of prototypes at a time (of the unclamped formulas: where a clamp
+    bites, the true gradient is zero up to rounding anyway).
     """
     rows, protos = _rows_and_protos(x, prototypes)
-    grad = grad_map.flatten(2).to(rows.dtype)  # (B, M, L')
-    if metric == "sqeuclidean":
-        # d = |r|^2 - 2 p.r + |p|^2  =>  dd/dr = 2 (r - p), dd/dp = 2 (p - r)
-        grad_rows = 2 * (grad.sum(1)[..., None] * rows - grad.transpose(1, 2) @ protos)
-        grad_protos = 2 * (grad.sum((0, 2))[:, None] * protos - (grad @ rows).sum(0))
-    else:
-        # d = 1 - s / (a b), s = p.r, a = max(|r|, EPS), b = max(|p|, EPS)
+    batch, length, _ = rows.shape
+    grad_rows = torch.zeros_like(rows, memory_format=torch.contiguous_format)
+    grad_protos = torch.empty_like(protos)
+    if metric == "cosine":
         row_norm = rows.norm(dim=-1)
-        proto_norm = protos.norm(dim=-1)
         row_bound = row_norm.clamp_min(EPS)
+    for block in prototype_blocks(protos.shape[0], batch * length):
+        grad = grad_map[:, block].flatten(2).to(rows.dtype)  # (B, c, L')
+        block_protos = protos[block]
+        if metric == "sqeuclidean":
+            # d = |r|^2 - 2 p.r + |p|^2  =>  dd/dr = 2 (r - p), dd/dp = 2 (p - r)
+            grad_rows += 2 * (grad.sum(1)[..., None] * rows - grad.transpose(1, 2) @ block_protos)
+            grad_protos[block] = 2 * (grad.sum((0, 2))[:, None] * block_protos
+                                      - (grad @ rows).sum(0))
+            continue
+        # d = 1 - s / (a b), s = p.r, a = max(|r|, EPS), b = max(|p|, EPS)
+        proto_norm = block_protos.norm(dim=-1)
         proto_bound = proto_norm.clamp_min(EPS)
-        dots = torch.matmul(protos, rows.transpose(1, 2))
+        dots = torch.matmul(block_protos, rows.transpose(1, 2))
         scaled = grad / (proto_bound[None, :, None] * row_bound[:, None, :])
         weighted = scaled * dots
         row_term = torch.where(row_norm >= EPS, weighted.sum(1) / row_bound.square(), 0)
         proto_term = torch.where(proto_norm >= EPS, weighted.sum((0, 2)) / proto_bound.square(), 0)
-        grad_rows = row_term[..., None] * rows - scaled.transpose(1, 2) @ protos
-        grad_protos = proto_term[:, None] * protos - (scaled @ rows).sum(0)
+        grad_rows += row_term[..., None] * rows - scaled.transpose(1, 2) @ block_protos
+        grad_protos[block] = proto_term[:, None] * block_protos - (scaled @ rows).sum(0)
     return _fold_grads(grad_rows, grad_protos, x, prototypes)

@@ -36,3 +36,17 @@ def brute_force_grads(x: Tensor, prototypes: Tensor, metric: str, weights: Tenso
     _, idx = first_min(d.detach())
     values = d.gather(-1, idx[..., None])[..., 0]
     return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))
+
+
+def pushed_prototypes() -> tuple[Tensor, Tensor]:
+    """ProtoPNet after push: sigmoid features (4, 128, 7, 7), prototypes copied from patches.
+
+    Prototype 0 is the patch of image 0 at (4, 2), flat index 30, with a near-duplicate
+    (1e-4 noise) earlier, at (0, 5) of the same image; prototypes 1-5 are patches at (3, 3).
+    With the seed of the tests, float32 cancellation once made the GEMM expansion prefer the
+    near-duplicate (distance 1.3e-6) to the exact copy.
+    """
+    first = torch.sigmoid(torch.randn(1, 128, 7, 7))
+    first[0, :, 0, 5] = first[0, :, 4, 2] + 1e-4 * torch.randn(128)
+    x = torch.cat([first, torch.sigmoid(torch.randn(3, 128, 7, 7))])
+    return x, torch.cat([x[0, :, 4, 2][None], x[[0, 0, 1, 2, 3], :, 3, 3]])

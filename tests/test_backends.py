@@ -1,5 +1,7 @@
 """The backend registry of DESIGN.md §3: listing, choosing, overriding, clear errors."""
 
+import threading
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ def _counting_backend(name, calls, **kwargs):
         count("min_distance", reference.min_distance),
         count("min_distance_backward", reference.min_distance_backward),
         count("distance_map", reference.distance_map),
+        count("distance_map_backward", reference.distance_map_backward),
         **kwargs,
     )
 
@@ -27,7 +30,7 @@ def _counting_backend(name, calls, **kwargs):
 def registry(monkeypatch):
     """A scratch copy of the registry and a clean selection for the test."""
     monkeypatch.setattr(backends, "_registry", dict(backends._registry))
-    monkeypatch.setattr(backends, "_selected", None)
+    monkeypatch.setattr(backends, "_process_choice", None)
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     return backends._registry
 
@@ -113,17 +116,58 @@ def test_environment_variable_chooses_unless_overridden(registry, monkeypatch):
 def test_backend_for_another_device_is_a_clear_error(registry):
     registry["gpu"] = _counting_backend("gpu", [], device_types=frozenset({"cuda"}))
     with pk.use_backend("gpu"), pytest.raises(
-        RuntimeError, match=r"set_backend\('gpu'\): backend 'gpu' runs on cuda tensors, but the "
-                            r"inputs are on cpu"
+        RuntimeError, match=r"backend 'gpu' chosen by use_backend/set_backend: backend 'gpu' runs "
+                            r"on cuda tensors, but the inputs are on cpu"
     ):
         _run_all_ops()
 
 
-def test_the_backward_uses_the_backend_selected_when_it_runs(registry):
+def test_the_backward_runs_on_the_forward_backend(registry):
     calls = []
     registry["other"] = _counting_backend("other", calls)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     with pk.use_backend("other"):
         values, _ = pk.min_distance(x, torch.randn(5, 3))
-    values.sum().backward()
-    assert calls == ["min_distance"]
+        dmap = pk.distance_map(x, torch.randn(5, 3))
+    (values.sum() + dmap.sum()).backward()  # outside the block
+    # autograd picks the order of the two backward ops; all four ran on "other"
+    assert sorted(calls) == ["distance_map", "distance_map_backward", "min_distance",
+                             "min_distance_backward"]
+
+
+def test_use_backend_blocks_in_two_threads_do_not_interfere(registry):
+    registry["other"] = _counting_backend("other", [])
+    a_entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with pk.use_backend("reference"):
+            a_entered.set()
+            b_entered.wait()
+            seen["a"] = pk.get_backend()
+        a_left.set()
+
+    def second():
+        a_entered.wait()
+        with pk.use_backend("other"):
+            b_entered.set()
+            a_left.wait()
+            seen["b"] = pk.get_backend()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": "reference", "b": "other"}
+    assert pk.get_backend() is None
+
+
+def test_set_backend_applies_to_other_threads(registry):
+    registry["other"] = _counting_backend("other", [])
+    pk.set_backend("other")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(pk.get_backend()))
+    thread.start()
+    thread.join()
+    assert seen == ["other"]

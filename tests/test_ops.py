@@ -3,7 +3,13 @@
 import pytest
 import torch
 from brute_force import distances, first_min
-from helpers import TOLERANCE, assert_matches_brute_force, brute_force_grads, relative_error
+from helpers import (
+    TOLERANCE,
+    assert_matches_brute_force,
+    brute_force_grads,
+    pushed_prototypes,
+    relative_error,
+)
 from torch.library import opcheck
 
 import protokern as pk
@@ -59,17 +65,29 @@ def test_result_is_a_named_tuple(backend):
     assert result.values is result[0] and result.indices is result[1]
 
 
+@pytest.mark.parametrize("chunk", [50, 600])
 @pytest.mark.parametrize("metric", METRICS)
-def test_many_prototype_blocks_give_the_same_answer(backend, metric, monkeypatch):
-    """The reference bounds memory by prototype blocks; tiny blocks must not change results."""
-    x, p = make("patch2x3-M37", torch.float64)
+def test_many_prototype_blocks_give_the_same_answer(backend, metric, chunk, monkeypatch):
+    """The reference bounds memory by prototype blocks; blocks of one prototype (chunk 50) and
+    ragged blocks (chunk 600: 5, 12 and 8 prototypes for M = 37) must not change results."""
+    x, p = make("patch2x3-M37", torch.float64, requires_grad=True)
     whole = pk.min_distance(x, p, metric)
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 50)
+    weights = torch.randn_like(whole.values)
+    whole_grads = torch.autograd.grad((whole.values * weights).sum(), (x, p))
+    whole_map = pk.distance_map(x, p, metric)
+    whole_map_grads = torch.autograd.grad((whole_map * whole_map).sum(), (x, p))
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
     blocked = pk.min_distance(x, p, metric)
     torch.testing.assert_close(blocked.values, whole.values)
     assert torch.equal(blocked.indices, whole.indices)
-    torch.testing.assert_close(pk.distance_map(x, p, metric), distances(x, p, metric).view(
-        3, 37, 4, 4))
+    for got, want in zip(torch.autograd.grad((blocked.values * weights).sum(), (x, p)),
+                         whole_grads):
+        torch.testing.assert_close(got, want)
+    blocked_map = pk.distance_map(x, p, metric)
+    torch.testing.assert_close(blocked_map, whole_map)
+    for got, want in zip(torch.autograd.grad((blocked_map * blocked_map).sum(), (x, p)),
+                         whole_map_grads):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -117,10 +135,34 @@ def test_ties_go_to_the_lowest_index(backend, metric, patch):
 
 def test_ties_between_all_positions(backend):
     x = torch.ones(2, 4, 3, 5)
-    values, indices = pk.min_distance(x, torch.randn(6, 4))
-    assert (indices == 0).all()
-    values, indices = pk.min_distance(x.permute(0, 2, 3, 1).reshape(2, 15, 4), torch.randn(6, 4))
-    assert (indices == 0).all()
+    assert (pk.min_distance(x, torch.randn(6, 4)).indices == 0).all()
+    tokens = x.permute(0, 2, 3, 1).reshape(2, 15, 4)
+    assert (pk.min_distance(tokens, torch.randn(6, 4)).indices == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_in_a_constant_map_at_protopnet_width(backend, metric, seed):
+    """49 identical windows, D = 128: rounding that differs by position must not pick a later
+    copy (it did when the GEMM expansion decided alone)."""
+    torch.manual_seed(seed)
+    x = torch.rand(128, 1, 1).expand(2, 128, 7, 7).contiguous()
+    assert (pk.min_distance(x, torch.rand(300, 128), metric).indices == 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_between_identical_tokens_of_odd_width(backend, metric):
+    x = torch.randn(299).expand(3, 5, 299).contiguous()
+    assert (pk.min_distance(x, torch.randn(37, 299), metric).indices == 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_pushed_prototypes_on_positive_features(backend, metric):
+    """ProtoPNet after push: sigmoid features, each prototype a copy of one patch, with a
+    near-duplicate patch elsewhere. Cancellation in the expansion must not pick the copy."""
+    x, p = pushed_prototypes()
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -154,17 +196,43 @@ def test_nan_in_a_prototype_poisons_only_its_column(backend, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_infinite_input_gives_the_true_value_or_nan(backend, metric):
-    """inf - inf in the expansion must surface as NaN, never as a wrong number."""
-    x = torch.randn(2, 5, 3)
+def test_infinite_input_gives_the_true_value(backend, metric):
+    """An inf entry makes that window infinitely far (sqeuclidean: the min lies elsewhere) or
+    undefined (cosine: inf / inf is NaN); inf - inf inside the expansion must not leak out."""
+    x = torch.randn(3, 5, 3)
     x[0, 1, 2] = float("inf")
+    x[1, 3, 0] = float("-inf")
     p = torch.randn(4, 3)
-    values, _ = pk.min_distance(x, p, metric)
-    true_values, _ = first_min(distances(x, p, metric))  # float64, no expansion
-    assert values[1].isfinite().all()
-    assert (values.isnan() | torch.isclose(values.double(), true_values, rtol=1e-5)).all()
-    if metric == "cosine":  # inf / inf: the true value is NaN too
-        assert values[0].isnan().all()
+    values, indices = pk.min_distance(x, p, metric)
+    true_values, true_indices = first_min(distances(x, p, metric))  # float64, no expansion
+    torch.testing.assert_close(values.double(), true_values, equal_nan=True)
+    assert values[2].isfinite().all()
+    if metric == "sqeuclidean":
+        assert values.isfinite().all() and torch.equal(indices, true_indices)
+    else:
+        assert values[:2].isnan().all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_huge_magnitudes_do_not_overflow_into_wrong_numbers(backend, metric):
+    if metric == "sqeuclidean":  # |x|^2 overflows float32, the distances (~1e27) do not
+        x = 1e19 + 1e13 * torch.randn(2, 5, 8)
+        p = 1e19 + 1e13 * torch.randn(3, 8)
+    else:  # cosine is scale-free, the norms overflow
+        x = 1e20 * torch.randn(2, 5, 8)
+        p = torch.randn(3, 8)
+    values, indices = pk.min_distance(x, p, metric)
+    true_values, true_indices = first_min(distances(x, p, metric))
+    assert relative_error(values, true_values) <= TOLERANCE[torch.float32]
+    assert torch.equal(indices, true_indices)
+    same = torch.full((1, 2, 3), 1e19)
+    assert pk.min_distance(same, same[0, :1], metric).values.item() == 0
+
+
+def test_cosine_is_never_negative(backend):
+    v = torch.randn(4, 6, 33)
+    assert (pk.min_distance(v, v[0], "cosine").values >= 0).all()
+    assert (pk.distance_map(v, v[0], "cosine") >= 0).all()
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -186,7 +254,7 @@ def test_zero_vectors_under_cosine(backend):
     assert torch.equal(values, torch.ones(1, 2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", CASES)
 def test_distance_map_matches_brute_force(backend, case, metric, dtype):
@@ -208,7 +276,7 @@ def test_distance_map_matches_brute_force(backend, case, metric, dtype):
 @pytest.mark.parametrize("case", CASES)
 def test_gradients_match_brute_force(backend, case, metric, dtype):
     x, p = make(case, dtype, requires_grad=True)
-    values, indices = pk.min_distance(x, p, metric)
+    values = pk.min_distance(x, p, metric).values
     weights = torch.randn_like(values)
     (values * weights).sum().backward()
     ref_x, ref_p = brute_force_grads(x, p, metric, weights)
@@ -221,7 +289,7 @@ def test_gradients_match_brute_force(backend, case, metric, dtype):
 def test_gradients_of_strided_and_half_inputs(backend, metric):
     x = torch.randn(3, 12, 8, 9)[:, ::2, 1:, :-2].to(memory_format=torch.channels_last)
     p = torch.randn(9, 6, 3, 2)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xd = x.detach().to(dtype).requires_grad_()
         pd = p.detach().to(dtype).requires_grad_()
         values, _ = pk.min_distance(xd, pd, metric)
@@ -284,7 +352,7 @@ def test_opcheck(backend, case, metric):
     opcheck(torch.ops.protokern.distance_map.default, (x4, p4, metric))
     values, indices = torch.ops.protokern.min_distance(x4, p4, metric)
     opcheck(torch.ops.protokern.min_distance_backward.default,
-            (torch.randn_like(values), x4.detach(), p4.detach(), indices, metric))
+            (torch.randn_like(values), x4.detach(), p4.detach(), indices, metric, backend))
     dmap = torch.ops.protokern.distance_map(x4, p4, metric)
     opcheck(torch.ops.protokern.distance_map_backward.default,
-            (torch.randn_like(dmap), x4.detach(), p4.detach(), metric))
+            (torch.randn_like(dmap), x4.detach(), p4.detach(), metric, backend))
