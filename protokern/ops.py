@@ -11,8 +11,9 @@ Public functions (`min_distance`, `distance_map`) validate the user's shapes, re
 - ``protokern::distance_map_backward(grad_map, x, prototypes, metric, backend)
   -> (grad_x, grad_prototypes)``
 
-which pick a backend at run time (`protokern.backends.select_backend`). The ops have fake
-implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
+The forward ops pick a backend at run time (`protokern.backends.select_backend`); the backward
+ops are told the one their forward ran on. The ops have fake implementations, so they trace
+under `torch.compile` (no graph break) and `torch.export`.
 """
 
 from typing import NamedTuple
