@@ -117,10 +117,13 @@ def get_backend() -> str | None:
 
 @contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` (None: automatic choice).
+    """Run the ops inside the ``with`` block on backend ``name``.
 
     Applies to the current thread (or asyncio task) only, so concurrent blocks in other
-    threads do not interfere.
+    threads do not interfere; threads started inside the block (thread pools included) do not
+    see it, and a generator that yields inside the block leaks it to its caller until resumed.
+    ``use_backend(None)`` restores the automatic choice inside the block, ignoring
+    `set_backend` but not ``PROTOKERN_BACKEND``.
     """
     if name is not None:
         backend_named(name, "use_backend")

@@ -4,16 +4,18 @@ Public functions (`min_distance`, `distance_map`) validate the user's shapes, re
 (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
 ``(M, D, ph, pw)``, and call the custom ops
 
-- ``protokern::min_distance(x, prototypes, metric) -> (values, indices)``
+- ``protokern::min_distance(x, prototypes, metric, backend) -> (values, indices)``
 - ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric, backend)
   -> (grad_x, grad_prototypes)``
-- ``protokern::distance_map(x, prototypes, metric) -> (B, M, H', W')``
+- ``protokern::distance_map(x, prototypes, metric, backend) -> (B, M, H', W')``
 - ``protokern::distance_map_backward(grad_map, x, prototypes, metric, backend)
   -> (grad_x, grad_prototypes)``
 
-The forward ops pick a backend at run time (`protokern.backends.select_backend`); the backward
-ops are told the one their forward ran on. The ops have fake implementations, so they trace
-under `torch.compile` (no graph break) and `torch.export`.
+The public functions choose the backend (`protokern.backends.select_backend`) and pass its name
+to the forward op, whose autograd passes it on to the backward op, so both passes run on one
+backend. Under `torch.compile` the choice is a compile-time constant: a compiled function keeps
+the backend it was compiled with (`torch.compiler.reset()` to choose again). The ops have fake
+implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
 """
 
 from typing import NamedTuple
@@ -132,20 +134,20 @@ def canonicalize(
 
 
 @torch.library.custom_op("protokern::min_distance", mutates_args=())
-def _min_distance_op(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    values, indices = select_backend(x.device).min_distance(x, prototypes, metric)
+def _min_distance_op(
+    x: Tensor, prototypes: Tensor, metric: str, backend: str
+) -> tuple[Tensor, Tensor]:
+    values, indices = backend_named(backend).min_distance(x, prototypes, metric)
     return values.contiguous(), indices.contiguous()
 
 
 @_min_distance_op.register_fake
-def _(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> tuple[Tensor, Tensor]:
     torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
     shape = (x.shape[0], prototypes.shape[0])
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
-# The backward ops take the name of the backend that ran the forward pass (recorded by the
-# autograd setup, which runs in the forward's thread), so both passes run on one backend.
 @torch.library.custom_op("protokern::min_distance_backward", mutates_args=())
 def _min_distance_backward_op(
     grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
@@ -166,12 +168,12 @@ def _(
 
 
 @torch.library.custom_op("protokern::distance_map", mutates_args=())
-def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
-    return select_backend(x.device).distance_map(x, prototypes, metric).contiguous()
+def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> Tensor:
+    return backend_named(backend).distance_map(x, prototypes, metric).contiguous()
 
 
 @_distance_map_op.register_fake
-def _(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> Tensor:
     torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
     out_h = x.shape[2] - prototypes.shape[2] + 1
     out_w = x.shape[3] - prototypes.shape[3] + 1
@@ -203,14 +205,12 @@ def _(
 
 
 def _save_for_min_distance(ctx, inputs: tuple, output: tuple) -> None:
-    x, prototypes, ctx.metric = inputs
-    ctx.backend = select_backend(x.device).name
+    x, prototypes, ctx.metric, ctx.backend = inputs
     ctx.save_for_backward(x, prototypes, output[1])  # the chosen positions
 
 
 def _save_for_distance_map(ctx, inputs: tuple, output: Tensor) -> None:
-    x, prototypes, ctx.metric = inputs
-    ctx.backend = select_backend(x.device).name
+    x, prototypes, ctx.metric, ctx.backend = inputs
     ctx.save_for_backward(x, prototypes)
 
 
@@ -219,7 +219,7 @@ def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
     grad_x, grad_prototypes = torch.ops.protokern.min_distance_backward(
         grad_values, x, prototypes, indices, ctx.metric, ctx.backend
     )
-    return grad_x, grad_prototypes, None
+    return grad_x, grad_prototypes, None, None
 
 
 def _distance_map_grad(ctx, grad_map: Tensor):
@@ -227,7 +227,7 @@ def _distance_map_grad(ctx, grad_map: Tensor):
     grad_x, grad_prototypes = torch.ops.protokern.distance_map_backward(
         grad_map, x, prototypes, ctx.metric, ctx.backend
     )
-    return grad_x, grad_prototypes, None
+    return grad_x, grad_prototypes, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -252,6 +252,11 @@ for _backward_op in (_min_distance_backward_op, _distance_map_backward_op):
 # Public functions
 
 
+@torch.compiler.assume_constant_result  # Dynamo cannot trace the ContextVar lookup
+def _backend_for(device_type: str) -> str:
+    return select_backend(torch.device(device_type)).name
+
+
 def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> MinDistance:
     """Minimum over positions of the distance between every patch of ``x`` and every prototype.
 
@@ -274,7 +279,8 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     backward raises RuntimeError. Computed in float32 for float16/bfloat16 inputs.
     """
     x4, p4, _ = canonicalize(x, prototypes, metric, "protokern.min_distance")
-    values, indices = torch.ops.protokern.min_distance(x4, p4, metric)
+    backend = _backend_for(x.device.type)
+    values, indices = torch.ops.protokern.min_distance(x4, p4, metric, backend)
     return MinDistance(values, indices)
 
 
@@ -286,5 +292,5 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     RuntimeError).
     """
     x4, p4, tokens = canonicalize(x, prototypes, metric, "protokern.distance_map")
-    dmap = torch.ops.protokern.distance_map(x4, p4, metric)
+    dmap = torch.ops.protokern.distance_map(x4, p4, metric, _backend_for(x.device.type))
     return dmap.flatten(2) if tokens else dmap

@@ -51,13 +51,14 @@ def fold_patches(grad_rows: Tensor, height: int, width: int, ph: int, pw: int) -
 
 
 def _input_rounding(rows: Tensor) -> float:
-    """Relative rounding of GEMM inputs that PyTorch may apply to float32 (TF32, bfloat16)."""
+    """Relative rounding PyTorch may apply to float32 GEMM inputs here (TF32, bfloat16)."""
     if rows.dtype != torch.float32:
         return 0.0
-    precision = torch.get_float32_matmul_precision()
-    if rows.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        precision = "high" if precision == "highest" else precision
-    return {"highest": 0.0, "high": 2.0**-10, "medium": 2.0**-7}[precision]
+    matmul = torch.backends.cuda.matmul if rows.is_cuda else torch.backends.mkldnn.matmul
+    precision = matmul.fp32_precision
+    if precision == "none":  # inherits the global setting
+        precision = torch.backends.fp32_precision
+    return {"none": 0.0, "ieee": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-7}[precision]
 
 
 def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -65,16 +66,18 @@ def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor
     and a bound on their rounding error (``inf`` where an intermediate overflowed).
 
     The bound is the worst case of a K-term float sum (``~K eps`` relative to the sum of the
-    magnitudes), plus the rounding of the GEMM inputs where TF32/bfloat16 matmuls are allowed.
+    magnitudes, plus an absolute term for subnormal products), plus the rounding of the GEMM
+    inputs where TF32/bfloat16 matmuls are allowed.
     """
     size = rows.shape[-1]
-    eps = torch.finfo(rows.dtype).eps
+    finfo = torch.finfo(rows.dtype)
+    eps = finfo.eps
     rounding = _input_rounding(rows)
     dots = torch.matmul(protos, rows.transpose(1, 2))
     if metric == "sqeuclidean":
         magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
         dist = (magnitude - 2 * dots).clamp_min(0)
-        return dist, ((size + 4) * eps + 2 * rounding) * magnitude
+        return dist, ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
     row_norm = rows.norm(dim=-1)[:, None, :]
     proto_norm = protos.norm(dim=-1)[None, :, None]
     dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
@@ -83,13 +86,28 @@ def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor
     return dist, bound
 
 
+def fixed_order_sum(terms: Tensor) -> Tensor:
+    """Pairwise sum over the last dim by elementwise adds only.
+
+    Its result depends on the values alone, bit for bit: not on how many rows are summed at
+    once nor on the thread count, unlike `torch.sum`, whose reduction order does. Identical
+    windows therefore get identical exact distances, so ties are real ties.
+    """
+    while terms.shape[-1] > 1:
+        if terms.shape[-1] % 2:
+            terms = F.pad(terms, (0, 1))  # + 0.0 is exact
+        terms = terms[..., 0::2] + terms[..., 1::2]
+    return terms[..., 0] if terms.shape[-1] else terms.sum(-1)
+
+
 def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
     """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments."""
     if metric == "sqeuclidean":
-        return (selected - protos).square().sum(-1)
-    dots = (selected * protos).sum(-1)
-    norms = selected.norm(dim=-1).clamp_min(EPS) * protos.norm(dim=-1).clamp_min(EPS)
-    return (1 - dots / norms).clamp(0, 2)
+        return fixed_order_sum((selected - protos).square())
+    dots = fixed_order_sum(selected * protos)
+    selected_norm = fixed_order_sum(selected.square()).sqrt().clamp_min(EPS)
+    proto_norm = fixed_order_sum(protos.square()).sqrt().clamp_min(EPS)
+    return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
 
 
 def exact_min(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -110,8 +128,7 @@ def exact_min(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor
     for s in range(0, image.numel(), step):
         i, m, pos = image[s:s + step], proto[s:s + step], position[s:s + step]
         exact[i, m, pos] = distance_at(rows[i, pos].double(), protos[m].double(), metric)
-    values, indices = exact.min(-1)
-    return values, indices
+    return exact.min(-1)
 
 
 def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
@@ -133,11 +150,12 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     ``H' x W'``. Exact: see `exact_min`.
     """
     rows, protos = _rows_and_protos(x, prototypes)
-    batch, length, size = rows.shape
+    batch, length, _ = rows.shape
     num = protos.shape[0]
     values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
     indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
-    for block in prototype_blocks(num, batch * (length + size)):
+    # exact_min keeps about six (B, block, L') tensors alive
+    for block in prototype_blocks(num, 6 * batch * length):
         block_values, indices[:, block] = exact_min(rows, protos[block], metric)
         values[:, block] = block_values.to(x.dtype)
     return values, indices

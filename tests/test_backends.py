@@ -171,3 +171,19 @@ def test_set_backend_applies_to_other_threads(registry):
     thread.start()
     thread.join()
     assert seen == ["other"]
+
+
+def test_a_compiled_function_keeps_its_backend_for_both_passes(registry):
+    """Under torch.compile the choice is a compile-time constant, for forward and backward."""
+    torch._dynamo.reset()
+    calls = []
+    registry["other"] = _counting_backend("other", calls)
+    prototypes = torch.randn(5, 3)
+    compiled = torch.compile(lambda x: pk.min_distance(x, prototypes).values.sum(),
+                             backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with pk.use_backend("other"):
+        compiled(x).backward()
+    compiled(x).backward()  # the automatic choice would be reference
+    assert calls == ["min_distance", "min_distance_backward"] * 2
+    torch._dynamo.reset()

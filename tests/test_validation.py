@@ -62,8 +62,8 @@ BAD_INPUTS = {
     "empty-M": (x4, torch.randn(0, 4), "sqeuclidean", ValueError,
                 r"prototypes \(0, 4\) is empty \(M = 0\) but x \(2, 4, 5, 6\) has B=2"),
     "window-too-tall": (x4, torch.randn(5, 4, 6, 2), "sqeuclidean", ValueError,
-                        r"the prototype window 6x2 \(prototypes \(5, 4, 6, 2\)\) does not fit in the 5x6 "
-                        r"feature map \(x \(2, 4, 5, 6\)"),
+                        r"the prototype window 6x2 \(prototypes \(5, 4, 6, 2\)\) does not fit "
+                        r"in the 5x6 feature map \(x \(2, 4, 5, 6\)"),
     "window-too-wide": (x4, torch.randn(5, 4, 1, 7), "cosine", ValueError,
                         r"the prototype window 1x7 .* does not fit in the 5x6 feature map"),
     "empty-window": (x4, torch.randn(5, 4, 0, 2), "cosine", ValueError,
@@ -71,7 +71,8 @@ BAD_INPUTS = {
     "empty-map": (torch.randn(2, 4, 0, 6), torch.randn(5, 4), "cosine", ValueError,
                   r"the prototype window 1x1 .* does not fit in the 0x6 feature map"),
     "no-tokens": (torch.randn(2, 0, 4), torch.randn(5, 4), "cosine", ValueError,
-                  r"the prototype window 1x1 .* does not fit in L=0 tokens \(x \(2, 0, 4\) as \(B, L, D\)\)"),
+                  r"the prototype window 1x1 .* does not fit in L=0 tokens "
+                  r"\(x \(2, 0, 4\) as \(B, L, D\)\)"),
     "tokens-with-window": (torch.randn(2, 9, 4), torch.randn(5, 4, 2, 2), "sqeuclidean",
                            ValueError, r"tokens x \(2, 9, 4\) as \(B, L, D\) take prototypes "
                            r"\(M, D\) or \(M, D, 1, 1\), got prototypes \(5, 4, 2, 2\) with a "
@@ -95,7 +96,8 @@ def test_prototype_layer_rejects_bad_arguments():
         (dict(num_prototypes=0, dim=4), "num_prototypes must be a positive int, got 0"),
         (dict(num_prototypes=3, dim=-1), "dim must be a positive int, got -1"),
         (dict(num_prototypes=3, dim=4, patch=(2, 0)), "patch must be a positive int, got 0"),
-        (dict(num_prototypes=3, dim=4, patch=1.5), r"patch must be an int or a pair \(ph, pw\), got 1.5"),
+        (dict(num_prototypes=3, dim=4, patch=1.5),
+         r"patch must be an int or a pair \(ph, pw\), got 1.5"),
         (dict(num_prototypes=3, dim=4, patch=(1, 2, 3)), r"patch must be .*, got \(1, 2, 3\)"),
         (dict(num_prototypes=3, dim=4, metric="l2"), "unknown metric 'l2'"),
     ]:
