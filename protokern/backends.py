@@ -2,8 +2,8 @@
 
 A backend is a set of functions over the canonical forms of `protokern.reference`
 (``x`` ``(B, D, H, W)``, ``prototypes`` ``(M, D, ph, pw)``). Kernel packages register one with
-`register_backend`; the ops in `protokern.ops` call `select_backend` at run time, so a backend
-added later needs no change to any caller.
+`register_backend`; the public functions in `protokern.ops` call `select_backend` on every
+call, so a backend added later needs no change to any caller.
 
 Choice, strongest first: `use_backend` (for the current thread or asyncio task), then
 `set_backend` (process-wide), then the ``PROTOKERN_BACKEND`` environment variable, then the

@@ -18,11 +18,12 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def selection_gap(indices: Tensor, distances: Tensor) -> Tensor:
-    """How much farther the chosen positions are than the true minimum, ``(B, M)``.
+def near_tie_ok(indices: Tensor, distances: Tensor, tol: float) -> Tensor:
+    """Which chosen positions are acceptable, ``(B, M)`` bool: those whose true distance is
+    within ``tol * max(max |min|, 1)`` of the true minimum (DESIGN §5: near-ties may move).
 
-    ``indices`` ``(B, M)`` from a backend, ``distances`` ``(B, M, L')`` from an oracle. Zero
-    where the backend found a minimum; a near-tie may give a gap within the tolerance.
+    ``indices`` ``(B, M)`` from a backend, ``distances`` ``(B, M, L')`` from an oracle.
     """
+    minimum = distances.amin(-1)
     chosen = distances.gather(-1, indices[..., None])[..., 0]
-    return chosen - distances.amin(-1)
+    return chosen - minimum <= tol * minimum.abs().max().clamp_min(1.0)
