@@ -1,37 +1,37 @@
-"""The `protokern` command."""
+"""The `protokern` command.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status). Modules are imported only when their command runs, so
+``protokern --help`` stays fast and a command's optional dependencies load only for it.
+"""
 
 import argparse
+import importlib
 import sys
 
-import torch
-
 import protokern
-from protokern.selfcheck import format_table, run_selfcheck
 
-
-def _demo(args: argparse.Namespace) -> int:
-    print(f"protokern {protokern.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"backends: {', '.join(protokern.available_backends(args.device))}")
-    print("Checking min_distance (forward + backward) of every backend against the float64 "
-          "reference:\n")
-    results = run_selfcheck(args.device, args.seed)
-    print(format_table(results))
-    failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("protokern.selfcheck", "check every backend against the float64 reference"),
+    "selfcheck": ("protokern.selfcheck", "check every backend against the float64 reference"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="protokern", description=protokern.__doc__.split(
         "\n")[0])
     parser.add_argument("--version", action="version", version=protokern.__version__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="check every backend against the reference")
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module)
+        # Only the chosen command's module is imported (its arguments are added below).
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    return importlib.import_module(args.module).run(args)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,24 @@ def format_table(results: list[CheckResult]) -> str:
             f"{r.milliseconds:10.2f} {naive:>9}  {'ok' if r.passed else 'FAILED'}"
         )
     return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``protokern selfcheck``."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    """``protokern selfcheck``: every backend against the float64 reference; 1 on a failure."""
+    import protokern
+
+    print(f"protokern {protokern.__version__}, torch {torch.__version__}, device {args.device}, "
+          f"backends: {', '.join(backends.available_backends(args.device))}")
+    print("Checking min_distance (forward + backward) of every backend against the float64 "
+          "reference:\n")
+    results = run_selfcheck(args.device, args.seed)
+    print(format_table(results))
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
