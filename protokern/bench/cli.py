@@ -1,0 +1,124 @@
+"""``protokern bench``: every contender on the named shapes; a table, JSON and a scaling plot.
+
+    protokern bench --device cpu --shapes cub,imagenet --json out.json --plot out.png
+
+Prints, per (shape, dtype, pass), each contender's median time and spread, speed-up over the
+fastest naive contender, time over a bare GEMM of the same FLOPs, achieved TFLOP/s and peak
+memory. ``--plot`` adds a sweep of M (time and memory vs M at the fixed B, D, H x W of
+``--scaling-shape``) where contenders stop at the size that no longer fits ``--memory-cap-gb``.
+"""
+
+import argparse
+
+import torch
+
+from protokern.bench.contenders import PASSES, all_contenders
+from protokern.bench.measure import DTYPES
+from protokern.bench.plot import scaling_plot
+from protokern.bench.report import format_table, write_json
+from protokern.bench.runner import BenchConfig, environment, run_cases
+from protokern.bench.shapes import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_shapes
+
+DEFAULT_SCALING_M = "1000,2000,5000,10000,20000,50000,100000"
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``protokern bench``."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device)
+    parser.add_argument("--shapes", help=f"comma-separated named shapes among "
+                        f"{', '.join(SHAPES)} (default: {','.join(CPU_SHAPES)} on cpu, "
+                        f"{','.join(GPU_SHAPES)} on cuda)")
+    parser.add_argument("--passes", default=",".join(PASSES), help="forward, forward+backward")
+    parser.add_argument("--contenders", help="comma-separated names or kinds (protokern, naive, "
+                        "floor); default: all available")
+    parser.add_argument("--dtypes", default="float32", help=f"among {', '.join(DTYPES)}")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: let float32 matmuls and convs use TF32 (default: forbidden)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (default 5 cpu, 20 cuda)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 cpu, 3 cuda)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    parser.add_argument("--memory-cap-gb", type=float, help="skip cases estimated to need more "
+                        "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write all results and the environment to this file")
+    parser.add_argument("--plot", help="run the M sweep and write its plot (PNG) to this file")
+    parser.add_argument("--scaling-shape", default="cub", help="B, D, H x W of the sweep")
+    parser.add_argument("--scaling-m", default=DEFAULT_SCALING_M, help="M values of the sweep")
+    parser.add_argument("--scaling-pass", default="forward+backward", choices=PASSES)
+    parser.add_argument("--scaling-repeats", type=int, help="timed calls per sweep case "
+                        "(default: --repeats)")
+    parser.add_argument("--list", action="store_true", help="list shapes and contenders, exit")
+
+
+def _memory_cap(args: argparse.Namespace) -> int:
+    if args.memory_cap_gb is not None:
+        return int(args.memory_cap_gb * 2**30)
+    if args.device == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+    return 4 << 30
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The `BenchConfig` the arguments describe; ValueError on a bad one."""
+    on_cuda = args.device == "cuda"
+    shapes = parse_shapes(args.shapes or ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES))
+    return BenchConfig(
+        shapes=shapes, device=args.device, dtypes=_csv(args.dtypes), passes=_csv(args.passes),
+        contenders=_csv(args.contenders) if args.contenders else None,
+        repeats=args.repeats if args.repeats is not None else (20 if on_cuda else 5),
+        warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
+        threads=args.threads, memory_cap_bytes=_memory_cap(args), tf32=args.tf32,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``protokern bench``; exit status 2 on bad arguments, 1 if a case failed with an error."""
+    if args.list:
+        for shape in SHAPES.values():
+            print(f"shape {shape.name:<14} {shape.describe()}")
+        for contender in all_contenders(args.device):
+            print(f"contender {contender.name:<22} {contender.description}")
+        return 0
+    try:
+        config = config_from_args(args)
+        config.selected_contenders()
+        scaling_shape = parse_shapes(args.scaling_shape)[0]
+        scaling_m = [int(m) for m in _csv(args.scaling_m)]
+    except ValueError as error:
+        print(f"protokern bench: {error}")
+        return 2
+    env = environment(config)
+    print(f"protokern bench on {env['device_name']} ({config.device}), torch {env['torch']}, "
+          f"threads {env['threads']}, contenders: "
+          f"{', '.join(c.name for c in config.selected_contenders())}")
+    results = run_cases(config)
+    print(format_table(results))
+
+    scaling: list[dict] = []
+    if args.plot:
+        sweep = [scaling_shape.with_prototypes(m) for m in scaling_m]
+        if args.scaling_repeats is not None:
+            config.repeats = args.scaling_repeats
+        env["scaling"] = {"shape": scaling_shape.name, "num_prototypes": scaling_m,
+                          "pass": args.scaling_pass, "dtype": config.dtypes[0],
+                          "repeats": config.repeats}
+        scaling = run_cases(config, shapes=sweep, passes=[args.scaling_pass],
+                            dtypes=config.dtypes[:1], description="M sweep")
+        title = (f"{scaling_shape.name} family: B={scaling_shape.batch} D={scaling_shape.dim} "
+                 f"{scaling_shape.height}x{scaling_shape.width}, {config.dtypes[0]}, "
+                 f"{args.scaling_pass}, {env['device_name']}")
+        scaling_plot(scaling, args.plot, config.memory_cap_bytes, title)
+        print(f"\nscaling plot: {args.plot}")
+    if args.json:
+        write_json(args.json, env, results, scaling)
+        print(f"results: {args.json}")
+    errors = [r for r in results + scaling if r["status"] == "error"]
+    for r in errors:
+        print(f"ERROR {r['shape']} {r['dtype']} {r['pass']} {r['contender']}: {r['reason']}")
+    return 1 if errors else 0

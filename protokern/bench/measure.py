@@ -1,0 +1,237 @@
+"""Timing and peak memory of one benchmark case: one contender, shape, dtype and pass.
+
+Timing: ``warmup`` untimed calls, then ``repeats`` timed ones. On CUDA each call sits between
+two CUDA events after a ``synchronize``; on CPU ``torch.set_num_threads`` is fixed first and
+each call is timed by ``time.perf_counter`` (CPU ops are synchronous).
+
+Peak memory, beyond the inputs:
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` once the inputs
+  exist, after ``reset_peak_memory_stats()``.
+- CPU: ATen allocates with malloc, which PyTorch's own counters do not see, so the case runs in
+  a fresh process (`IsolatedRunner`) and reads the kernel's resident-set high-water mark
+  (``VmHWM`` of ``/proc/self/status``). Once the inputs exist the mark is reset to the current
+  RSS (writing ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0), the case runs, and the peak
+  is ``VmHWM`` minus that baseline. Without ``clear_refs``, ``ru_maxrss`` of `resource` minus
+  the baseline is used, which can only over-state. Pages allocated but never written are not
+  resident and not counted; every contender writes what it allocates.
+"""
+
+import math
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from protokern.bench.contenders import contender_named
+from protokern.bench.shapes import NamedShape
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """Everything a (possibly separate) process needs to run one case."""
+
+    shape: NamedShape
+    dtype: str
+    device: str
+    contender: str
+    pass_name: str
+    repeats: int
+    warmup: int
+    threads: int | None = None
+    tf32: bool = False
+    seed: int = 0
+
+
+def make_inputs(shape: NamedShape, dtype: torch.dtype, device: str, seed: int = 0
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded inputs: ``x`` ``(B, D, H, W)``, prototypes ``(M, D, ph, pw)`` and an upstream
+    gradient ``(B, M)``, identical for every contender of a case."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.batch, shape.dim, shape.height, shape.width, generator=generator)
+    prototypes = torch.randn(shape.num_prototypes, shape.dim, shape.patch, shape.patch,
+                             generator=generator)
+    grad = torch.rand(shape.batch, shape.num_prototypes, generator=generator)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, prototypes, grad))
+
+
+def set_precision(device: str, tf32: bool) -> None:
+    """CUDA float32: let matmuls and convs use TF32 tensor cores, or forbid it (both, so that
+    no contender gets TF32 while another does not)."""
+    if device == "cuda":
+        precision = "tf32" if tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def rss_bytes(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (high-water mark) of this process, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_rss_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def max_rss_bytes() -> int:
+    """Peak RSS by `resource` (kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _CpuMemory:
+    """Peak RSS beyond the state at construction (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.procfs = os.path.exists("/proc/self/status")
+        self.baseline = rss_bytes("VmRSS") if self.procfs else max_rss_bytes()
+        self.method = ("VmHWM after clear_refs reset, minus VmRSS baseline"
+                       if self.procfs and reset_rss_peak()
+                       else "ru_maxrss minus baseline (no clear_refs: may over-state)")
+
+    def peak(self) -> int:
+        usage = rss_bytes("VmHWM") if "VmHWM" in self.method else max_rss_bytes()
+        return max(0, usage - self.baseline)
+
+
+class _CudaMemory:
+    def __init__(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        self.method = "torch.cuda.max_memory_allocated minus memory_allocated baseline"
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.baseline
+
+
+def _time_calls(step, repeats: int, device: str) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step``."""
+    times = []
+    if device == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return times
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles of ``times`` (seconds)."""
+    ordered = sorted(times)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1],
+            "q1_s": q1, "q3_s": q3}
+
+
+def run_case(spec: CaseSpec) -> dict:
+    """Run one case here, in this process; returns its raw times, summary and peak memory.
+
+    Failures become results (``status`` ``"out of memory"`` or ``"error"`` with the reason):
+    one broken contender must not lose a whole run, and the table shows why it is missing.
+    """
+    if spec.device == "cpu" and spec.threads:
+        torch.set_num_threads(spec.threads)
+    set_precision(spec.device, spec.tf32)
+    result = {"status": "ok", "reason": "", "threads": torch.get_num_threads()}
+    try:
+        contender = contender_named(spec.device, spec.contender)
+        x, prototypes, grad = make_inputs(spec.shape, DTYPES[spec.dtype], spec.device, spec.seed)
+        step = contender.make_step(x, prototypes, grad, spec.pass_name)
+        memory = _CudaMemory() if spec.device == "cuda" else _CpuMemory()
+        for _ in range(spec.warmup):
+            step()
+        times = _time_calls(step, spec.repeats, spec.device)
+        peak = memory.peak()
+    except torch.OutOfMemoryError as error:
+        return {**result, "status": "out of memory", "reason": str(error).split("\n")[0]}
+    except Exception as error:  # noqa: BLE001 -- recorded in the results, never hidden
+        return {**result, "status": "error", "reason": f"{type(error).__name__}: {error}"}
+    finally:
+        if spec.device == "cuda":
+            torch.cuda.empty_cache()
+    return {**result, "times_s": times, **summarize(times), "peak_bytes": peak,
+            "memory_method": memory.method}
+
+
+class IsolatedRunner:
+    """Runs each case in a fresh process forked from a server that has imported torch (so a
+    case starts in milliseconds, not seconds, and sees no allocation of an earlier case).
+
+    Use as a context manager; ``run(spec)`` returns `run_case`'s result, or an ``"error"``
+    result if the process died (e.g. killed for memory).
+    """
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["torch", "protokern.bench.measure"])
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=self._context, max_tasks_per_child=1)
+        return self._pool
+
+    def run(self, spec: CaseSpec) -> dict:
+        try:
+            return self._executor().submit(run_case, spec).result()
+        except BrokenProcessPool as error:
+            self.close()
+            return {"status": "error", "reason": f"worker process died ({error}); "
+                    "likely killed for memory"}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "IsolatedRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def spec_dict(spec: CaseSpec) -> dict:
+    """A JSON-ready description of ``spec``."""
+    out = asdict(spec)
+    out["shape"] = spec.shape.name
+    return out
+
+
+def finite_positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0

@@ -1,0 +1,57 @@
+"""The scaling plot: time and peak memory against the number of prototypes M."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on benchmark machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def scaling_plot(results: list[dict], path: str | Path, memory_cap_bytes: int,
+                 title: str) -> None:
+    """Two log-log panels, time and peak memory vs M, one line per contender.
+
+    ``results`` are the sweep's (one shape family, one dtype, one pass). A contender's line
+    stops at its last size that ran; the next size is marked with why it did not run (over the
+    memory cap, out of memory, error).
+    """
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
+    contenders = list(dict.fromkeys(r["contender"] for r in results))
+    for name in contenders:
+        rows = sorted((r for r in results if r["contender"] == name),
+                      key=lambda r: r["num_prototypes"])
+        ok = [r for r in rows if r["status"] == "ok"]
+        style = "--" if rows[0]["kind"] == "naive" else (":" if rows[0]["kind"] == "floor"
+                                                        else "-")
+        ms = [r["num_prototypes"] for r in ok]
+        (line,) = ax_time.plot(ms, [1e3 * r["median_s"] for r in ok], style, marker="o",
+                               label=name)
+        ax_mem.plot(ms, [max(r["peak_bytes"], 1) / 2**20 for r in ok], style, marker="o",
+                    color=line.get_color(), label=name)
+        stopped = [r for r in rows if r["status"] != "ok"]
+        if ok and stopped:
+            first = stopped[0]
+            why = "over cap" if first["status"] == "skipped" else first["status"]
+            for ax, value in ((ax_time, 1e3 * ok[-1]["median_s"]),
+                              (ax_mem, max(ok[-1]["peak_bytes"], 1) / 2**20)):
+                ax.plot([first["num_prototypes"]], [value], "x", color=line.get_color(),
+                        markersize=10)
+                ax.annotate(f"{name}: {why} at M={first['num_prototypes']}",
+                            (first["num_prototypes"], value), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    ax_mem.axhline(memory_cap_bytes / 2**20, color="gray", linewidth=0.8, linestyle="-.",
+                   label="memory cap")
+    for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak memory beyond inputs (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of prototypes M")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_mem.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

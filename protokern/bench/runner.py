@@ -1,0 +1,206 @@
+"""The bench runner: plans the cases, skips what cannot fit, runs the rest with progress, and
+collects results plus the environment they were measured in.
+
+A result is a dict (JSON-ready): the case (shape and its dims, dtype, device, contender, kind,
+pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``, the raw
+``times_s`` and their summary (``median_s``, ``min_s``, ``max_s``, ``q1_s``, ``q3_s``),
+``peak_bytes`` and ``memory_method``, ``estimated_bytes``, ``gemm_flops`` and ``tflops``, and,
+per (shape, dtype, pass), ``speedup_vs_best_naive`` and ``ratio_to_floor``.
+"""
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import protokern
+from protokern.bench.contenders import PASSES, Contender, select_contenders
+from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case
+from protokern.bench.shapes import NamedShape
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``memory_cap_bytes``: cases whose estimated peak exceeds it are skipped."""
+
+    shapes: list[NamedShape]
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+    contenders: list[str] | None = None
+    repeats: int = 5
+    warmup: int = 1
+    threads: int | None = 2
+    memory_cap_bytes: int = 4 << 30
+    tf32: bool = False
+    seed: int = 0
+    isolate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes:
+            raise ValueError(f"dtypes must be among {list(DTYPES)}, got {self.dtypes}")
+        bad = [p for p in self.passes if p not in PASSES]
+        if bad or not self.passes:
+            raise ValueError(f"passes must be among {list(PASSES)}, got {self.passes}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
+                             f"{self.warmup}")
+
+    def selected_contenders(self) -> list[Contender]:
+        return select_contenders(self.device, self.contenders)
+
+
+def case_record(shape: NamedShape, dtype: str, device: str, contender: Contender,
+                pass_name: str) -> dict:
+    """The fields that identify a case in the results."""
+    return {
+        "shape": shape.name, "batch": shape.batch, "dim": shape.dim, "height": shape.height,
+        "width": shape.width, "num_prototypes": shape.num_prototypes, "patch": shape.patch,
+        "positions": shape.positions, "dtype": dtype, "device": device,
+        "contender": contender.name, "kind": contender.kind, "pass": pass_name,
+        "gemm_flops": shape.gemm_flops(),
+    }
+
+
+def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
+              passes: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+              description: str = "bench") -> list[dict]:
+    """Run every (shape, dtype, pass, contender) case of ``config`` (or of the overrides),
+    in that order, with a progress bar; every planned case gets a result."""
+    shapes = list(config.shapes if shapes is None else shapes)
+    passes = list(config.passes if passes is None else passes)
+    dtypes = list(config.dtypes if dtypes is None else dtypes)
+    contenders = config.selected_contenders()
+    plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes for c in contenders]
+    results = []
+    isolated = config.isolate and config.device == "cpu"
+    with IsolatedRunner() if isolated else nullcontext() as runner:
+        progress = tqdm(plan, desc=description, unit="case", dynamic_ncols=True)
+        for shape, dtype, pass_name, contender in progress:
+            progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}")
+            record = case_record(shape, dtype, config.device, contender, pass_name)
+            estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
+            record["estimated_bytes"] = estimate
+            if estimate > config.memory_cap_bytes:
+                record.update(status="skipped", reason=(
+                    f"estimated peak {estimate / 2**30:.1f} GiB > memory cap "
+                    f"{config.memory_cap_bytes / 2**30:.1f} GiB"))
+                results.append(record)
+                continue
+            spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
+                            config.repeats, config.warmup, config.threads, config.tf32,
+                            config.seed)
+            record.update(runner.run(spec) if isolated else run_case(spec))
+            if record["status"] == "ok":
+                record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
+            results.append(record)
+    add_comparisons(results)
+    return results
+
+
+def add_comparisons(results: list[dict]) -> None:
+    """Per (shape, dtype, pass): speed-up of each contender over the fastest naive one, and its
+    time over the bare GEMM's (in place)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
+    for group in groups.values():
+        timed = [r for r in group if r["status"] == "ok"]
+        naive = [r for r in timed if r["kind"] == "naive"]
+        floor = [r for r in timed if r["kind"] == "floor"]
+        best_naive = min(naive, key=lambda r: r["median_s"]) if naive else None
+        for r in timed:
+            if best_naive is not None:
+                r["best_naive"] = best_naive["contender"]
+                r["speedup_vs_best_naive"] = best_naive["median_s"] / r["median_s"]
+            if floor:
+                r["ratio_to_floor"] = r["median_s"] / floor[0]["median_s"]
+
+
+def git_commit() -> str:
+    """The protokern checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(protokern.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed: ``protokern bench ...`` (or ``python -m protokern.cli ...``)."""
+    argv = sys.argv if argv is None else argv
+    program = Path(argv[0]).name if argv else "protokern"
+    if program in ("cli.py", "__main__.py"):
+        program = "python -m protokern.cli"
+    return " ".join([program, *(shlex.quote(a) for a in argv[1:])])
+
+
+def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
+    """Where and how the numbers were measured."""
+    return {
+        "command": command_line(argv),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device": config.device,
+        "device_name": device_name(config.device),
+        "cpu_count": _cpu_count(),
+        "threads": config.threads if config.device == "cpu" else None,
+        "tf32": config.tf32,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": _version("triton"),
+        "pykeops": _version("pykeops"),
+        "protokern": protokern.__version__,
+        "protokern_backends": protokern.available_backends(config.device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "memory_cap_bytes": config.memory_cap_bytes,
+        "seed": config.seed,
+        "isolated_processes": config.isolate and config.device == "cpu",
+    }
+
+
+def _cpu_count() -> int | None:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
