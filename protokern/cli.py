@@ -15,6 +15,7 @@ import protokern
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("protokern.selfcheck", "check every backend against the float64 reference"),
     "selfcheck": ("protokern.selfcheck", "check every backend against the float64 reference"),
+    "bench": ("protokern.bench.cli", "time and memory of every backend vs naive PyTorch"),
 }
 
 
