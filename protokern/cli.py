@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("protokern.selfcheck", "check every backend against the float64 reference"),
     "selfcheck": ("protokern.selfcheck", "check every backend against the float64 reference"),
     "bench": ("protokern.bench.cli", "time and memory of every backend vs naive PyTorch"),
+    "cil": ("protokern.heads.cli", "class-incremental scenario: every CIL head, metrics table"),
 }
 
 
