@@ -1,0 +1,238 @@
+// PyTorch glue of protokern's CUDA min_distance kernels (compiled only in CUDA builds).
+//
+// Registers, in the library fragment `protokern_cuda` of the extension protokern._C:
+//   min_distance_forward(x, prototypes, metric, allow_tf32) -> (values, indices)
+//   min_distance_backward(grad_values, x, prototypes, indices, metric, deterministic)
+//       -> (grad_x, grad_prototypes)
+// for canonical inputs (x (B, D, H, W), prototypes (M, D, 1, 1); protokern/cuda_backend.py
+// validates the user's shapes and routes other windows elsewhere). This file reads and checks the
+// tensors, lays x out as rows with contiguous channels, picks the kernels and launches them on
+// PyTorch's current stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA error
+// raises a Python RuntimeError naming the kernel and the shapes.
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this c10 function
+#include <torch/library.h>
+
+#include "min_distance_kernels.h"
+
+namespace protokern_cuda {
+namespace {
+
+constexpr int64_t kMaxInt32 = 0x7fffffffLL;
+constexpr int64_t kMaxPositions = 0xffffffffLL;  // positions are packed into 32 bits
+
+std::string describe(const at::Tensor& x, const at::Tensor& prototypes) {
+  std::ostringstream out;
+  out << "x " << x.sizes() << " " << x.scalar_type() << " and prototypes " << prototypes.sizes()
+      << " " << prototypes.scalar_type();
+  return out.str();
+}
+
+void check_cuda(cudaError_t error, const char* kernel, const std::string& shapes) {
+  TORCH_CHECK(error == cudaSuccess, "protokern cuda: ", kernel, " failed for ", shapes, ": ",
+              cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
+}
+
+Metric parse_metric(std::string_view metric, const char* op) {
+  TORCH_CHECK_VALUE(metric == "sqeuclidean" || metric == "cosine", "protokern cuda ", op,
+                    ": unknown metric '", metric, "'; expected 'sqeuclidean' or 'cosine'");
+  return metric == "sqeuclidean" ? Metric::kSqEuclidean : Metric::kCosine;
+}
+
+ScalarKind scalar_kind_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? ScalarKind::kFloat32
+         : t.scalar_type() == at::kHalf ? ScalarKind::kFloat16
+                                        : ScalarKind::kBFloat16;
+}
+
+// The checks every op makes before any kernel runs.
+void check_inputs(const at::Tensor& x, const at::Tensor& prototypes, const char* op,
+                  const std::string& shapes) {
+  TORCH_CHECK_VALUE(x.is_cuda() && prototypes.is_cuda() && x.device() == prototypes.device(),
+                    "protokern cuda ", op, ": x and prototypes must be on one CUDA device, got x on ",
+                    x.device(), " and prototypes on ", prototypes.device(), " (", shapes, ")");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(
+      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+          prototypes.scalar_type() == dtype,
+      "protokern cuda ", op, ": x and prototypes must share a dtype among float32, float16 and "
+      "bfloat16, got ", shapes);
+  TORCH_CHECK_VALUE(x.dim() == 4 && prototypes.dim() == 4 && prototypes.size(1) == x.size(1),
+                    "protokern cuda ", op, ": expected x (B, D, H, W) and prototypes (M, D, 1, 1), "
+                    "got ", shapes);
+  TORCH_CHECK_VALUE(prototypes.size(2) == 1 && prototypes.size(3) == 1, "protokern cuda ", op,
+                    ": only 1x1 prototypes run natively (protokern.cuda_backend routes ph x pw "
+                    "windows to the triton backend), got ", shapes);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) <= kMaxPositions, "protokern cuda ", op,
+                    ": at most 2^32 - 1 positions per image are supported, got ", shapes);
+}
+
+// A tensor of rows with contiguous channels and its view for the kernels; the tensor keeps the
+// memory alive (a copy is made only when channels are strided, e.g. a contiguous NCHW map).
+struct Rows {
+  at::Tensor tensor;
+  RowsView view;
+};
+
+Rows rows_with_contiguous_channels(at::Tensor rows) {  // (images, rows, dim)
+  if (rows.size(2) > 1 && rows.stride(2) != 1) {
+    rows = rows.contiguous();
+  }
+  const RowsView view{rows.data_ptr(), rows.size(0), rows.size(1), rows.stride(0),
+                      rows.stride(1), rows.size(2)};
+  return {rows, view};
+}
+
+// x (B, D, H, W) as B images of L = H*W rows (row-major positions) of D channels.
+Rows rows_of_map(const at::Tensor& x) {
+  return rows_with_contiguous_channels(
+      x.permute({0, 2, 3, 1}).reshape({x.size(0), x.size(2) * x.size(3), x.size(1)}));
+}
+
+// prototypes (M, D, 1, 1) as one image of M rows.
+Rows rows_of_prototypes(const at::Tensor& prototypes) {
+  return rows_with_contiguous_channels(
+      prototypes.reshape({1, prototypes.size(0), prototypes.size(1)}));
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distance_forward(const at::Tensor& x,
+                                                        const at::Tensor& prototypes,
+                                                        std::string_view metric_name,
+                                                        bool allow_tf32) {
+  const std::string shapes = describe(x, prototypes);
+  const Metric metric = parse_metric(metric_name, "min_distance_forward");
+  check_inputs(x, prototypes, "min_distance_forward", shapes);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t batch = x.size(0);
+  const int64_t num_protos = prototypes.size(0);
+  at::Tensor values = at::empty({batch, num_protos}, x.options());
+  at::Tensor indices = at::empty({batch, num_protos}, x.options().dtype(at::kLong));
+  if (batch == 0 || num_protos == 0) {
+    return {values, indices};
+  }
+  const Rows x_rows = rows_of_map(x);
+  const Rows proto_rows = rows_of_prototypes(prototypes);
+  const auto float_options = x.options().dtype(at::kFloat);
+  at::Tensor x_sq = at::empty({x_rows.view.num_images * x_rows.view.rows_per_image}, float_options);
+  at::Tensor proto_sq = at::empty({num_protos}, float_options);
+  at::Tensor best = at::empty({batch, num_protos}, x.options().dtype(at::kLong));  // packed uint64
+  auto* best_data = reinterpret_cast<unsigned long long*>(best.data_ptr<int64_t>());
+
+  const ScalarKind kind = scalar_kind_of(x);
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()),
+             "cudaDeviceGetAttribute (compute capability)", shapes);
+  // Tensor cores need sm_80 (bfloat16, TF32); float32 uses them (as TF32) only when allowed.
+  const bool tensor_cores = major >= 8 && (kind != ScalarKind::kFloat32 || allow_tf32);
+  const GemmPath path = tensor_cores ? GemmPath::kTensorCore : GemmPath::kSimt;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  check_cuda(launch_squared_norms(kind, x_rows.view, x_sq.data_ptr<float>(), stream),
+             "squared_norms_kernel (rows of x)", shapes);
+  check_cuda(launch_squared_norms(kind, proto_rows.view, proto_sq.data_ptr<float>(), stream),
+             "squared_norms_kernel (prototypes)", shapes);
+  check_cuda(launch_min_distance_search(kind, path, metric, x_rows.view, proto_rows.view,
+                                        x_sq.data_ptr<float>(), proto_sq.data_ptr<float>(),
+                                        best_data, stream),
+             tensor_cores ? "min_distance_search_tensor_core_kernel"
+                          : "min_distance_search_simt_kernel",
+             shapes);
+  check_cuda(launch_min_distance_recompute(kind, metric, x_rows.view, proto_rows.view, best_data,
+                                           values.data_ptr(), indices.data_ptr<int64_t>(),
+                                           stream),
+             "min_distance_recompute_kernel", shapes);
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distance_backward(const at::Tensor& grad_values,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& prototypes,
+                                                         const at::Tensor& indices,
+                                                         std::string_view metric_name,
+                                                         bool deterministic) {
+  const std::string shapes = describe(x, prototypes);
+  const Metric metric = parse_metric(metric_name, "min_distance_backward");
+  check_inputs(x, prototypes, "min_distance_backward", shapes);
+  const int64_t batch = x.size(0);
+  const int64_t dim = x.size(1);
+  const int64_t height = x.size(2);
+  const int64_t width = x.size(3);
+  const int64_t num_protos = prototypes.size(0);
+  TORCH_CHECK_VALUE(grad_values.sizes() == indices.sizes() && grad_values.dim() == 2 &&
+                        grad_values.size(0) == batch && grad_values.size(1) == num_protos,
+                    "protokern cuda min_distance_backward: grad_values ", grad_values.sizes(),
+                    " and indices ", indices.sizes(), " must be (B, M) = (", batch, ", ",
+                    num_protos, ") for ", shapes);
+  TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
+                       indices.scalar_type() == at::kLong,
+                   "protokern cuda min_distance_backward: grad_values must have the dtype of x "
+                   "and indices int64, got ", grad_values.scalar_type(), " and ",
+                   indices.scalar_type(), " for ", shapes);
+  TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
+                    "protokern cuda min_distance_backward: grad_values and indices must be on ",
+                    x.device(), " for ", shapes);
+  TORCH_CHECK_VALUE(!deterministic || (num_protos <= kMaxInt32 && height * width <= kMaxInt32),
+                    "protokern cuda min_distance_backward: the deterministic scatter supports "
+                    "at most 2^31 - 1 prototypes and positions, got ", shapes);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const Rows x_rows = rows_of_map(x);
+  const Rows proto_rows = rows_of_prototypes(prototypes);
+  const at::Tensor grad_values_c = grad_values.contiguous();
+  const at::Tensor indices_c = indices.contiguous();
+  const auto float_options = x.options().dtype(at::kFloat);
+  at::Tensor coeffs = at::empty({batch, num_protos, 4}, float_options);
+  at::Tensor grad_protos = at::empty({num_protos, dim}, float_options);
+  at::Tensor grad_rows = at::empty({batch, height * width, dim}, float_options);
+  at::Tensor workspace;
+  if (deterministic) {
+    workspace = at::empty({row_gradient_workspace_elements(batch, height * width, num_protos)},
+                          x.options().dtype(at::kInt));
+  }
+  const ScalarKind kind = scalar_kind_of(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  check_cuda(launch_selected_pair_coefficients(kind, metric, x_rows.view, proto_rows.view,
+                                               indices_c.data_ptr<int64_t>(),
+                                               grad_values_c.data_ptr(),
+                                               coeffs.data_ptr<float>(), stream),
+             "selected_pair_coefficients_kernel", shapes);
+  check_cuda(launch_prototype_gradient(kind, x_rows.view, proto_rows.view,
+                                       indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+                                       grad_protos.data_ptr<float>(), stream),
+             "prototype_gradient_kernel", shapes);
+  check_cuda(launch_row_gradient(kind, deterministic, x_rows.view, proto_rows.view,
+                                 indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+                                 deterministic ? workspace.data_ptr<int32_t>() : nullptr,
+                                 grad_rows.data_ptr<float>(), stream),
+             deterministic ? "sort_prototypes_by_position_kernel/gather_row_gradient_kernel"
+                           : "scatter_row_gradient_atomic_kernel",
+             shapes);
+  at::Tensor grad_x =
+      grad_rows.view({batch, height, width, dim}).permute({0, 3, 1, 2}).to(x.scalar_type());
+  at::Tensor grad_prototypes =
+      grad_protos.view({num_protos, dim, 1, 1}).to(prototypes.scalar_type());
+  return {grad_x, grad_prototypes};
+}
+
+}  // namespace
+}  // namespace protokern_cuda
+
+TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
+  m.def("min_distance_forward(Tensor x, Tensor prototypes, str metric, bool allow_tf32) "
+        "-> (Tensor values, Tensor indices)");
+  m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, Tensor indices, "
+        "str metric, bool deterministic) -> (Tensor grad_x, Tensor grad_prototypes)");
+}
+
+TORCH_LIBRARY_IMPL(protokern_cuda, CUDA, m) {
+  m.impl("min_distance_forward", &protokern_cuda::min_distance_forward);
+  m.impl("min_distance_backward", &protokern_cuda::min_distance_backward);
+}

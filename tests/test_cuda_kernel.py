@@ -1,0 +1,323 @@
+"""The ``cuda`` backend (csrc/cuda/, protokern/cuda_backend.py) against the float64 brute force.
+
+Tests marked ``cuda`` need a GPU and a build of ``protokern._C`` with its CUDA kernels; they skip
+without a GPU (tests/conftest.py) and fail, with the reason, on a GPU machine where the kernels
+were not built. The unmarked tests run everywhere: the kernels compile with bare nvcc (where
+nvcc is on PATH), and the backend's registration and fallbacks.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from brute_force import distances, first_min
+from helpers import assert_matches_brute_force
+from torch.library import opcheck
+
+import protokern as pk
+from protokern import backends, cuda_backend
+from protokern import triton as pk_triton
+from protokern.ops import canonicalize
+from protokern.testing import TF32_TOLERANCE, TOLERANCE, near_tie_ok, relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["sqeuclidean", "cosine"]
+
+# name -> (x shape, prototypes shape); a 3-d x is (B, L, D) tokens. The kernels' tiles are
+# 64 prototypes x 64 rows x 32 channels: these shapes cut them unevenly, and the token cases
+# put many images into one tile of rows.
+CASES = {
+    "map": ((2, 5, 4, 6), (7, 5)),
+    "map-MD11": ((2, 5, 4, 6), (7, 5, 1, 1)),
+    "ragged-tiles": ((3, 37, 9, 11), (131, 37)),
+    "M1-D3": ((2, 3, 5, 5), (1, 3)),
+    "L1-map": ((3, 8, 1, 1), (5, 8)),
+    "large-D": ((2, 300, 3, 4), (11, 300)),
+    "tokens": ((3, 9, 16), (10, 16)),
+    "tokens-L1-many-images": ((70, 1, 40), (65, 40)),
+    "tokens-L3-across-tiles": ((50, 3, 24), (70, 24)),
+}
+
+# name -> (dtype, float32 matmul precision); "tf32" lets the float32 GEMM use TF32 tensor cores
+PRECISIONS = {
+    "float32": (torch.float32, "ieee"),
+    "tf32": (torch.float32, "tf32"),
+    "float16": (torch.float16, "ieee"),
+    "bfloat16": (torch.bfloat16, "ieee"),
+}
+
+
+def make(case: str, dtype: torch.dtype, requires_grad: bool = False):
+    x_shape, p_shape = CASES[case]
+    x = torch.randn(x_shape, device="cuda").to(dtype).requires_grad_(requires_grad)
+    p = torch.randn(p_shape, device="cuda").to(dtype).requires_grad_(requires_grad)
+    return x, p
+
+
+@pytest.fixture
+def on_cuda_backend():
+    """Every op inside the test runs on the cuda backend (an error if it is not available)."""
+    with pk.use_backend("cuda"):
+        yield
+
+
+@pytest.fixture(params=PRECISIONS)
+def precision(request):
+    """(dtype, tolerance) with the float32 matmul precision set for the test, then restored."""
+    dtype, fp32_precision = PRECISIONS[request.param]
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = fp32_precision
+    yield dtype, TF32_TOLERANCE if request.param == "tf32" else TOLERANCE[dtype]
+    torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def assert_contract(x, p, metric, values, indices, tol):
+    """Values within ``tol`` of the brute force; every index the first minimum or a near-tie."""
+    d = distances(x, p, metric)
+    ref_values, _ = first_min(d)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    assert values.shape == ref_values.shape == indices.shape
+    assert relative_error(values, ref_values) <= tol
+    assert near_tie_ok(indices, d, tol).all(), "an index is off by more than a near-tie"
+
+
+def grads_at(x, p, metric, weights, indices):
+    """Gradients of sum(weights * distance at ``indices``) by autograd through the brute force
+    (at the backend's own choice, so that a near-tie cannot swap the position)."""
+    xd = x.detach().double().requires_grad_()
+    pd = p.detach().double().requires_grad_()
+    values = distances(xd, pd, metric).gather(-1, indices[..., None])[..., 0]
+    return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))
+
+
+# ----------------------------------------------------------------------------------------------
+# Everywhere: the kernels compile, the backend is registered and routes what it cannot run.
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_kernels_compile_with_nvcc_for_sm80():
+    """Every csrc/cuda/*.cu compiles with bare nvcc, warnings as errors, on a machine without a
+    GPU. sm_80 only, to keep this test near 20 s: it is the lowest architecture the kernels
+    support, so it catches any newer-only feature; .ci/run compiles for sm_80 and sm_90."""
+    result = subprocess.run([str(ROOT / "csrc" / "cuda" / "compile_check.sh"), "80"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_registered_below_triton_until_validated_on_a_gpu():
+    cuda = backends._registry["cuda"]
+    assert cuda.device_types == frozenset({"cuda"})
+    assert cuda.priority == 5  # below triton's 10 on GPUs; -10 in CI's interpreter mode
+    if not pk_triton.INTERPRET:
+        assert cuda.priority < backends._registry["triton"].priority
+    if not torch.cuda.is_available():
+        assert "cuda" not in pk.available_backends()
+        assert cuda.unavailable_reason()
+        with pytest.raises(RuntimeError, match="'cuda' is not available"):
+            pk.set_backend("cuda")
+
+
+def test_float64_runs_on_the_reference():
+    x, p = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 1, 1,
+                                                                      dtype=torch.float64)
+    assert cuda_backend._fallback(x, p).name == "reference"
+    assert cuda_backend._fallback(x.float(), p.float()) is None  # 1x1: the kernels
+
+
+def test_patches_fall_back_to_triton_or_say_why_not(monkeypatch):
+    x, p = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 2, 3)
+    if backends._registry["triton"].unavailable_reason() is None:
+        assert cuda_backend._fallback(x, p).name == "triton"
+    monkeypatch.setitem(backends._registry, "triton", backends.Backend(
+        name="triton", min_distance=None, min_distance_backward=None, distance_map=None,
+        unavailable_reason=lambda: "triton is not importable (test)"))
+    with pytest.raises(RuntimeError, match=r"\(5, 3, 2, 3\).*2x3 window.*triton.*not importable"):
+        cuda_backend.min_distance(x, p, "sqeuclidean")
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU: the contract.
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", CASES)
+def test_min_distance_matches_brute_force(on_cuda_backend, precision, case, metric):
+    dtype, tol = precision
+    x, p = make(case, dtype)
+    values, indices = pk.min_distance(x, p, metric)
+    assert_contract(x, p, metric, values, indices, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "tokens-transposed"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_strided_inputs(on_cuda_backend, metric, layout):
+    base = torch.randn(3, 40, 7, 9, device="cuda")
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = base[:, ::2, 1:, ::2]
+    else:
+        x = base.flatten(2).transpose(1, 2)  # (B, L, D) tokens whose channels are strided
+    p = torch.randn(70, x.shape[-1] if x.dim() == 3 else x.shape[1], device="cuda")
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_go_to_the_lowest_index(on_cuda_backend, precision, metric):
+    dtype, _ = precision
+    x = torch.randn(2, 16, 5, 5, device="cuda").to(dtype)
+    for position in (7, 12, 24):  # exact copies of position 3 (0, 3), after it
+        x[:, :, position // 5, position % 5] = x[:, :, 0, 3]
+    p = torch.cat([x[0, :, 0, 3][None], torch.randn(70, 16, device="cuda").to(dtype)])
+    values, indices = pk.min_distance(x, p, metric)
+    assert (indices[0, 0] == 3).all()
+    if metric == "sqeuclidean":
+        assert values[0, 0] == 0  # recomputed exactly: a copy is at distance 0
+
+
+@pytest.mark.cuda
+def test_identical_positions_everywhere_give_index_zero(on_cuda_backend, precision):
+    dtype, _ = precision
+    x = torch.randn(3, 24, 1, 1, device="cuda").expand(3, 24, 6, 6).contiguous().to(dtype)
+    values, indices = pk.min_distance(x, torch.randn(67, 24, device="cuda").to(dtype))
+    assert (indices == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_gives_nan_at_the_first_nan_position(on_cuda_backend, precision, metric):
+    dtype, tol = precision
+    x = torch.randn(3, 20, 4, 5, device="cuda").to(dtype)
+    x[1, 4, 2, 1] = float("nan")  # position 11 of image 1
+    x[1, 0, 3, 3] = float("nan")  # position 18, later
+    p = torch.randn(9, 20, device="cuda").to(dtype)
+    p[6, 2] = float("nan")
+    values, indices = pk.min_distance(x, p, metric)
+    keep = [0, 1, 2, 3, 4, 5, 7, 8]  # the prototypes without NaN
+    assert values[1].isnan().all() and (indices[1, keep] == 11).all()
+    assert values[:, 6].isnan().all() and (indices[:, 6] == 0).all()
+    clean = [0, 2]  # the images without NaN
+    assert_contract(x[clean], p[keep], metric, values[clean][:, keep], indices[clean][:, keep],
+                    tol)
+
+
+@pytest.mark.cuda
+def test_infinite_input_gives_the_true_value(on_cuda_backend, precision):
+    dtype, tol = precision
+    x = torch.randn(2, 12, 3, 4, device="cuda").to(dtype)
+    x[0, 5, 0, 0] = float("inf")  # position 0 of image 0 is infinitely far
+    x[1] = float("inf")  # every position of image 1 is
+    p = torch.randn(66, 12, device="cuda").to(dtype)
+    values, indices = pk.min_distance(x, p, "sqeuclidean")
+    assert (indices[0] != 0).all()
+    assert_contract(x[:1], p, "sqeuclidean", values[:1], indices[:1], tol)
+    assert (values[1] == float("inf")).all() and (indices[1] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", ["map", "ragged-tiles", "large-D", "tokens-L3-across-tiles"])
+def test_gradients_match_brute_force(on_cuda_backend, case, metric, deterministic):
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        x, p = make(case, torch.float32, requires_grad=True)
+        values, indices = pk.min_distance(x, p, metric)
+        weights = torch.randn_like(values)
+        (values * weights).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ref_x, ref_p = grads_at(x, p, metric, weights, indices)
+    assert x.grad.shape == x.shape and p.grad.shape == p.shape
+    assert relative_error(x.grad, ref_x) <= TOLERANCE[torch.float32]
+    assert relative_error(p.grad, ref_p) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_half_precision_gradients(on_cuda_backend, dtype, metric):
+    x, p = make("ragged-tiles", dtype, requires_grad=True)
+    values, indices = pk.min_distance(x, p, metric)
+    weights = torch.randn_like(values)
+    (values * weights).sum().backward()
+    ref_x, ref_p = grads_at(x, p, metric, weights, indices)
+    assert x.grad.dtype == dtype and p.grad.dtype == dtype
+    assert relative_error(x.grad, ref_x) <= TOLERANCE[dtype]
+    assert relative_error(p.grad, ref_p) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_deterministic_scatter_is_reproducible_bit_for_bit(on_cuda_backend, metric):
+    """Many prototypes choose the same few positions, so the scatter into x collides a lot."""
+    x = torch.randn(4, 64, 3, 3, device="cuda")
+    p = (x[:, :, 1, 1].repeat(100, 1) + 0.01 * torch.randn(400, 64, device="cuda"))
+    x.requires_grad_()
+    p.requires_grad_()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        grads = []
+        for _ in range(3):
+            values, indices = pk.min_distance(x, p, metric)
+            grads.append(torch.autograd.grad(values.sum(), (x, p)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for grad_x, grad_p in grads[1:]:
+        assert torch.equal(grad_x, grads[0][0]) and torch.equal(grad_p, grads[0][1])
+    atomic = torch.autograd.grad(pk.min_distance(x, p, metric).values.sum(), (x, p))
+    assert relative_error(atomic[0], grads[0][0]) <= TOLERANCE[torch.float32]
+    assert relative_error(atomic[1], grads[0][1]) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.cuda
+def test_empty_batch(on_cuda_backend):
+    x = torch.randn(0, 8, 3, 3, device="cuda", requires_grad=True)
+    p = torch.randn(5, 8, device="cuda", requires_grad=True)
+    values, indices = pk.min_distance(x, p)
+    assert values.shape == indices.shape == (0, 5)
+    values.sum().backward()
+    assert (p.grad == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_opcheck(on_cuda_backend, metric):
+    x, p = make("ragged-tiles", torch.float32, requires_grad=True)
+    x4, p4, _ = canonicalize(x, p, metric, "test")
+    opcheck(torch.ops.protokern.min_distance, (x4, p4, metric, "cuda"))
+
+
+@pytest.mark.cuda
+def test_patches_and_float64_give_the_contract(on_cuda_backend):
+    x = torch.randn(2, 6, 5, 6, device="cuda", dtype=torch.float64)
+    p = torch.randn(9, 6, device="cuda", dtype=torch.float64)
+    values, indices = pk.min_distance(x, p)  # float64: the reference
+    assert_matches_brute_force(x, p, "sqeuclidean", values, indices)
+    patches = torch.randn(9, 6, 2, 3, device="cuda")
+    values, indices = pk.min_distance(x.float(), patches)  # 2x3 windows: triton
+    assert_matches_brute_force(x.float(), patches, "sqeuclidean", values, indices)
+
+
+@pytest.mark.cuda
+def test_kernel_glue_errors_name_the_problem_and_the_shapes():
+    import protokern._C  # noqa: F401
+
+    op = torch.ops.protokern_cuda.min_distance_forward
+    x = torch.randn(2, 4, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match=r"1x1 prototypes.*\[5, 4, 2, 2\]"):
+        op(x, torch.randn(5, 4, 2, 2, device="cuda"), "sqeuclidean", False)
+    with pytest.raises(TypeError, match=r"float32, float16 and bfloat16.*Double"):
+        op(x.double(), torch.randn(5, 4, 1, 1, device="cuda").double(), "sqeuclidean", False)
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        op(x, torch.randn(5, 4, 1, 1, device="cuda"), "manhattan", False)
+    with pytest.raises(ValueError, match=r"one CUDA device.*cpu"):
+        op(x, torch.randn(5, 4, 1, 1), "sqeuclidean", False)
+    with pytest.raises(ValueError, match=r"\(B, D, H, W\).*\[5, 3, 1, 1\]"):
+        op(x, torch.randn(5, 3, 1, 1, device="cuda"), "sqeuclidean", False)
