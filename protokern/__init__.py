@@ -5,6 +5,7 @@
     dmap = pk.distance_map(x, prototypes)
 """
 
+from protokern import triton as _triton_backend  # noqa: F401  (registers "triton"; imports no triton)
 from protokern import nn
 from protokern.backends import (
     available_backends,

@@ -8,6 +8,11 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; triton reads
+# protokern reads it on import (as does triton when it compiles), so set it before either.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import protokern as pk  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # brute_force.py and helpers.py

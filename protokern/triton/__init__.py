@@ -1,0 +1,67 @@
+"""The ``triton`` backend: fused Triton kernels for CUDA tensors.
+
+Under ``TRITON_INTERPRET=1`` (read when protokern is imported) the same kernels run on CPU tensors
+in Triton's interpreter, which is how CI tests them; interpreted, the backend never becomes the
+default (priority below ``reference``). Importing this package never imports triton: a missing or
+broken triton only makes the backend unavailable, with the reason. The kernel modules load on
+first use.
+
+- `min_distance`: the fused forward (GEMM expansion, running min/argmin, exact value).
+- `min_distance_backward`: gradients from the saved positions (gather; scatter with a
+  deterministic path).
+- `distance_map`: every distance, no reduction.
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+from protokern.backends import Backend, register_backend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether Triton runs kernels in its interpreter (on CPU tensors), as of import."""
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None."""
+    error = _triton_import_error()
+    if error is not None:
+        return error
+    if not INTERPRET and not torch.cuda.is_available():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly)"
+    return None
+
+
+def _kernel_function(module: str, name: str):
+    """``protokern.triton.<module>.<name>``, imported on its first call."""
+
+    def call(*args):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+register_backend(
+    Backend(
+        name="triton",
+        min_distance=_kernel_function("min_distance", "min_distance"),
+        min_distance_backward=_kernel_function("min_distance_backward", "min_distance_backward"),
+        distance_map=_kernel_function("distance_map", "distance_map"),
+        device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
+        # the CUDA default until a validated CUDA C++ backend exists; interpreted, never a default
+        priority=-10 if INTERPRET else 10,
+        unavailable_reason=unavailable_reason,
+    )
+)

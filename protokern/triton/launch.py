@@ -1,0 +1,69 @@
+"""Launch helpers shared by the kernels: configurations, accumulation dtype, TF32, device."""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from protokern import reference
+from protokern.triton import INTERPRET
+
+
+class Fixed:
+    """A kernel launched with one configuration: ``Fixed(kernel, config)[grid](*args)``."""
+
+    def __init__(self, kernel, config: triton.Config):
+        self.kernel = kernel
+        self.config = config
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **kwargs, **self.config.all_kwargs())
+
+
+def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
+    """Decorator: autotune over ``configs`` keyed on the arguments named in ``key``; in the
+    interpreter, run ``interpreted`` only (autotuning there would run every config)."""
+
+    def wrap(kernel):
+        if INTERPRET:
+            return Fixed(kernel, interpreted)
+        return triton.autotune(configs, key=key)(kernel)
+
+    return wrap
+
+
+def tile_rows(length_arg: str = "L"):
+    """Heuristics splitting a tile's ``BLOCK_ROWS`` rows into ``IMAGES`` images of ``BLOCK_L``
+    positions (``L`` = argument ``length_arg``): one image's positions rounded up to a power of
+    two, several images per tile where they fit, so that 7x7 maps fill 64 of every 64 rows'
+    49 instead of 49 of 128, and L = 1 packs ``BLOCK_ROWS`` images into a tile."""
+
+    def positions(args):
+        return min(triton.next_power_of_2(args[length_arg]), args["BLOCK_ROWS"])
+
+    return triton.heuristics({
+        "BLOCK_L": positions,
+        "IMAGES": lambda args: args["BLOCK_ROWS"] // args["BLOCK_L"],
+    })
+
+
+def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """Accumulation dtype (torch, triton) for inputs of ``dtype``: float64 stays, the rest
+    accumulate in float32."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def dot_precision(x: Tensor) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 tiles of ``x``: TF32 where PyTorch lets
+    float32 matmuls on CUDA round their inputs (to TF32 or coarser), IEEE otherwise."""
+    return "tf32" if x.is_cuda and reference.input_rounding(x.dtype, x.device) > 0 else "ieee"
+
+
+def on_device(x: Tensor):
+    """Launch on ``x``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

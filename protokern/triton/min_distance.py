@@ -1,0 +1,148 @@
+"""Fused forward of `protokern.ops.min_distance`: two kernels.
+
+1. `_choose_kernel`, per (block of images, block of prototypes): streams tiles of windows and
+   channels through ``tl.dot``, adds the norms (sqeuclidean) or divides by them (cosine), and keeps
+   a running min/argmin over positions in registers; it writes only the chosen position, or -1
+   for a pair the expansion cannot decide (a non-finite distance or norm: NaN, inf, overflow).
+2. `_exact_kernel`, per (image, block of prototypes): recomputes the value at the chosen
+   position directly (no expansion, accumulated in float32, float64 for float64), and for pairs
+   marked -1 searches every position directly; NaN wins at its first position, as in `torch.min`.
+
+Ties: the expansion of identical windows is bitwise identical (same data, same order), the
+running argmin keeps the lowest position among equal candidates, so exact ties go to the lowest
+index; near-ties within the expansion's rounding may move (the contract's near-tie allowance).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from protokern.triton import INTERPRET, launch, tiles
+
+
+def _config(rows, block_m, block_k, warps, stages):
+    return triton.Config({"BLOCK_ROWS": rows, "BLOCK_M": block_m, "BLOCK_K": block_k},
+                         num_warps=warps, num_stages=stages)
+
+
+CONFIGS = [
+    _config(*c)
+    for c in [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+              (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2),
+              (32, 64, 64, 4, 3), (128, 256, 32, 8, 3)]
+]
+"""Autotuned on a GPU, keyed on the problem's shape, metric and dot precision."""
+
+INTERPRETED = _config(64, 32, 128, 4, 1)
+"""The one configuration run in the interpreter, whose cost is per operation, not per element."""
+
+EXACT = triton.Config({"BLOCK_M": 64, "BLOCK_K": 128 if INTERPRET else 32}, num_warps=4)
+"""`_exact_kernel`: gathers, no tuning."""
+
+
+@launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
+@launch.tile_rows()
+@triton.jit
+def _choose_kernel(
+    x_ptr, p_ptr, indices_ptr,
+    B, M, L, K, OUT_W, PH, PW,
+    sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr, IMAGES: tl.constexpr,
+):
+    first_image = tl.program_id(0) * IMAGES
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_ok = m < M
+    p_rows = m.to(tl.int64) * spm
+    p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
+                               ACC, BLOCK_M, BLOCK_K)
+    # tile row r is position r % BLOCK_L (plus the chunk's start) of image r // BLOCK_L
+    row = tl.arange(0, BLOCK_ROWS)
+    row_image = first_image + row // BLOCK_L
+    best = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
+    best_at = tl.zeros((IMAGES, BLOCK_M), tl.int32)
+    undecided = tl.zeros((IMAGES, BLOCK_M), tl.int32)
+    for start in range(0, L, BLOCK_L):
+        position = start + row % BLOCK_L
+        x_ok = (row_image < B) & (position < L)
+        x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
+        dist, untrusted = tiles.expanded_distances(
+            x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
+            sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
+        untrusted = untrusted & x_ok[:, None]
+        dist = tl.where(untrusted | ~x_ok[:, None], float("inf"), dist)
+        chunk_best, chunk_at = tl.min(tl.reshape(dist, (IMAGES, BLOCK_L, BLOCK_M)), axis=1,
+                                      return_indices=True, return_indices_tie_break_left=True)
+        better = chunk_best < best  # strictly: on a tie the earlier chunk keeps its position
+        best = tl.where(better, chunk_best, best)
+        best_at = tl.where(better, start + chunk_at, best_at)
+        chunk_untrusted = tl.reshape(untrusted.to(tl.int32), (IMAGES, BLOCK_L, BLOCK_M))
+        undecided = tl.maximum(undecided, tl.max(chunk_untrusted, axis=1))
+    image = first_image + tl.arange(0, IMAGES)
+    out = image.to(tl.int64)[:, None] * M + m[None, :]
+    tl.store(indices_ptr + out, tl.where(undecided > 0, -1, best_at).to(tl.int64),
+             mask=(image < B)[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _exact_kernel(
+    x_ptr, p_ptr, values_ptr, indices_ptr,
+    M, L, K, OUT_W, PH, PW,
+    sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    image = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = m < M
+    out = image.to(tl.int64) * M + m
+    p_rows = m.to(tl.int64) * spm
+    chosen = tl.load(indices_ptr + out, mask=ok, other=0)
+    value = tiles.direct_distances(
+        x_ptr, tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw), p_ptr, p_rows,
+        ok & (chosen >= 0), K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+        METRIC, False, ACC, BLOCK_M, BLOCK_K)
+    search = ok & (chosen < 0)
+    if tl.max(search.to(tl.int32), axis=0) > 0:
+        best = tl.full((BLOCK_M,), float("inf"), ACC)
+        best_at = tl.zeros((BLOCK_M,), tl.int64)
+        for position in range(0, L):
+            x_rows = tl.zeros((BLOCK_M,), tl.int64) + tiles.window_offsets(
+                image, position, OUT_W, sxb, sxh, sxw)
+            dist = tiles.direct_distances(
+                x_ptr, x_rows, p_ptr, p_rows, search, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+                METRIC, True, ACC, BLOCK_M, BLOCK_K)
+            # the first minimum, or the first NaN, which then stays
+            take = (dist < best) | ((dist != dist) & (best == best))
+            best = tl.where(take, dist, best)
+            best_at = tl.where(take, position, best_at)
+        value = tl.where(search, best, value)
+        chosen = tl.where(search, best_at, chosen)
+        tl.store(indices_ptr + out, chosen, mask=search)
+    tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=ok)
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """`protokern.reference.min_distance` on canonical inputs, fused (see the module doc)."""
+    batch, dim, height, width = x.shape
+    num, _, ph, pw = prototypes.shape
+    out_w = width - pw + 1
+    length = (height - ph + 1) * out_w
+    values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
+    indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
+    if values.numel() == 0:
+        return values, indices
+    _, acc = launch.accumulator(x.dtype)
+    shape = (length, dim * ph * pw, out_w, ph, pw, *x.stride(), *prototypes.stride())
+
+    def grid(meta):
+        return triton.cdiv(batch, meta["IMAGES"]), triton.cdiv(num, meta["BLOCK_M"])
+
+    with launch.on_device(x):
+        _choose_kernel[grid](x, prototypes, indices, batch, num, *shape, METRIC=metric,
+                             PRECISION=launch.dot_precision(x), ACC=acc)
+        launch.Fixed(_exact_kernel, EXACT)[
+            lambda meta: (batch, triton.cdiv(num, meta["BLOCK_M"]))
+        ](x, prototypes, values, indices, num, *shape, METRIC=metric, ACC=acc)
+    return values, indices

@@ -1,0 +1,206 @@
+"""Backward of `protokern.ops.min_distance` from the saved positions.
+
+With ``r`` the chosen window of image ``b`` for prototype ``m`` and ``g`` its incoming
+gradient, the window gets ``a r - c p`` and the prototype ``e p - c r``, where ``(a, c, e)`` are
+per-pair coefficients (sqeuclidean: all ``2 g``; cosine: `_cosine_coefficients_kernel`, the
+formulas of `protokern.reference.distance_at_grad`). Then:
+
+- ``grad_prototypes``: `_prototype_gather_kernel`, each program sums over images in order, so it
+  is deterministic;
+- ``grad_x``: `_window_scatter_kernel` adds each pair's window gradient with atomics (fast, the
+  order of additions varies), or, when ``torch.are_deterministic_algorithms_enabled()``,
+  `_bucketed_gather_kernel` sums, for every pixel, over the windows covering it and the
+  prototypes that chose each window (bucketed by position per image), in a fixed order.
+
+Accumulated in float32 (float64 for float64 inputs), returned in the inputs' dtypes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from protokern.triton import INTERPRET, launch, tiles
+
+# gathers and scatters, memory-bound: one configuration each; wider K blocks in the
+# interpreter, whose cost is per operation, not per element
+_BLOCK_K = 128 if INTERPRET else 32
+PAIRS = triton.Config({"BLOCK_M": 32, "BLOCK_K": _BLOCK_K}, num_warps=4)
+PIXELS = triton.Config({"BLOCK_D": 128 if INTERPRET else 64}, num_warps=2)
+
+
+@triton.jit
+def _cosine_coefficients_kernel(
+    x_ptr, p_ptr, indices_ptr, grad_ptr, a_ptr, c_ptr, e_ptr,
+    M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    image = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = m < M
+    pair = image.to(tl.int64) * M + m
+    chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
+    x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
+    p_rows = m.to(tl.int64) * spm
+    dots = tl.zeros((BLOCK_M,), ACC)
+    x_sq = tl.zeros((BLOCK_M,), ACC)
+    p_sq = tl.zeros((BLOCK_M,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
+                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+        dots += tl.sum(x * p, axis=1)
+        x_sq += tl.sum(x * x, axis=1)
+        p_sq += tl.sum(p * p, axis=1)
+    # d = 1 - s / (u v), u = max(|r|, EPS), v = max(|p|, EPS); the bound passes no gradient
+    x_norm = tl.sqrt(x_sq)
+    p_norm = tl.sqrt(p_sq)
+    x_bound = tl.where(x_norm < tiles.EPS, tiles.EPS, x_norm)
+    p_bound = tl.where(p_norm < tiles.EPS, tiles.EPS, p_norm)
+    scale = tl.load(grad_ptr + pair, mask=ok, other=0.0) / (x_bound * p_bound)
+    a = tl.where(x_norm >= tiles.EPS, scale * dots / (x_bound * x_bound), 0.0)
+    e = tl.where(p_norm >= tiles.EPS, scale * dots / (p_bound * p_bound), 0.0)
+    tl.store(a_ptr + pair, a, mask=ok)
+    tl.store(c_ptr + pair, scale, mask=ok)
+    tl.store(e_ptr + pair, e, mask=ok)
+
+
+@triton.jit
+def _prototype_gather_kernel(
+    x_ptr, p_ptr, indices_ptr, c_ptr, e_ptr, out_ptr,
+    B, M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = m < M
+    mask = ok[:, None] & (k < K)[None, :]
+    x_entries = tiles.entry_offsets(k, PH, PW, sxd, sxh, sxw)
+    p = tl.load(p_ptr + m.to(tl.int64)[:, None] * spm
+                + tiles.entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
+                mask=mask, other=0.0).to(ACC)
+    e_total = tl.zeros((BLOCK_M,), ACC)
+    windows = tl.zeros((BLOCK_M, BLOCK_K), ACC)
+    for image in range(0, B):
+        pair = image * M + m.to(tl.int64)
+        chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
+        x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
+        x = tl.load(x_ptr + x_rows[:, None] + x_entries[None, :], mask=mask, other=0.0).to(ACC)
+        windows += tl.load(c_ptr + pair, mask=ok, other=0.0)[:, None] * x
+        e_total += tl.load(e_ptr + pair, mask=ok, other=0.0)
+    # out is (M, K) contiguous
+    tl.store(out_ptr + m.to(tl.int64)[:, None] * K + k[None, :],
+             e_total[:, None] * p - windows, mask=mask)
+
+
+@triton.jit
+def _window_scatter_kernel(
+    x_ptr, p_ptr, indices_ptr, a_ptr, c_ptr, out_ptr,
+    M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw, sob, sod, soh, sow,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    image = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = m < M
+    mask = ok[:, None] & (k < K)[None, :]
+    pair = image.to(tl.int64) * M + m
+    chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
+    x = tl.load(x_ptr + tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)[:, None]
+                + tiles.entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
+                mask=mask, other=0.0).to(ACC)
+    p = tl.load(p_ptr + m.to(tl.int64)[:, None] * spm
+                + tiles.entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
+                mask=mask, other=0.0).to(ACC)
+    a = tl.load(a_ptr + pair, mask=ok, other=0.0)
+    c = tl.load(c_ptr + pair, mask=ok, other=0.0)
+    target = (tiles.window_offsets(image, chosen, OUT_W, sob, soh, sow)[:, None]
+              + tiles.entry_offsets(k, PH, PW, sod, soh, sow)[None, :])
+    tl.atomic_add(out_ptr + target, a[:, None] * x - c[:, None] * p, mask=mask)
+
+
+@triton.jit
+def _bucketed_gather_kernel(
+    x_ptr, p_ptr, order_ptr, starts_ptr, a_ptr, c_ptr, out_ptr,
+    M, D, H, W, L, OUT_H, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pixel = tl.program_id(0)  # over (B, H, W), row-major
+    image = pixel // (H * W)
+    h = (pixel // W) % H
+    w = pixel % W
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    x = tl.load(x_ptr + image.to(tl.int64) * sxb + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+                + d.to(tl.int64) * sxd, mask=d_ok, other=0.0).to(ACC)
+    a_total = tl.zeros((1,), ACC)
+    prototype_terms = tl.zeros((BLOCK_D,), ACC)
+    # windows (h - i, w - j) cover the pixel with their entry (i, j); each window's bucket lists
+    # the prototypes that chose it, in increasing order
+    for i in range(0, PH):
+        for j in range(0, PW):
+            oh = h - i
+            ow = w - j
+            if (oh >= 0) & (oh < OUT_H) & (ow >= 0) & (ow < OUT_W):
+                bucket = image.to(tl.int64) * (L + 1) + oh * OUT_W + ow
+                first = tl.load(starts_ptr + bucket)
+                last = tl.load(starts_ptr + bucket + 1)
+                for slot in range(first, last):
+                    m = tl.load(order_ptr + image.to(tl.int64) * M + slot)
+                    pair = image.to(tl.int64) * M + m
+                    a_total += tl.load(a_ptr + pair)
+                    p = tl.load(p_ptr + m * spm + d.to(tl.int64) * spd + i * sph + j * spw,
+                                mask=d_ok, other=0.0).to(ACC)
+                    prototype_terms -= tl.load(c_ptr + pair) * p
+    # out is (B, D, H, W) contiguous
+    out = ((image.to(tl.int64) * D + d) * H + h) * W + w
+    tl.store(out_ptr + out, a_total * x + prototype_terms, mask=d_ok)
+
+
+def min_distance_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    """`protokern.reference.min_distance_backward` on canonical inputs (see the module doc)."""
+    batch, dim, height, width = x.shape
+    num, _, ph, pw = prototypes.shape
+    out_h, out_w = height - ph + 1, width - pw + 1
+    size = dim * ph * pw
+    acc_dtype, acc = launch.accumulator(x.dtype)
+    grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
+    grad_p = torch.zeros(num, size, dtype=acc_dtype, device=x.device)
+    if batch == 0 or num == 0 or size == 0:
+        return grad_x.to(x.dtype), grad_p.reshape(prototypes.shape).to(prototypes.dtype)
+    grad = grad_values.to(acc_dtype).contiguous()
+    indices = indices.contiguous()
+    addressing = (out_w, ph, pw, *x.stride(), *prototypes.stride())
+    pair_blocks = triton.cdiv(num, PAIRS.kwargs["BLOCK_M"])
+    with launch.on_device(x):
+        if metric == "sqeuclidean":
+            a = c = e = 2 * grad
+        else:
+            a, c, e = (torch.empty_like(grad) for _ in range(3))
+            launch.Fixed(_cosine_coefficients_kernel, PAIRS)[(batch, pair_blocks)](
+                x, prototypes, indices, grad, a, c, e, num, size, *addressing, ACC=acc)
+        launch.Fixed(_prototype_gather_kernel, PAIRS)[
+            (pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
+        ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing, ACC=acc)
+        if torch.are_deterministic_algorithms_enabled():
+            order, starts = _buckets(indices, out_h * out_w)
+            launch.Fixed(_bucketed_gather_kernel, PIXELS)[
+                (batch * height * width, triton.cdiv(dim, PIXELS.kwargs["BLOCK_D"]))
+            ](x, prototypes, order, starts, a, c, grad_x, num, dim, height, width,
+              out_h * out_w, out_h, *addressing, ACC=acc)
+        else:
+            launch.Fixed(_window_scatter_kernel, PAIRS)[
+                (batch, pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
+            ](x, prototypes, indices, a, c, grad_x, num, size, *addressing, *grad_x.stride(),
+              ACC=acc)
+    return grad_x.to(x.dtype), grad_p.reshape(prototypes.shape).to(prototypes.dtype)
+
+
+def _buckets(indices: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Prototypes bucketed by chosen position, per image: ``order`` ``(B, M)`` lists each
+    image's prototypes by position (stable: increasing within a position), and bucket ``l`` is
+    ``order[b, starts[b, l]:starts[b, l + 1]]``; ``starts`` ``(B, L + 1)``."""
+    positions, order = torch.sort(indices, dim=1, stable=True)
+    bounds = torch.arange(length + 1, device=indices.device).expand(indices.shape[0], -1)
+    return order.contiguous(), torch.searchsorted(positions, bounds.contiguous())

@@ -1,0 +1,186 @@
+"""Device functions shared by the kernels: window addressing, the GEMM expansion over a tile,
+and direct (non-expanded) distances.
+
+Addressing is implicit im2col: the flat window entry ``k = (d, i, j)`` (channel, then window row,
+then column, like ``prototypes.reshape(M, -1)``) of window ``(oh, ow)`` of image ``b`` lies at
+``b s_b + (oh + i) s_h + (ow + j) s_w + d s_d``, which splits into a per-window part
+(`window_offsets`) and a per-entry part (`entry_offsets`), so a tile's addresses are an outer sum
+and nothing is unfolded in memory. Offsets are int64: ``B L D`` and ``B M`` may exceed 2**31.
+"""
+
+import triton
+import triton.language as tl
+
+from protokern import reference
+from protokern.triton import INTERPRET
+
+EPS = tl.constexpr(reference.EPS)
+
+# The interpreter multiplies bfloat16 operands of tl.dot as their raw uint16 bit patterns
+# (triton 3.x), so there bfloat16 tiles go through the dot as float32 (exact: same products).
+_UPCAST_BFLOAT16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def window_offsets(image, position, OUT_W, s_b, s_h, s_w):
+    """Offset of the top-left entry of window ``divmod(position, OUT_W)`` of ``image``."""
+    oh = position // OUT_W
+    ow = position - oh * OUT_W
+    # tl.cast also takes the plain ints of interpreted loop counters
+    return (tl.cast(image, tl.int64) * s_b + tl.cast(oh, tl.int64) * s_h
+            + tl.cast(ow, tl.int64) * s_w)
+
+
+@triton.jit
+def entry_offsets(k, PH, PW, s_d, s_h, s_w):
+    """Offset of flat window entry ``k = (d, i, j)`` from the window's top-left entry."""
+    area = PH * PW
+    d = k // area
+    rest = k - d * area
+    i = rest // PW
+    j = rest - i * PW
+    return d.to(tl.int64) * s_d + i.to(tl.int64) * s_h + j.to(tl.int64) * s_w
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    if _UPCAST_BFLOAT16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, s_d, s_h, s_w,
+                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``|p|^2`` of the prototypes at offsets ``p_rows`` ``(BLOCK_M,)``."""
+    total = tl.zeros((BLOCK_M,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        entries = entry_offsets(k, PH, PW, s_d, s_h, s_w)
+        p = tl.load(p_ptr + p_rows[:, None] + entries[None, :],
+                    mask=p_ok[:, None] & (k < K)[None, :], other=0.0).to(ACC)
+        total += tl.sum(p * p, axis=1)
+    return total
+
+
+@triton.jit
+def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
+                       sxd, sxh, sxw, spd, sph, spw,
+                       METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Distances ``(BLOCK_ROWS, BLOCK_M)`` between windows at ``x_rows`` and prototypes at
+    ``p_rows`` (squared norms ``p_sq``) by the GEMM expansion, and which of them are not to be
+    trusted: non-finite, or from a non-finite norm (an overflow, an inf or NaN input).
+
+    Clamps are ``where``s, not min/max, so that NaN stays NaN.
+    """
+    dots = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC)
+    x_sq = tl.zeros((BLOCK_ROWS,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(x_ptr + x_rows[:, None] + entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
+                    mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + p_rows[None, :] + entry_offsets(k, PH, PW, spd, sph, spw)[:, None],
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        dots = dot(x, p, dots, PRECISION)
+        x_wide = x.to(ACC)
+        x_sq += tl.sum(x_wide * x_wide, axis=1)
+    if METRIC == "sqeuclidean":
+        dist = x_sq[:, None] + p_sq[None, :] - 2 * dots
+        dist = tl.where(dist < 0, 0.0, dist)
+    else:
+        x_norm = tl.sqrt(x_sq)
+        p_norm = tl.sqrt(p_sq)
+        x_norm = tl.where(x_norm < EPS, EPS, x_norm)
+        p_norm = tl.where(p_norm < EPS, EPS, p_norm)
+        dist = 1 - dots / (x_norm[:, None] * p_norm[None, :])
+        dist = tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
+    finite_norms = (tl.abs(x_sq) < float("inf"))[:, None] & (tl.abs(p_sq) < float("inf"))[None, :]
+    untrusted = ~((tl.abs(dist) < float("inf")) & finite_norms)
+    return dist, untrusted
+
+
+@triton.jit
+def _div(a, b):
+    """IEEE-rounded division (float32 ``/`` may lower to a 2-ulp approximation)."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
+def _sqrt(a):
+    """IEEE-rounded square root."""
+    if a.dtype == tl.float32:
+        return tl.sqrt_rn(a)
+    return tl.sqrt(a)
+
+
+@triton.jit
+def load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+               ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Entries ``k0 .. k0 + BLOCK_K`` of the windows at ``x_rows`` and of the prototypes at
+    ``p_rows`` (both ``(BLOCK,)``, paired), as two ``(BLOCK, BLOCK_K)`` tiles in ``ACC``; zero
+    where ``ok`` is false or past ``K``."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    mask = ok[:, None] & (k < K)[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
+                mask=mask, other=0.0)
+    p = tl.load(p_ptr + p_rows[:, None] + entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
+                mask=mask, other=0.0)
+    return x.to(ACC), p.to(ACC)
+
+
+@triton.jit
+def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+                     METRIC: tl.constexpr, SCALED: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Distances ``(BLOCK,)`` between the windows at ``x_rows`` and the prototypes at ``p_rows``
+    (paired), computed directly (no expansion, so no cancellation) and accumulated in ``ACC``
+    in a fixed order, so identical pairs give identical bits.
+
+    ``SCALED`` (cosine only) first divides both vectors by their largest magnitude, so norms
+    that overflow ``ACC`` still give the true value, at the cost of one more pass.
+    """
+    total = tl.zeros((BLOCK,), ACC)
+    if METRIC == "sqeuclidean":
+        for k0 in range(0, K, BLOCK_K):
+            x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
+                              sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+            total += tl.sum((x - p) * (x - p), axis=1)
+        return total
+    x_floor = tl.full((BLOCK,), EPS, ACC)  # the norms' lower bound, scaled like the vectors
+    p_floor = tl.full((BLOCK,), EPS, ACC)
+    if SCALED:
+        x_max = tl.zeros((BLOCK,), ACC)
+        p_max = tl.zeros((BLOCK,), ACC)
+        for k0 in range(0, K, BLOCK_K):
+            x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
+                              sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+            x_max = tl.maximum(x_max, tl.max(tl.abs(x), axis=1))
+            p_max = tl.maximum(p_max, tl.max(tl.abs(p), axis=1))
+        # a zero vector keeps scale 1; a NaN entry stays NaN whatever the scale
+        x_scale = tl.where(x_max > 0, x_max, 1.0)
+        p_scale = tl.where(p_max > 0, p_max, 1.0)
+        x_floor = _div(x_floor, x_scale)
+        p_floor = _div(p_floor, p_scale)
+    x_sq = tl.zeros((BLOCK,), ACC)
+    p_sq = tl.zeros((BLOCK,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
+                          sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+        if SCALED:
+            x = _div(x, x_scale[:, None])
+            p = _div(p, p_scale[:, None])
+        total += tl.sum(x * p, axis=1)
+        x_sq += tl.sum(x * x, axis=1)
+        p_sq += tl.sum(p * p, axis=1)
+    x_norm = _sqrt(x_sq)
+    p_norm = _sqrt(p_sq)
+    x_norm = tl.where(x_norm < x_floor, x_floor, x_norm)
+    p_norm = tl.where(p_norm < p_floor, p_floor, p_norm)
+    dist = 1 - _div(total, x_norm * p_norm)
+    return tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
