@@ -73,7 +73,9 @@ def _extension_build() -> dict:
         kind = cpp_extension.CUDAExtension
         sources = cpu_sources + cuda_sources
         macros.append(("WITH_CUDA", None))
-        compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        # No --use_fast_math: the kernels' exact recompute, NaN and inf handling rely on IEEE
+        # division and square root. C++20 like the cxx flags (PyTorch's default).
+        compile_args["nvcc"] = ["-O3", "-std=c++20"]
 
     extension = kind(
         name="protokern._C",

@@ -6,6 +6,7 @@
 """
 
 from protokern import triton as _triton_backend  # noqa: F401  (registers "triton"; imports no triton)
+from protokern import cuda_backend as _cuda_backend  # noqa: F401  (registers "cuda" when built)
 from protokern import nn
 from protokern.backends import (
     available_backends,
