@@ -65,7 +65,8 @@ def _extension_build() -> dict:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    compile_args: dict[str, list[str]] = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    # PyTorch 2.13 headers need C++20.
+    compile_args: dict[str, list[str]] = {"cxx": ["-O3", "-std=c++20", *openmp]}
     kind = cpp_extension.CppExtension
     sources = cpu_sources
     macros: list[tuple[str, str | None]] = []

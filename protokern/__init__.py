@@ -5,6 +5,7 @@
     dmap = pk.distance_map(x, prototypes)
 """
 
+from protokern import cpu_backend as _cpu_backend  # noqa: F401  (registers "cpu" when built)
 from protokern import triton as _triton_backend  # noqa: F401  (registers "triton"; imports no triton)
 from protokern import cuda_backend as _cuda_backend  # noqa: F401  (registers "cuda" when built)
 from protokern import nn

@@ -50,11 +50,12 @@ def fold_patches(grad_rows: Tensor, height: int, width: int, ph: int, pw: int) -
     return F.fold(grad_rows.transpose(1, 2), (height, width), (ph, pw))
 
 
-def _input_rounding(rows: Tensor) -> float:
-    """Relative rounding PyTorch may apply to float32 GEMM inputs here (TF32, bfloat16)."""
-    if rows.dtype != torch.float32:
+def input_rounding(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative rounding PyTorch may apply to the inputs of a ``dtype`` GEMM on ``device``
+    (float32 under the TF32/bfloat16 matmul settings; 0 otherwise)."""
+    if dtype != torch.float32:
         return 0.0
-    matmul = torch.backends.cuda.matmul if rows.is_cuda else torch.backends.mkldnn.matmul
+    matmul = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
     precision = matmul.fp32_precision
     if precision == "none":  # inherits the global setting
         precision = torch.backends.fp32_precision
@@ -72,7 +73,7 @@ def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor
     size = rows.shape[-1]
     finfo = torch.finfo(rows.dtype)
     eps = finfo.eps
-    rounding = _input_rounding(rows)
+    rounding = input_rounding(rows.dtype, rows.device)
     dots = torch.matmul(protos, rows.transpose(1, 2))
     if metric == "sqeuclidean":
         magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]

@@ -28,8 +28,9 @@ def _counting_backend(name, calls, **kwargs):
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A scratch copy of the registry and a clean selection for the test."""
-    monkeypatch.setattr(backends, "_registry", dict(backends._registry))
+    """A scratch registry holding only the reference (whatever kernels this install built),
+    and a clean selection for the test."""
+    monkeypatch.setattr(backends, "_registry", {"reference": backends._registry["reference"]})
     monkeypatch.setattr(backends, "_process_choice", None)
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     return backends._registry

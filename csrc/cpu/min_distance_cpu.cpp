@@ -1,0 +1,135 @@
+// Glue of the CPU kernels: checks tensors, picks the instantiation, registers the ops
+// protokern_cpu::min_distance and protokern_cpu::min_distance_backward (called by
+// protokern/cpu_backend.py, which the protokern::* ops dispatch to).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/min_distance_kernel.h"
+
+namespace protokern::cpu {
+namespace {
+
+Metric metric_from(int64_t code) {
+  TORCH_CHECK(code == 0 || code == 1, "protokern_cpu: metric code must be 0 (sqeuclidean) or ",
+              "1 (cosine), got ", code);
+  return static_cast<Metric>(code);
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
+  TORCH_CHECK(x.dim() == 4 && prototypes.dim() == 4, op,
+              ": expects x (B, D, H, W) and prototypes (M, D, ph, pw), got x ", x.sizes(),
+              " and prototypes ", prototypes.sizes());
+  TORCH_CHECK(x.device().is_cpu() && prototypes.device().is_cpu(), op,
+              ": expects CPU tensors, got x on ", x.device(), " and prototypes on ",
+              prototypes.device());
+  TORCH_CHECK(x.scalar_type() == prototypes.scalar_type(), op,
+              ": x and prototypes must share a dtype, got ", x.scalar_type(), " and ",
+              prototypes.scalar_type());
+  TORCH_CHECK(x.size(1) == prototypes.size(1), op, ": x has ", x.size(1),
+              " channels but prototypes have ", prototypes.size(1), " (x ", x.sizes(),
+              ", prototypes ", prototypes.sizes(), ")");
+  TORCH_CHECK(prototypes.size(2) <= x.size(2) && prototypes.size(3) <= x.size(3), op,
+              ": the window ", prototypes.size(2), "x", prototypes.size(3),
+              " is larger than the map ", x.size(2), "x", x.size(3));
+}
+
+FeatureMap describe(const at::Tensor& x, const at::Tensor& prototypes) {
+  return FeatureMap{x.size(0),   x.size(1),   x.size(2),   x.size(3),
+                    x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                    prototypes.size(2), prototypes.size(3)};
+}
+
+at::ScalarType accumulation_type(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// (M, K) contiguous in the accumulation type: float16/bfloat16 prototypes are upcast once.
+at::Tensor flat_prototypes(const at::Tensor& prototypes) {
+  const int64_t size = prototypes.size(1) * prototypes.size(2) * prototypes.size(3);
+  return prototypes.reshape({prototypes.size(0), size})
+      .to(accumulation_type(prototypes.scalar_type()))
+      .contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
+                                                   const at::Tensor& prototypes, int64_t metric,
+                                                   double input_rounding) {
+  check_inputs("protokern_cpu::min_distance", x, prototypes);
+  const FeatureMap map = describe(x, prototypes);
+  const at::Tensor protos = flat_prototypes(prototypes);
+  const int64_t num = prototypes.size(0);
+  at::Tensor values = at::empty({map.batch, num}, x.options().dtype(protos.scalar_type()));
+  at::Tensor indices = at::empty({map.batch, num}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "protokern_cpu::min_distance", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
+                                              protos.const_data_ptr<acc_t>(), num,
+                                              metric_from(metric), input_rounding,
+                                              values.mutable_data_ptr<acc_t>(),
+                                              indices.mutable_data_ptr<int64_t>());
+      });
+  return {values.to(x.scalar_type()), indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(const at::Tensor& grad_values,
+                                                            const at::Tensor& x,
+                                                            const at::Tensor& prototypes,
+                                                            const at::Tensor& indices,
+                                                            int64_t metric) {
+  check_inputs("protokern_cpu::min_distance_backward", x, prototypes);
+  const FeatureMap map = describe(x, prototypes);
+  const int64_t num = prototypes.size(0);
+  TORCH_CHECK(grad_values.sizes() == indices.sizes() && indices.dim() == 2 &&
+                  indices.size(0) == map.batch && indices.size(1) == num,
+              "protokern_cpu::min_distance_backward: grad_values ", grad_values.sizes(),
+              " and indices ", indices.sizes(), " must both be (B, M) = (", map.batch, ", ",
+              num, ")");
+  TORCH_CHECK(indices.scalar_type() == at::kLong,
+              "protokern_cpu::min_distance_backward: indices must be int64, got ",
+              indices.scalar_type());
+  const at::Tensor index = indices.contiguous();
+  if (index.numel() > 0) {
+    // A bad index would write out of bounds: refuse it instead.
+    const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < map.positions(),
+                "protokern_cpu::min_distance_backward: indices must lie in [0, ",
+                map.positions(), "), got values in [", low, ", ", high, "]");
+  }
+  const at::Tensor protos = flat_prototypes(prototypes);
+  const at::ScalarType acc = protos.scalar_type();
+  const at::Tensor grad = grad_values.to(acc).contiguous();
+  at::Tensor grad_x = at::empty({map.batch, map.channels, map.height, map.width},
+                                x.options().dtype(acc));
+  at::Tensor grad_protos = at::empty_like(protos);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "protokern_cpu::min_distance_backward", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        min_distance_backward<scalar_t, acc_t>(
+            grad.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), map,
+            protos.const_data_ptr<acc_t>(), num, index.const_data_ptr<int64_t>(),
+            metric_from(metric), grad_x.mutable_data_ptr<acc_t>(),
+            grad_protos.mutable_data_ptr<acc_t>());
+      });
+  return {grad_x.to(x.scalar_type()),
+          grad_protos.reshape(prototypes.sizes()).to(prototypes.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(protokern_cpu, m) {
+  m.def("min_distance(Tensor x, Tensor prototypes, int metric, float input_rounding) "
+        "-> (Tensor, Tensor)");
+  m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, "
+        "Tensor indices, int metric) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(protokern_cpu, CPU, m) {
+  m.impl("min_distance", &min_distance_op);
+  m.impl("min_distance_backward", &min_distance_backward_op);
+}
+
+}  // namespace protokern::cpu

@@ -1,0 +1,541 @@
+// Fused CPU kernels of min_distance: per task, a block of images x a group of prototypes.
+//
+// Forward, per task: the windows of a few images are packed as rows (rows x K, several images
+// per block so that small maps such as 7x7 still give BLAS a tall matrix), then for each block of
+// prototypes one GEMM gives the inner products of a (rows x block) tile, and two passes over the
+// tile reduce it: pass 1 finds, per prototype and image, the smallest upper bound of the expanded
+// distance |x|^2 - 2 x.p + |p|^2 (resp. the cosine expansion) over positions; pass 2 shortlists
+// every position whose lower bound is below it. The shortlisted positions (usually one) are
+// recomputed directly in double, in position order, and the first exact minimum wins. So the
+// result does not depend on how the GEMM rounds: ties go to the lowest position and tiny
+// distances next to large norms survive, as in protokern/reference.py, whose bounds these are.
+// Positions or prototypes with a non-finite or huge squared norm (NaN, inf, overflow) are always
+// shortlisted, which gives NaN propagation and true values for inf inputs.
+//
+// Only a tile of distances ever exists. Backward reads nothing but the saved indices.
+#include "cpu/min_distance_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// Element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
+// so one build runs everywhere and still vectorises where it can (the GEMM is PyTorch's BLAS).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PK_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PK_VECTOR_CLONES
+#endif
+
+namespace protokern::cpu {
+namespace {
+
+constexpr double kNormFloor = 1e-8;       // cosine: max(|v|, kNormFloor), as reference.EPS
+constexpr int64_t kTargetRows = 384;      // rows per GEMM tile: several images when L is small
+constexpr int64_t kPrototypeBlock = 256;  // columns per GEMM tile: the tile stays in L2
+constexpr int64_t kBackwardBlock = 16;    // prototypes per step of the grad_prototypes gather
+
+template <typename T>
+T infinity() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// Above this a squared norm could overflow once added to another or doubled: such rows and
+// prototypes skip the expansion and are always recomputed exactly.
+template <typename acc_t>
+acc_t huge_norm() {
+  return std::numeric_limits<acc_t>::max() / 8;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing and norms
+
+// Windows of images [first, first + count) as rows (count * L, K), in the prototypes' order.
+template <typename in_t, typename acc_t>
+void pack_rows(const in_t* x, const FeatureMap& map, int64_t first, int64_t count, acc_t* rows) {
+  const int64_t positions = map.positions(), size = map.row_size();
+  const int64_t out_h = map.out_h(), out_w = map.out_w();
+  const int64_t window = map.patch_h * map.patch_w;
+  for (int64_t b = 0; b < count; ++b) {
+    const in_t* image = x + (first + b) * map.stride_b;
+    acc_t* image_rows = rows + b * positions * size;
+    if (map.stride_c <= map.stride_w) {  // channels_last-like: walk channels innermost
+      for (int64_t h = 0; h < out_h; ++h)
+        for (int64_t w = 0; w < out_w; ++w)
+          for (int64_t i = 0; i < map.patch_h; ++i)
+            for (int64_t j = 0; j < map.patch_w; ++j) {
+              const in_t* src = image + (h + i) * map.stride_h + (w + j) * map.stride_w;
+              acc_t* dst = image_rows + (h * out_w + w) * size + i * map.patch_w + j;
+              for (int64_t d = 0; d < map.channels; ++d)
+                dst[d * window] = static_cast<acc_t>(src[d * map.stride_c]);
+            }
+    } else {  // channels first: walk the map's columns innermost
+      for (int64_t d = 0; d < map.channels; ++d)
+        for (int64_t i = 0; i < map.patch_h; ++i)
+          for (int64_t j = 0; j < map.patch_w; ++j) {
+            const int64_t k = (d * map.patch_h + i) * map.patch_w + j;
+            for (int64_t h = 0; h < out_h; ++h) {
+              const in_t* src = image + d * map.stride_c + (h + i) * map.stride_h +
+                                j * map.stride_w;
+              acc_t* dst = image_rows + h * out_w * size + k;
+              for (int64_t w = 0; w < out_w; ++w)
+                dst[w * size] = static_cast<acc_t>(src[w * map.stride_w]);
+            }
+          }
+    }
+  }
+}
+
+// Sum of squares of each of `count` rows of length `size`.
+template <typename acc_t>
+PK_VECTOR_CLONES void squared_norms(const acc_t* rows, int64_t count, int64_t size, acc_t* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const acc_t* row = rows + r * size;
+    acc_t partial[16] = {};
+    int64_t k = 0;
+    for (; k + 16 <= size; k += 16)
+      for (int j = 0; j < 16; ++j) partial[j] += row[k + j] * row[k + j];
+    acc_t total = 0;
+    for (; k < size; ++k) total += row[k] * row[k];
+    for (int j = 0; j < 16; ++j) total += partial[j];
+    out[r] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact distances (double accumulation, a fixed order: identical windows give identical values)
+
+template <typename acc_t>
+PK_VECTOR_CLONES double exact_squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
+  double partial[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= size; k += 8)
+    for (int j = 0; j < 8; ++j) {
+      const double d = static_cast<double>(a[k + j]) - static_cast<double>(p[k + j]);
+      partial[j] += d * d;
+    }
+  double tail = 0;
+  for (; k < size; ++k) {
+    const double d = static_cast<double>(a[k]) - static_cast<double>(p[k]);
+    tail += d * d;
+  }
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+         ((partial[4] + partial[5]) + (partial[6] + partial[7])) + tail;
+}
+
+// Returns a.p and stores |a|^2 in *a_squared.
+template <typename acc_t>
+PK_VECTOR_CLONES double exact_dot(const acc_t* a, const acc_t* p, int64_t size,
+                                  double* a_squared) {
+  double dot[8] = {}, sq[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= size; k += 8)
+    for (int j = 0; j < 8; ++j) {
+      const double av = static_cast<double>(a[k + j]);
+      dot[j] += av * static_cast<double>(p[k + j]);
+      sq[j] += av * av;
+    }
+  double dot_tail = 0, sq_tail = 0;
+  for (; k < size; ++k) {
+    const double av = static_cast<double>(a[k]);
+    dot_tail += av * static_cast<double>(p[k]);
+    sq_tail += av * av;
+  }
+  *a_squared = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7])) +
+               sq_tail;
+  return ((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7])) +
+         dot_tail;
+}
+
+double cosine_from(double dot, double a_squared, double p_squared) {
+  const double denominator = std::max(std::sqrt(a_squared), kNormFloor) *
+                             std::max(std::sqrt(p_squared), kNormFloor);
+  // std::max/min keep a NaN first argument, so NaN propagates through the clamp.
+  return std::min(std::max(1.0 - dot / denominator, 0.0), 2.0);
+}
+
+template <typename acc_t>
+double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Metric metric,
+                      double p_squared) {
+  if (metric == Metric::SquaredEuclidean) return exact_squared_distance(a, p, size);
+  double a_squared;
+  const double dot = exact_dot(a, p, size, &a_squared);
+  return cosine_from(dot, a_squared, p_squared);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile reduction
+
+// What the reduction of one image's (positions x block) tile needs about its rows and columns.
+template <typename acc_t>
+struct TileSide {
+  const acc_t* squared;   // |v|^2
+  const acc_t* inverse;   // cosine: 1 / max(|v|, floor)
+  const uint8_t* finite;  // 0: the expansion cannot be trusted here, always shortlist
+};
+
+// Pass 1: per column, the smallest upper bound over trusted rows of the expanded distance,
+// turned into the threshold pass 2 compares each row's lower bound against.
+// sqeuclidean: value = s - 2C with s = |x|^2 + |p|^2, |error| <= g s + tau.
+// cosine: value = 1 - C / (|x| |p|), |error| <= g.
+template <typename acc_t>
+PK_VECTOR_CLONES void shortlist_thresholds(const acc_t* tile, int64_t ld, int64_t positions,
+                                           int64_t columns, TileSide<acc_t> rows,
+                                           TileSide<acc_t> cols, Metric metric, acc_t g,
+                                           acc_t tau, acc_t* threshold) {
+  if (metric == Metric::SquaredEuclidean) {
+    for (int64_t c = 0; c < columns; ++c) threshold[c] = infinity<acc_t>();
+    for (int64_t r = 0; r < positions; ++r) {
+      if (!rows.finite[r]) continue;
+      const acc_t upper_row = (1 + g) * rows.squared[r];
+      const acc_t* line = tile + r * ld;
+      for (int64_t c = 0; c < columns; ++c) {
+        const acc_t upper = upper_row - 2 * line[c];
+        threshold[c] = upper < threshold[c] ? upper : threshold[c];
+      }
+    }
+    // min(upper) + (1+g)|p|^2 + tau is the smallest upper bound; a row is shortlisted when
+    // its lower bound (1-g)(|x|^2 + |p|^2) - tau - 2C is at most that, i.e. when
+    // (1-g)|x|^2 - 2C <= min(upper) + 2g|p|^2 + 2tau.
+    for (int64_t c = 0; c < columns; ++c)
+      threshold[c] = cols.finite[c] ? threshold[c] + 2 * g * cols.squared[c] + 2 * tau
+                                    : infinity<acc_t>();
+  } else {
+    for (int64_t c = 0; c < columns; ++c) threshold[c] = -infinity<acc_t>();
+    for (int64_t r = 0; r < positions; ++r) {
+      if (!rows.finite[r]) continue;
+      const acc_t scale = rows.inverse[r];
+      const acc_t* line = tile + r * ld;
+      for (int64_t c = 0; c < columns; ++c) {
+        const acc_t similarity = line[c] * scale;
+        threshold[c] = similarity > threshold[c] ? similarity : threshold[c];
+      }
+    }
+    // smallest value + g is the smallest upper bound; shortlist when value - g is below it.
+    for (int64_t c = 0; c < columns; ++c)
+      threshold[c] = cols.finite[c] ? 1 - threshold[c] * cols.inverse[c] + 2 * g
+                                    : infinity<acc_t>();
+  }
+}
+
+// Pass 2 for one row: marks the columns where the row's lower bound is within the threshold.
+template <typename acc_t>
+PK_VECTOR_CLONES void shortlist_row(const acc_t* line, int64_t columns, acc_t row_squared,
+                                    acc_t row_inverse, const acc_t* col_inverse, Metric metric,
+                                    acc_t g, const acc_t* threshold, uint8_t* marked) {
+  if (metric == Metric::SquaredEuclidean) {
+    const acc_t lower_row = (1 - g) * row_squared;
+    for (int64_t c = 0; c < columns; ++c) marked[c] = (lower_row - 2 * line[c]) <= threshold[c];
+  } else {
+    for (int64_t c = 0; c < columns; ++c)
+      marked[c] = (1 - line[c] * row_inverse * col_inverse[c]) <= threshold[c];
+  }
+}
+
+// The running result of one column: the first exact minimum over the shortlisted positions,
+// or the first NaN (as torch.min).
+struct Best {
+  double value;
+  int64_t index;
+
+  void offer(double candidate, int64_t position) {
+    if (std::isnan(value)) return;
+    if (index < 0 || std::isnan(candidate) || candidate < value) {
+      value = candidate;
+      index = position;
+    }
+  }
+};
+
+// Everything one task needs, allocated once per task.
+template <typename acc_t>
+struct Workspace {
+  std::vector<acc_t> rows, tile, squared, inverse, threshold;
+  std::vector<uint8_t> finite, marked;
+  std::vector<Best> best;
+
+  Workspace(int64_t row_count, int64_t size, int64_t block)
+      : rows(row_count * size), tile(row_count * block), squared(row_count),
+        inverse(row_count), threshold(block), finite(row_count), marked(block + 8, 0),
+        best(block) {}
+};
+
+template <typename acc_t>
+void describe_rows(const acc_t* squared, int64_t count, acc_t* inverse, uint8_t* finite) {
+  for (int64_t r = 0; r < count; ++r) {
+    finite[r] = squared[r] <= huge_norm<acc_t>();  // false for NaN and inf
+    inverse[r] = static_cast<acc_t>(
+        1.0 / std::max(std::sqrt(static_cast<double>(squared[r])), kNormFloor));
+  }
+}
+
+// tile (row_count x columns, row-major) = rows (row_count x K) . prototypes (columns x K)^T.
+// Through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (MKL/OpenBLAS, which also honour
+// the float32 matmul precision); inside at::parallel_for it runs on the calling thread only.
+template <typename acc_t>
+void gemm_rows_by_prototypes(acc_t* rows, int64_t row_count, const acc_t* prototypes,
+                             int64_t columns, int64_t size, acc_t* tile) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor lhs = at::from_blob(rows, {row_count, size}, options);
+  at::Tensor rhs = at::from_blob(const_cast<acc_t*>(prototypes), {columns, size}, options);
+  at::Tensor out = at::from_blob(tile, {row_count, columns}, options);
+  at::mm_out(out, lhs, rhs.t());
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                          int64_t num_prototypes, Metric metric, double input_rounding,
+                          acc_t* values, int64_t* indices) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  if (batch == 0 || num_prototypes == 0) return;
+
+  // Per prototype: squared norm, 1/norm, trust flag; and |p|^2 in double for exact cosine.
+  std::vector<acc_t> proto_squared(num_prototypes), proto_inverse(num_prototypes);
+  std::vector<uint8_t> proto_finite(num_prototypes);
+  std::vector<double> proto_squared_exact(num_prototypes, 0.0);
+  at::parallel_for(0, num_prototypes, 64, [&](int64_t begin, int64_t end) {
+    squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
+    describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
+                  proto_finite.data() + begin);
+    if (metric == Metric::Cosine)
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
+  });
+
+  // Rounding of the expansion, as reference.expanded_distance, plus a few eps for the
+  // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
+  const double eps = std::numeric_limits<acc_t>::epsilon();
+  const double tiny = std::numeric_limits<acc_t>::min();
+  const acc_t g = metric == Metric::SquaredEuclidean
+                      ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
+                      : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
+  const acc_t tau = static_cast<acc_t>(4 * (size + 1) * tiny);
+
+  const int64_t images_per_block =
+      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
+  const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
+  const int64_t proto_blocks = (num_prototypes + kPrototypeBlock - 1) / kPrototypeBlock;
+  // Enough tasks to keep every thread busy; each repacks its images, which costs 1/M of a GEMM.
+  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t groups =
+      std::clamp<int64_t>((wanted + image_blocks - 1) / image_blocks, 1, proto_blocks);
+  const int64_t blocks_per_group = (proto_blocks + groups - 1) / groups;
+
+  at::parallel_for(0, image_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> work(images_per_block * positions, size, kPrototypeBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first_image = (task / groups) * images_per_block;
+      const int64_t images = std::min(images_per_block, batch - first_image);
+      const int64_t row_count = images * positions;
+      pack_rows(x, map, first_image, images, work.rows.data());
+      squared_norms(work.rows.data(), row_count, size, work.squared.data());
+      describe_rows(work.squared.data(), row_count, work.inverse.data(), work.finite.data());
+
+      const int64_t first_block = (task % groups) * blocks_per_group;
+      const int64_t last_block = std::min(first_block + blocks_per_group, proto_blocks);
+      for (int64_t block = first_block; block < last_block; ++block) {
+        const int64_t c0 = block * kPrototypeBlock;
+        const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
+        gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
+                                size, work.tile.data());
+        const TileSide<acc_t> col_side{proto_squared.data() + c0, proto_inverse.data() + c0,
+                                       proto_finite.data() + c0};
+        for (int64_t image = 0; image < images; ++image) {
+          const int64_t r0 = image * positions;
+          const acc_t* tile = work.tile.data() + r0 * columns;
+          const TileSide<acc_t> row_side{work.squared.data() + r0, work.inverse.data() + r0,
+                                         work.finite.data() + r0};
+          shortlist_thresholds(tile, columns, positions, columns, row_side, col_side, metric, g,
+                               tau, work.threshold.data());
+          for (int64_t c = 0; c < columns; ++c) work.best[c] = Best{0.0, -1};
+          for (int64_t r = 0; r < positions; ++r) {
+            uint8_t* marked = work.marked.data();
+            if (row_side.finite[r]) {
+              shortlist_row(tile + r * columns, columns, row_side.squared[r],
+                            row_side.inverse[r], col_side.inverse, metric, g,
+                            work.threshold.data(), marked);
+            } else {
+              std::memset(marked, 1, columns);
+            }
+            const acc_t* row = work.rows.data() + (r0 + r) * size;
+            for (int64_t c = 0; c < columns; c += 8) {
+              uint64_t eight;  // skip eight unmarked columns at once (the common case)
+              std::memcpy(&eight, marked + c, sizeof eight);
+              if (eight == 0) continue;
+              for (int64_t cc = c; cc < std::min(c + 8, columns); ++cc)
+                if (marked[cc])
+                  work.best[cc].offer(exact_distance(row, prototypes + (c0 + cc) * size, size,
+                                                     metric, proto_squared_exact[c0 + cc]),
+                                      r);
+            }
+          }
+          const int64_t out = (first_image + image) * num_prototypes + c0;
+          for (int64_t c = 0; c < columns; ++c) {
+            // The bounds guarantee a shortlisted position; if rounding ever defeated them,
+            // fall back to recomputing every position rather than return nothing.
+            if (work.best[c].index < 0)
+              for (int64_t r = 0; r < positions; ++r)
+                work.best[c].offer(exact_distance(work.rows.data() + (r0 + r) * size,
+                                                  prototypes + (c0 + c) * size, size, metric,
+                                                  proto_squared_exact[c0 + c]),
+                                   r);
+            values[out + c] = static_cast<acc_t>(work.best[c].value);
+            indices[out + c] = work.best[c].index;
+          }
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+// Gradient of one selected (window a, prototype p) pair, in the form
+// d/da = row_coef * a + proto_side * p and d/dp = proto_coef * p + row_side * a.
+struct PairGradient {
+  double row_coef, proto_side, proto_coef, row_side;
+};
+
+PairGradient pair_gradient(double grad, Metric metric, double dot, double a_squared,
+                           double p_squared) {
+  if (metric == Metric::SquaredEuclidean) return {2 * grad, -2 * grad, 2 * grad, -2 * grad};
+  // As reference.distance_at_grad: the norm floor passes gradient where |v| >= floor.
+  const double a_norm = std::sqrt(a_squared), p_norm = std::sqrt(p_squared);
+  const double a_bound = std::max(a_norm, kNormFloor), p_bound = std::max(p_norm, kNormFloor);
+  const double scale = grad / (a_bound * p_bound);
+  const double a_term = a_norm >= kNormFloor ? scale * dot / (a_bound * a_bound) : 0.0;
+  const double p_term = p_norm >= kNormFloor ? scale * dot / (p_bound * p_bound) : 0.0;
+  return {a_term, -scale, p_term, -scale};
+}
+
+template <typename acc_t>
+PK_VECTOR_CLONES void axpy(acc_t* y, acc_t alpha, const acc_t* v, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += alpha * v[k];
+}
+
+// Sums the gradient of image-local rows (L x K) back into the image's (D, H, W) gradient.
+template <typename acc_t>
+void fold_rows(const acc_t* grad_rows, const FeatureMap& map, acc_t* grad_image) {
+  const int64_t out_w = map.out_w(), size = map.row_size();
+  const int64_t plane = map.height * map.width;
+  std::fill(grad_image, grad_image + map.channels * plane, acc_t(0));
+  for (int64_t d = 0; d < map.channels; ++d)
+    for (int64_t i = 0; i < map.patch_h; ++i)
+      for (int64_t j = 0; j < map.patch_w; ++j) {
+        const int64_t k = (d * map.patch_h + i) * map.patch_w + j;
+        for (int64_t h = 0; h < map.out_h(); ++h) {
+          acc_t* dst = grad_image + d * plane + (h + i) * map.width + j;
+          const acc_t* src = grad_rows + h * out_w * size + k;
+          for (int64_t w = 0; w < out_w; ++w) dst[w] += src[w * size];
+        }
+      }
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                           const acc_t* prototypes, int64_t num_prototypes,
+                           const int64_t* indices, Metric metric, acc_t* grad_x,
+                           acc_t* grad_prototypes) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  const int64_t num = num_prototypes;
+  if (batch == 0) {
+    std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
+    return;
+  }
+  // The selected windows are gathered from a packed copy of x (B x L x K): the same size as x
+  // for 1x1 prototypes, and far smaller than any (B, M, L) intermediate.
+  std::vector<acc_t> rows(batch * positions * size);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    pack_rows(x, map, begin, end - begin, rows.data() + begin * positions * size);
+  });
+  // Cosine needs every pair's a.p, |a|^2 and |p|^2; computed once, read by both passes.
+  std::vector<double> dots, a_squared, p_squared;
+  if (metric == Metric::Cosine) {
+    dots.resize(batch * num);
+    a_squared.resize(batch * num);
+    p_squared.resize(num);
+    at::parallel_for(0, num, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
+    });
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t m = 0; m < num; ++m) {
+          const acc_t* a = rows.data() + (b * positions + indices[b * num + m]) * size;
+          dots[b * num + m] = exact_dot(a, prototypes + m * size, size, &a_squared[b * num + m]);
+        }
+    });
+  }
+  auto gradient_of = [&](int64_t b, int64_t m) {
+    const int64_t pair = b * num + m;
+    return metric == Metric::Cosine
+               ? pair_gradient(grad_values[pair], metric, dots[pair], a_squared[pair],
+                               p_squared[m])
+               : pair_gradient(grad_values[pair], metric, 0, 0, 0);
+  };
+
+  // grad_x, one image per step: each selected row gets row_coef * a + sum proto_side * p,
+  // summed over prototypes in index order.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> grad_rows(positions * size), row_coef(positions);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(grad_rows.begin(), grad_rows.end(), acc_t(0));
+      std::fill(row_coef.begin(), row_coef.end(), acc_t(0));
+      for (int64_t m = 0; m < num; ++m) {
+        const int64_t position = indices[b * num + m];
+        const PairGradient pg = gradient_of(b, m);
+        row_coef[position] += static_cast<acc_t>(pg.row_coef);
+        axpy(grad_rows.data() + position * size, static_cast<acc_t>(pg.proto_side),
+             prototypes + m * size, size);
+      }
+      for (int64_t r = 0; r < positions; ++r)
+        if (row_coef[r] != acc_t(0))
+          axpy(grad_rows.data() + r * size, row_coef[r],
+               rows.data() + (b * positions + r) * size, size);
+      fold_rows(grad_rows.data(), map, grad_x + b * map.channels * map.height * map.width);
+    }
+  });
+
+  // grad_prototypes, a block of prototypes per step: proto_coef * p + sum row_side * a, summed
+  // over images in index order.
+  at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      acc_t* out = grad_prototypes + m * size;
+      std::fill(out, out + size, acc_t(0));
+      double proto_coef = 0;
+      for (int64_t b = 0; b < batch; ++b) {
+        const PairGradient pg = gradient_of(b, m);
+        proto_coef += pg.proto_coef;
+        const acc_t* a = rows.data() + (b * positions + indices[b * num + m]) * size;
+        axpy(out, static_cast<acc_t>(pg.row_side), a, size);
+      }
+      axpy(out, static_cast<acc_t>(proto_coef), prototypes + m * size, size);
+    }
+  });
+}
+
+#define PK_INSTANTIATE(in_t, acc_t)                                                          \
+  template void min_distance_forward<in_t, acc_t>(const in_t*, const FeatureMap&,            \
+                                                  const acc_t*, int64_t, Metric, double,     \
+                                                  acc_t*, int64_t*);                         \
+  template void min_distance_backward<in_t, acc_t>(const acc_t*, const in_t*,                \
+                                                   const FeatureMap&, const acc_t*, int64_t, \
+                                                   const int64_t*, Metric, acc_t*, acc_t*);
+
+PK_INSTANTIATE(float, float)
+PK_INSTANTIATE(double, double)
+PK_INSTANTIATE(c10::Half, float)
+PK_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace protokern::cpu

@@ -1,0 +1,46 @@
+// Raw-pointer CPU kernels of protokern's min_distance (forward and backward).
+//
+// Shapes follow the canonical forms of protokern/reference.py:
+//   x           (B, D, H, W) with arbitrary element strides
+//   prototypes  (M, K) contiguous, K = D * ph * pw, ordered (channel, window row, window col)
+//   windows     valid, stride 1: H' = H - ph + 1, W' = W - pw + 1, L = H' * W'
+//   values      (B, M) contiguous; indices (B, M) int64, flat over H' x W' (row-major)
+//
+// `in_t` is the element type of x (float, double, at::Half, at::BFloat16); `acc_t` the type the
+// GEMM runs in (double for double inputs, float otherwise).
+#pragma once
+
+#include <cstdint>
+
+namespace protokern::cpu {
+
+enum class Metric : int { SquaredEuclidean = 0, Cosine = 1 };
+
+struct FeatureMap {
+  int64_t batch, channels, height, width;
+  int64_t stride_b, stride_c, stride_h, stride_w;  // in elements
+  int64_t patch_h, patch_w;                         // window size (the prototypes' ph, pw)
+
+  int64_t out_h() const { return height - patch_h + 1; }
+  int64_t out_w() const { return width - patch_w + 1; }
+  int64_t positions() const { return out_h() * out_w(); }
+  int64_t row_size() const { return channels * patch_h * patch_w; }
+};
+
+// values/indices of the min over positions. `input_rounding` is the relative rounding the GEMM
+// may apply to its float32 inputs (TF32/bf16 settings), widening the shortlist bound.
+template <typename in_t, typename acc_t>
+void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                          int64_t num_prototypes, Metric metric, double input_rounding,
+                          acc_t* values, int64_t* indices);
+
+// Gradients of sum(grad_values * values) through the selected positions only.
+// grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K) contiguous, both acc_t; both are
+// fully written. Deterministic: every sum runs in a fixed order whatever the thread count.
+template <typename in_t, typename acc_t>
+void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                           const acc_t* prototypes, int64_t num_prototypes,
+                           const int64_t* indices, Metric metric, acc_t* grad_x,
+                           acc_t* grad_prototypes);
+
+}  // namespace protokern::cpu

@@ -1,0 +1,72 @@
+"""The ``cpu`` backend: protokern's fused C++ kernels (``csrc/cpu/``) for CPU tensors.
+
+`min_distance` never holds more than a tile of distances: per thread, the windows of a few
+images against a block of prototypes, one BLAS GEMM per tile, the min over positions reduced
+right after it, and the chosen value recomputed exactly (see ``csrc/cpu/min_distance_kernel.cpp``).
+Its backward reads only the saved indices and is deterministic whatever the thread count.
+Parallel over ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and
+bfloat16 are upcast to float32 while packing.
+
+`distance_map` (explanations, not a training hot path) runs the reference's GEMM code.
+
+Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
+the default for CPU tensors.
+"""
+
+import torch
+from torch import Tensor
+
+from protokern import reference
+from protokern.backends import Backend, register_backend
+
+METRIC_CODES = {"sqeuclidean": 0, "cosine": 1}
+"""How the C++ ops spell the metric."""
+
+
+def _load_error() -> str | None:
+    try:
+        import protokern._C  # noqa: F401  (loading the library registers torch.ops.protokern_cpu)
+    except ImportError as error:
+        return (f"the C++ extension protokern._C is not built ({error}); reinstall with "
+                "`pip install --no-build-isolation -e .` where a C++ compiler is available")
+    if not hasattr(torch.ops.protokern_cpu, "min_distance"):
+        return "protokern._C was built without the CPU kernels"
+    return None
+
+
+_LOAD_ERROR = _load_error()
+
+
+def _gemm_rounding(x: Tensor) -> float:
+    """Rounding the float32 GEMM may apply to its inputs (half inputs are upcast to float32)."""
+    return reference.input_rounding(torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                    x.device)
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """``(values (B, M), indices (B, M) int64)``; canonical inputs as `protokern.reference`."""
+    values, indices = torch.ops.protokern_cpu.min_distance(
+        x, prototypes, METRIC_CODES[metric], _gemm_rounding(x))
+    return values, indices
+
+
+def min_distance_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x (B, D, H, W), grad_prototypes (M, D, ph, pw))`` through the saved indices."""
+    grad_x, grad_prototypes = torch.ops.protokern_cpu.min_distance_backward(
+        grad_values, x, prototypes, indices, METRIC_CODES[metric])
+    return grad_x, grad_prototypes
+
+
+register_backend(
+    Backend(
+        name="cpu",
+        min_distance=min_distance,
+        min_distance_backward=min_distance_backward,
+        distance_map=reference.distance_map,
+        device_types=frozenset({"cpu"}),
+        priority=20,
+        unavailable_reason=lambda: _LOAD_ERROR,
+    )
+)
