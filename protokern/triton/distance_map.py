@@ -15,7 +15,7 @@ from protokern.triton.min_distance import CONFIGS, INTERPRETED
 
 
 @launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
-@launch.tile_rows()
+@launch.tile_rows
 @triton.jit
 def _distance_map_kernel(
     x_ptr, p_ptr, out_ptr,

@@ -35,19 +35,20 @@ def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Conf
     return wrap
 
 
-def tile_rows(length_arg: str = "L"):
-    """Heuristics splitting a tile's ``BLOCK_ROWS`` rows into ``IMAGES`` images of ``BLOCK_L``
-    positions (``L`` = argument ``length_arg``): one image's positions rounded up to a power of
-    two, several images per tile where they fit, so that 7x7 maps fill 64 of every 64 rows'
-    49 instead of 49 of 128, and L = 1 packs ``BLOCK_ROWS`` images into a tile."""
+def positions_per_tile_image(args: dict) -> int:
+    """``BLOCK_L``: the positions of one image in a tile, ``L`` rounded up to a power of two
+    (at most the tile's ``BLOCK_ROWS``)."""
+    return min(triton.next_power_of_2(args["L"]), args["BLOCK_ROWS"])
 
-    def positions(args):
-        return min(triton.next_power_of_2(args[length_arg]), args["BLOCK_ROWS"])
 
-    return triton.heuristics({
-        "BLOCK_L": positions,
-        "IMAGES": lambda args: args["BLOCK_ROWS"] // args["BLOCK_L"],
-    })
+def images_per_tile(args: dict) -> int:
+    """``IMAGES``: how many images share a tile's ``BLOCK_ROWS`` rows. 7x7 maps fill 49 of
+    every 64 rows instead of 49 of 128; L = 1 packs ``BLOCK_ROWS`` images into a tile."""
+    return args["BLOCK_ROWS"] // args["BLOCK_L"]
+
+
+tile_rows = triton.heuristics({"BLOCK_L": positions_per_tile_image, "IMAGES": images_per_tile})
+"""Splits a tile's rows into images x positions (kernels taking ``L`` and ``BLOCK_ROWS``)."""
 
 
 def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:

@@ -42,7 +42,7 @@ EXACT = triton.Config({"BLOCK_M": 64, "BLOCK_K": 128 if INTERPRET else 32}, num_
 
 
 @launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
-@launch.tile_rows()
+@launch.tile_rows
 @triton.jit
 def _choose_kernel(
     x_ptr, p_ptr, indices_ptr,

@@ -2,8 +2,8 @@
 
 With ``r`` the chosen window of image ``b`` for prototype ``m`` and ``g`` its incoming
 gradient, the window gets ``a r - c p`` and the prototype ``e p - c r``, where ``(a, c, e)`` are
-per-pair coefficients (sqeuclidean: all ``2 g``; cosine: `_cosine_coefficients_kernel`, the
-formulas of `protokern.reference.distance_at_grad`). Then:
+per-pair coefficients (sqeuclidean: all ``2 g``, and the differences are taken first; cosine:
+`_cosine_coefficients_kernel`, the formulas of `protokern.reference.distance_at_grad`). Then:
 
 - ``grad_prototypes``: `_prototype_gather_kernel`, each program sums over images in order, so it
   is deterministic;
@@ -27,6 +27,17 @@ from protokern.triton import INTERPRET, launch, tiles
 _BLOCK_K = 128 if INTERPRET else 32
 PAIRS = triton.Config({"BLOCK_M": 32, "BLOCK_K": _BLOCK_K}, num_warps=4)
 PIXELS = triton.Config({"BLOCK_D": 128 if INTERPRET else 64}, num_warps=2)
+
+
+@triton.jit
+def _pair_gradient(u, v, a, c, METRIC: tl.constexpr):
+    """Gradient ``a u - c v`` of a pair's distance w.r.t. ``u`` (a window or a prototype, ``v``
+    the other; ``a``/``c`` per row). Sqeuclidean (``a == c``) takes the difference first, as
+    the reference does: ``u - v`` is exact where ``u`` and ``v`` are close (a prototype pushed
+    onto a patch), where ``a u - c v`` would cancel."""
+    if METRIC == "sqeuclidean":
+        return c[:, None] * (u - v)
+    return a[:, None] * u - c[:, None] * v
 
 
 @triton.jit
@@ -68,7 +79,7 @@ def _cosine_coefficients_kernel(
 def _prototype_gather_kernel(
     x_ptr, p_ptr, indices_ptr, c_ptr, e_ptr, out_ptr,
     B, M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -78,51 +89,47 @@ def _prototype_gather_kernel(
     p = tl.load(p_ptr + m.to(tl.int64)[:, None] * spm
                 + tiles.entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
                 mask=mask, other=0.0).to(ACC)
-    e_total = tl.zeros((BLOCK_M,), ACC)
-    windows = tl.zeros((BLOCK_M, BLOCK_K), ACC)
+    total = tl.zeros((BLOCK_M, BLOCK_K), ACC)
     for image in range(0, B):
         pair = image * M + m.to(tl.int64)
         chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
         x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
         x = tl.load(x_ptr + x_rows[:, None] + x_entries[None, :], mask=mask, other=0.0).to(ACC)
-        windows += tl.load(c_ptr + pair, mask=ok, other=0.0)[:, None] * x
-        e_total += tl.load(e_ptr + pair, mask=ok, other=0.0)
+        total += _pair_gradient(p, x, tl.load(e_ptr + pair, mask=ok, other=0.0),
+                                tl.load(c_ptr + pair, mask=ok, other=0.0), METRIC)
     # out is (M, K) contiguous
-    tl.store(out_ptr + m.to(tl.int64)[:, None] * K + k[None, :],
-             e_total[:, None] * p - windows, mask=mask)
+    tl.store(out_ptr + m.to(tl.int64)[:, None] * K + k[None, :], total, mask=mask)
 
 
 @triton.jit
 def _window_scatter_kernel(
     x_ptr, p_ptr, indices_ptr, a_ptr, c_ptr, out_ptr,
     M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw, sob, sod, soh, sow,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     image = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = m < M
-    mask = ok[:, None] & (k < K)[None, :]
     pair = image.to(tl.int64) * M + m
     chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
-    x = tl.load(x_ptr + tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)[:, None]
-                + tiles.entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
-                mask=mask, other=0.0).to(ACC)
-    p = tl.load(p_ptr + m.to(tl.int64)[:, None] * spm
-                + tiles.entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
-                mask=mask, other=0.0).to(ACC)
+    x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
+    out_rows = tiles.window_offsets(image, chosen, OUT_W, sob, soh, sow)
     a = tl.load(a_ptr + pair, mask=ok, other=0.0)
     c = tl.load(c_ptr + pair, mask=ok, other=0.0)
-    target = (tiles.window_offsets(image, chosen, OUT_W, sob, soh, sow)[:, None]
-              + tiles.entry_offsets(k, PH, PW, sod, soh, sow)[None, :])
-    tl.atomic_add(out_ptr + target, a[:, None] * x - c[:, None] * p, mask=mask)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, m.to(tl.int64) * spm, ok, k0, K, PH, PW,
+                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+        target = out_rows[:, None] + tiles.entry_offsets(k, PH, PW, sod, soh, sow)[None, :]
+        tl.atomic_add(out_ptr + target, _pair_gradient(x, p, a, c, METRIC),
+                      mask=ok[:, None] & (k < K)[None, :])
 
 
 @triton.jit
 def _bucketed_gather_kernel(
     x_ptr, p_ptr, order_ptr, starts_ptr, a_ptr, c_ptr, out_ptr,
     M, D, H, W, L, OUT_H, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pixel = tl.program_id(0)  # over (B, H, W), row-major
     image = pixel // (H * W)
@@ -132,8 +139,7 @@ def _bucketed_gather_kernel(
     d_ok = d < D
     x = tl.load(x_ptr + image.to(tl.int64) * sxb + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
                 + d.to(tl.int64) * sxd, mask=d_ok, other=0.0).to(ACC)
-    a_total = tl.zeros((1,), ACC)
-    prototype_terms = tl.zeros((BLOCK_D,), ACC)
+    total = tl.zeros((1, BLOCK_D), ACC)
     # windows (h - i, w - j) cover the pixel with their entry (i, j); each window's bucket lists
     # the prototypes that chose it, in increasing order
     for i in range(0, PH):
@@ -146,14 +152,14 @@ def _bucketed_gather_kernel(
                 last = tl.load(starts_ptr + bucket + 1)
                 for slot in range(first, last):
                     m = tl.load(order_ptr + image.to(tl.int64) * M + slot)
-                    pair = image.to(tl.int64) * M + m
-                    a_total += tl.load(a_ptr + pair)
+                    pair = image.to(tl.int64) * M + m + tl.zeros((1,), tl.int64)
                     p = tl.load(p_ptr + m * spm + d.to(tl.int64) * spd + i * sph + j * spw,
                                 mask=d_ok, other=0.0).to(ACC)
-                    prototype_terms -= tl.load(c_ptr + pair) * p
+                    total += _pair_gradient(x[None, :], p[None, :], tl.load(a_ptr + pair),
+                                            tl.load(c_ptr + pair), METRIC)
     # out is (B, D, H, W) contiguous
     out = ((image.to(tl.int64) * D + d) * H + h) * W + w
-    tl.store(out_ptr + out, a_total * x + prototype_terms, mask=d_ok)
+    tl.store(out_ptr + out, tl.reshape(total, (BLOCK_D,)), mask=d_ok)
 
 
 def min_distance_backward(
@@ -182,18 +188,18 @@ def min_distance_backward(
                 x, prototypes, indices, grad, a, c, e, num, size, *addressing, ACC=acc)
         launch.Fixed(_prototype_gather_kernel, PAIRS)[
             (pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
-        ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing, ACC=acc)
+        ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing, METRIC=metric,
+          ACC=acc)
         if torch.are_deterministic_algorithms_enabled():
             order, starts = _buckets(indices, out_h * out_w)
             launch.Fixed(_bucketed_gather_kernel, PIXELS)[
                 (batch * height * width, triton.cdiv(dim, PIXELS.kwargs["BLOCK_D"]))
             ](x, prototypes, order, starts, a, c, grad_x, num, dim, height, width,
-              out_h * out_w, out_h, *addressing, ACC=acc)
+              out_h * out_w, out_h, *addressing, METRIC=metric, ACC=acc)
         else:
-            launch.Fixed(_window_scatter_kernel, PAIRS)[
-                (batch, pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
-            ](x, prototypes, indices, a, c, grad_x, num, size, *addressing, *grad_x.stride(),
-              ACC=acc)
+            launch.Fixed(_window_scatter_kernel, PAIRS)[(batch, pair_blocks)](
+                x, prototypes, indices, a, c, grad_x, num, size, *addressing, *grad_x.stride(),
+                METRIC=metric, ACC=acc)
     return grad_x.to(x.dtype), grad_p.reshape(prototypes.shape).to(prototypes.dtype)
 
 

@@ -1,0 +1,345 @@
+"""The Triton kernels beyond the op contract (which test_ops.py runs on them through the
+``backend`` fixture): block boundaries, the deterministic and atomic backward paths, gradients
+against the reference, 64-bit addressing, registration and torch.compile.
+
+Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET);
+tests marked ``cuda`` need a real GPU (TF32, large shapes) and skip here.
+"""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from brute_force import distances
+from helpers import assert_matches_brute_force, brute_force_grads
+
+import protokern as pk
+from protokern import backends, reference
+from protokern.ops import canonicalize
+from protokern.testing import TF32_TOLERANCE, TOLERANCE, near_tie_ok, relative_error
+
+if "triton" not in pk.available_backends():
+    pytest.skip(f"triton backend unavailable: {backends._registry['triton'].unavailable_reason()}",
+                allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from protokern.triton import INTERPRET, launch, tiles  # noqa: E402
+from protokern.triton import distance_map as distance_map_module  # noqa: E402
+from protokern.triton import min_distance as min_distance_module  # noqa: E402
+from protokern.triton import min_distance_backward as backward_module  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METRICS = ["sqeuclidean", "cosine"]
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    with pk.use_backend("triton"):
+        yield
+
+
+def _use_config(monkeypatch, kernel, config: triton.Config) -> None:
+    """Launch ``kernel`` (fixed or autotuned) with ``config`` only, for this test."""
+    if isinstance(kernel, launch.Fixed):
+        monkeypatch.setattr(kernel, "config", config)
+    else:
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 everywhere, so that small shapes cross every block boundary."""
+    tile = triton.Config({"BLOCK_ROWS": 16, "BLOCK_M": 16, "BLOCK_K": 16}, num_warps=2)
+    _use_config(monkeypatch, min_distance_module._choose_kernel, tile)
+    _use_config(monkeypatch, distance_map_module._distance_map_kernel, tile)
+    pairs = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=2)
+    monkeypatch.setattr(min_distance_module, "EXACT", pairs)
+    monkeypatch.setattr(backward_module, "PAIRS", pairs)
+    monkeypatch.setattr(backward_module, "PIXELS", triton.Config({"BLOCK_D": 16}, num_warps=1))
+
+
+def _random(x_shape, p_shape, dtype=torch.float32):
+    x = torch.randn(x_shape, device=DEVICE).to(dtype).requires_grad_()
+    p = torch.randn(p_shape, device=DEVICE).to(dtype).requires_grad_()
+    return x, p
+
+
+# name -> (x shape, prototypes shape), against blocks of 16 rows, prototypes and entries
+BOUNDARY_CASES = {
+    # L = 35 positions: three chunks of 16, the last ragged; M = 37: three prototype blocks
+    "chunks-of-positions": ((2, 3, 5, 7), (37, 3)),
+    # L = 6 (2x3 windows of 3x4): two images per 16-row tile (8 rows each), B = 3 ragged;
+    # K = 5 * 2 * 2 = 20 entries: two blocks of 16
+    "images-per-tile": ((3, 5, 3, 4), (17, 5, 2, 2)),
+    # L = 1: sixteen images per tile, B = 18 ragged; K = 40: three blocks
+    "L1": ((18, 40, 1, 1), (5, 40)),
+    "tokens": ((3, 9, 7), (15, 7)),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_block_boundaries(small_blocks, case, metric):
+    x, p = _random(*BOUNDARY_CASES[case])
+    values, indices = pk.min_distance(x, p, metric)
+    assert_matches_brute_force(x, p, metric, values, indices)
+    dmap = pk.distance_map(x, p, metric)
+    assert relative_error(dmap.flatten(2), distances(x, p, metric)) <= TOLERANCE[torch.float32]
+    weights = torch.randn_like(values)
+    for deterministic in (False, True) if case == "images-per-tile" else (False,):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            grad_x, grad_p = torch.autograd.grad((values * weights).sum(), (x, p),
+                                                 retain_graph=True)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        ref_x, ref_p = brute_force_grads(x, p, metric, weights)
+        assert relative_error(grad_x, ref_x) <= TOLERANCE[torch.float32]
+        assert relative_error(grad_p, ref_p) <= TOLERANCE[torch.float32]
+
+
+def _backward_inputs(x_shape, p_shape, metric, dtype):
+    """Canonical inputs, the triton forward's positions and random incoming gradients."""
+    x, p = _random(x_shape, p_shape, dtype)
+    x4, p4, _ = canonicalize(x.detach(), p.detach(), metric, "test")
+    _, indices = min_distance_module.min_distance(x4, p4, metric)
+    grad = torch.randn(indices.shape, device=DEVICE).to(dtype)
+    return grad, x4, p4, indices
+
+
+# (x shape, prototypes shape): 1x1, a 2x3 patch, tokens; several prototypes share positions
+PATCHES = {"1x1": ((3, 6, 4, 5), (40, 6)), "2x3": ((2, 5, 4, 5), (30, 5, 2, 3)),
+           "tokens": ((4, 7, 9), (25, 9))}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("patch", PATCHES)
+def test_backward_matches_reference_at_the_same_positions(patch, metric, dtype):
+    """Both scatter paths and the gather against the reference's backward, given the same
+    positions (so a near-tie choice cannot differ), for every metric, patch and dtype."""
+    grad, x4, p4, indices = _backward_inputs(*PATCHES[patch], metric, dtype)
+    want_x, want_p = reference.min_distance_backward(grad, x4, p4, indices, metric)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got_x, got_p = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert got_x.dtype == dtype and got_p.dtype == dtype
+        assert got_x.shape == x4.shape and got_p.shape == p4.shape
+        assert relative_error(got_x, want_x) <= TOLERANCE[dtype]
+        assert relative_error(got_p, want_p) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_deterministic_path_is_bitwise_reproducible_and_agrees_with_atomics(metric):
+    grad, x4, p4, indices = _backward_inputs(*PATCHES["2x3"], metric, torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+        second = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    atomic = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+    for a, b, c in zip(first, second, atomic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_path_with_every_prototype_on_one_position():
+    """One bucket holds every prototype (a pushed prototype bank): the pixel sums them all."""
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    x[:, :, 1, 1] = 10.0  # far from everything else, the nearest window for all prototypes
+    p = (10.0 + 0.1 * torch.randn(50, 4, device=DEVICE))
+    grad = torch.randn(2, 50, device=DEVICE)
+    x4, p4, _ = canonicalize(x, p, "sqeuclidean", "test")
+    _, indices = min_distance_module.min_distance(x4, p4, "sqeuclidean")
+    assert (indices == 4).all()
+    want = reference.min_distance_backward(grad, x4, p4, indices, "sqeuclidean")
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = backward_module.min_distance_backward(grad, x4, p4, indices, "sqeuclidean")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_undecided_pairs_are_searched_exactly_and_alone(small_blocks, metric):
+    """Image 2's norms overflow float32 and it shares tiles with ordinary images: only pairs
+    the expansion cannot decide take the exact search, and they find the true minimum."""
+    x = torch.randn(5, 2, 4, 4, device=DEVICE)
+    p = torch.randn(20, 2, device=DEVICE)
+    if metric == "sqeuclidean":  # |x|^2 + |p|^2 overflows for prototype 7, a copy of a window
+        x[2] = 1e19 + 1e13 * x[2]
+        p[7] = x[2, :, 3, 1]
+    else:  # cosine is scale-free; the norms overflow
+        x[2] = 1e20 * x[2]
+    values, indices = pk.min_distance(x, p, metric)
+    ordinary = torch.tensor([0, 1, 3, 4])
+    clean = pk.min_distance(x[ordinary], p, metric)
+    assert torch.equal(values[ordinary], clean.values)
+    assert torch.equal(indices[ordinary], clean.indices)
+    if metric == "sqeuclidean":
+        assert indices[2, 7] == 3 * 4 + 1 and values[2, 7] == 0
+    else:
+        assert_matches_brute_force(x, p, metric, values, indices)
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, image, position, k, OUT_W, PH, PW, s_b, s_d, s_h, s_w):
+    tl.store(out_ptr, tiles.window_offsets(image, position, OUT_W, s_b, s_h, s_w))
+    tl.store(out_ptr + 1, tiles.entry_offsets(k, PH, PW, s_d, s_h, s_w))
+
+
+@pytest.mark.parametrize("s_b, s_d", [(3 * 2**30, 1), (1, 2**31 + 5), (2**20, 2**20)])
+def test_offsets_do_not_overflow_32_bits(s_b, s_d):
+    """Offsets past 2**31 from 32-bit indices and strides (B L D or B M beyond int32)."""
+    image, position, k, out_w, ph, pw, s_h, s_w = 1000, 47, 700, 7, 2, 3, 70000, 9
+    out = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, image, position, k, out_w, ph, pw, s_b, s_d, s_h, s_w)
+    oh, ow = divmod(position, out_w)
+    d, rest = divmod(k, ph * pw)
+    i, j = divmod(rest, pw)
+    assert out.tolist() == [image * s_b + oh * s_h + ow * s_w, d * s_d + i * s_h + j * s_w]
+
+
+def test_tiles_pack_several_images_when_windows_are_few():
+    for length, positions in [(49, 64), (1, 1), (196, 128), (16, 16)]:
+        meta = {"BLOCK_ROWS": 128, "L": length}
+        meta["BLOCK_L"] = launch.positions_per_tile_image(meta)
+        assert meta["BLOCK_L"] == positions
+        assert launch.images_per_tile(meta) * positions == 128
+
+
+def test_registration():
+    backend = backends._registry["triton"]
+    assert backend.unavailable_reason() is None
+    if INTERPRET:  # interpreted: on CPU tensors too, but never the default
+        assert backend.device_types == {"cuda", "cpu"} and backend.priority < 0
+        assert pk.available_backends("cpu")[-1] == "triton"
+    else:
+        assert backend.device_types == {"cuda"} and backend.priority > 0
+
+
+def test_a_missing_triton_leaves_protokern_importable():
+    code = ("import sys; sys.modules['triton'] = None; import protokern as pk; "
+            "assert 'triton' not in pk.available_backends(); "
+            "print(pk.backends._registry['triton'].unavailable_reason())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.startswith("triton is not importable")
+
+
+def test_compiled_fullgraph_runs_the_triton_kernels(monkeypatch):
+    """The ops stay opaque custom ops under torch.compile: the graph calls the backend's
+    functions (no graph break) and matches eager."""
+    calls = []
+    triton_backend = backends._registry["triton"]
+
+    def spy(name):
+        function = getattr(triton_backend, name)
+
+        def run(*args):
+            calls.append(name)
+            return function(*args)
+        return run
+
+    monkeypatch.setitem(backends._registry, "triton", dataclasses.replace(
+        triton_backend, **{n: spy(n) for n in ("min_distance", "min_distance_backward",
+                                               "distance_map")}))
+    torch._dynamo.reset()
+    p = torch.randn(9, 4, 2, 2, device=DEVICE, requires_grad=True)
+
+    def head(features):
+        values, indices = pk.min_distance(features, p, "cosine")
+        return values.sum() + pk.distance_map(features, p).mean(), indices
+
+    compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 4, 5, 5, device=DEVICE, requires_grad=True)
+    loss, indices = compiled(x)
+    loss.backward()
+    assert sorted(set(calls)) == ["distance_map", "min_distance", "min_distance_backward"]
+    grads = x.grad.clone(), p.grad.clone()
+    x.grad = p.grad = None
+    eager_loss, eager_indices = head(x)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    assert torch.equal(indices, eager_indices)
+    for got, want in zip(grads, (x.grad, p.grad)):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real GPU only
+
+
+@pytest.fixture
+def tf32_matmuls():
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_tf32_when_pytorch_allows_it(tf32_matmuls, metric):
+    x = torch.rand(8, 64, 7, 7, device="cuda")
+    p = torch.rand(300, 64, device="cuda")
+    assert launch.dot_precision(x) == "tf32" and launch.dot_precision(x.double()) == "ieee"
+    values, indices = pk.min_distance(x, p, metric)
+    d = distances(x, p, metric)
+    chosen = d.gather(-1, indices[..., None])[..., 0]
+    assert relative_error(values, chosen) <= TOLERANCE[torch.float32]  # exact at its pick
+    assert near_tie_ok(indices, d, TF32_TOLERANCE).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_protopnet_shape_against_reference(metric, dtype):
+    """The cub benchmark shape (B 64, D 128, 7x7, M 2000): the autotuned configs."""
+    x = torch.rand(64, 128, 7, 7, device="cuda").to(dtype)
+    p = torch.rand(2000, 128, device="cuda").to(dtype)
+    values, indices = pk.min_distance(x, p, metric)
+    with pk.use_backend("reference"):
+        ref_values, _ = pk.min_distance(x, p, metric)
+    assert relative_error(values, ref_values) <= TOLERANCE[dtype]
+    d = distances(x[:4], p, metric)
+    assert near_tie_ok(indices[:4], d, TOLERANCE[dtype]).all()
+    grad = torch.randn_like(values)
+    x4, p4, _ = canonicalize(x, p, metric, "test")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+        second = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    want = reference.min_distance_backward(grad, x4, p4, indices, metric)
+    for got, ref in zip(first, want):
+        assert relative_error(got, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_more_than_two_to_the_31_elements():
+    """x with B L D > 2**31 (4.3 GB of float16): the last images, addressed past 2**31."""
+    batch = 2**31 // (128 * 49) + 2
+    x = torch.empty(batch, 128, 7, 7, dtype=torch.float16, device="cuda")
+    x[:-3].zero_()
+    x[-3:] = torch.rand(3, 128, 7, 7, device="cuda")
+    p = torch.rand(5, 128, device="cuda", dtype=torch.float16)
+    values, indices = pk.min_distance(x, p)
+    tail_values, tail_indices = pk.min_distance(x[-3:].clone(), p)
+    assert torch.equal(values[-3:], tail_values) and torch.equal(indices[-3:], tail_indices)
+    dmap = pk.distance_map(x, p)
+    assert torch.equal(dmap[-3:], pk.distance_map(x[-3:].clone(), p))
