@@ -9,6 +9,7 @@ memory. ``--plot`` adds a sweep of M (time and memory vs M at the fixed B, D, H 
 """
 
 import argparse
+import os
 
 import torch
 
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", default=",".join(PASSES), help="forward, forward+backward")
     parser.add_argument("--contenders", help="comma-separated names or kinds (protokern, naive, "
                         "floor); default: all available")
+    parser.add_argument("--exclude", help="comma-separated contender names or kinds to leave out")
     parser.add_argument("--dtypes", default="float32", help=f"among {', '.join(DTYPES)}")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: let float32 matmuls and convs use TF32 (default: forbidden)")
@@ -70,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         shapes=shapes, device=args.device, dtypes=_csv(args.dtypes), passes=_csv(args.passes),
         contenders=_csv(args.contenders) if args.contenders else None,
+        exclude=_csv(args.exclude) if args.exclude else [],
         repeats=args.repeats if args.repeats is not None else (20 if on_cuda else 5),
         warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
         threads=args.threads, memory_cap_bytes=_memory_cap(args), tf32=args.tf32,
@@ -97,10 +100,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"protokern bench on {env['device_name']} ({config.device}), torch {env['torch']}, "
           f"threads {env['threads']}, contenders: "
           f"{', '.join(c.name for c in config.selected_contenders())}")
-    results = run_cases(config)
+    scaling: list[dict] = []
+    results: list[dict] = []
+
+    def save(partial: list[dict] | None = None,
+             partial_scaling: list[dict] | None = None) -> None:
+        if args.json:
+            write_json(args.json, env, results if partial is None else partial,
+                       scaling if partial_scaling is None else partial_scaling)
+
+    results = run_cases(config, checkpoint=save)
     print(format_table(results))
 
-    scaling: list[dict] = []
     if args.plot:
         sweep = [scaling_shape.with_prototypes(m) for m in scaling_m]
         if args.scaling_repeats is not None:
@@ -108,15 +119,25 @@ def run(args: argparse.Namespace) -> int:
         env["scaling"] = {"shape": scaling_shape.name, "num_prototypes": scaling_m,
                           "pass": args.scaling_pass, "dtype": config.dtypes[0],
                           "repeats": config.repeats}
-        scaling = run_cases(config, shapes=sweep, passes=[args.scaling_pass],
-                            dtypes=config.dtypes[:1], description="M sweep")
         title = (f"{scaling_shape.name} family: B={scaling_shape.batch} D={scaling_shape.dim} "
                  f"{scaling_shape.height}x{scaling_shape.width}, {config.dtypes[0]}, "
                  f"{args.scaling_pass}, {env['device_name']}")
+
+        def save_sweep(partial: list[dict]) -> None:
+            # JSON and plot after every size, so a run cut short still leaves both
+            save(partial_scaling=partial)
+            size_done = len(partial) % len(config.selected_contenders()) == 0
+            if size_done and len({r["num_prototypes"] for r in partial}) > 1:
+                scaling_plot(partial, args.plot, config.memory_cap_bytes, title)
+
+        scaling = run_cases(config, shapes=sweep, passes=[args.scaling_pass],
+                            dtypes=config.dtypes[:1], description="M sweep",
+                            checkpoint=save_sweep)
         scaling_plot(scaling, args.plot, config.memory_cap_bytes, title)
         print(f"\nscaling plot: {args.plot}")
     if args.json:
-        write_json(args.json, env, results, scaling)
+        env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        save()
         print(f"results: {args.json}")
     errors = [r for r in results + scaling if r["status"] == "error"]
     for r in errors:

@@ -312,7 +312,7 @@ def select_contenders(device: str, names: str | list[str] | None) -> list[Conten
             raise ValueError(
                 f"--contenders: {name!r} is not available on {device}; available: "
                 f"{', '.join(c.name for c in available)} (or a kind: protokern, naive, floor)")
-        chosen += [c for c in matches if c not in chosen]
+        chosen += [c for c in matches if c.name not in {d.name for d in chosen}]
     return chosen
 
 

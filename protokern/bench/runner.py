@@ -13,7 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +38,7 @@ class BenchConfig:
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     passes: list[str] = field(default_factory=lambda: list(PASSES))
     contenders: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
     repeats: int = 5
     warmup: int = 1
     threads: int | None = 2
@@ -62,7 +63,11 @@ class BenchConfig:
                              f"{self.warmup}")
 
     def selected_contenders(self) -> list[Contender]:
-        return select_contenders(self.device, self.contenders)
+        """``contenders`` (all if None) less ``exclude`` (names or kinds)."""
+        chosen = select_contenders(self.device, self.contenders)
+        excluded = {c.name for c in select_contenders(self.device, self.exclude or None)
+                    } if self.exclude else set()
+        return [c for c in chosen if c.name not in excluded]
 
 
 def case_record(shape: NamedShape, dtype: str, device: str, contender: Contender,
@@ -79,9 +84,11 @@ def case_record(shape: NamedShape, dtype: str, device: str, contender: Contender
 
 def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
               passes: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
-              description: str = "bench") -> list[dict]:
+              description: str = "bench",
+              checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every (shape, dtype, pass, contender) case of ``config`` (or of the overrides),
-    in that order, with a progress bar; every planned case gets a result."""
+    in that order, with a progress bar; every planned case gets a result. ``checkpoint`` is
+    called with the results so far after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
@@ -109,6 +116,9 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
             if record["status"] == "ok":
                 record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
             results.append(record)
+            if checkpoint is not None:
+                add_comparisons(results)
+                checkpoint(results)
     add_comparisons(results)
     return results
 
@@ -125,6 +135,8 @@ def add_comparisons(results: list[dict]) -> None:
         floor = [r for r in timed if r["kind"] == "floor"]
         best_naive = min(naive, key=lambda r: r["median_s"]) if naive else None
         for r in timed:
+            for stale in ("best_naive", "speedup_vs_best_naive", "ratio_to_floor"):
+                r.pop(stale, None)  # recomputed as more of the group finishes
             if best_naive is not None:
                 r["best_naive"] = best_naive["contender"]
                 r["speedup_vs_best_naive"] = best_naive["median_s"] / r["median_s"]
@@ -183,6 +195,8 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "device": config.device,
         "device_name": device_name(config.device),
         "cpu_count": _cpu_count(),
+        # other processes' load makes CPU numbers noisy: say how busy the machine was
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "threads": config.threads if config.device == "cpu" else None,
         "tf32": config.tf32,
         "torch": torch.__version__,

@@ -1,0 +1,107 @@
+"""pytest-benchmark suite: min_distance, every contender on the named shapes, both passes.
+
+    pytest benchmarks/test_bench_min_distance.py --benchmark-only
+    PROTOKERN_BENCH_SHAPES=cub,cub14,imagenet pytest benchmarks --benchmark-only
+
+Grouped by named shape and pass; the contenders (every available protokern backend, the naive
+PyTorch formulations, KeOps when installed, the bare-GEMM floor) come from
+`protokern.bench.contenders`, the same ones `protokern bench` runs, on the same seeded inputs.
+Each benchmark's ``extra_info`` carries the GEMM FLOPs, achieved TFLOP/s and the peak memory
+beyond the inputs (CPU: measured in a fresh process, see benchmarks/NOTES.md).
+
+Environment variables (defaults sized for a CPU):
+
+- ``PROTOKERN_BENCH_SHAPES``: comma-separated named shapes (cpu: ``cub,cil_vectors``;
+  cuda: ``cub,imagenet,large_bank,cil_vectors``),
+- ``PROTOKERN_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda if available),
+- ``PROTOKERN_BENCH_DTYPE``: ``float32``, ``bfloat16`` or ``float16`` (default float32),
+- ``PROTOKERN_BENCH_TF32=1``: CUDA float32 may use TF32 (default: forbidden),
+- ``PROTOKERN_BENCH_THREADS``: CPU threads (default 2),
+- ``PROTOKERN_BENCH_ROUNDS``: timed rounds (default 5 cpu, 20 cuda),
+- ``PROTOKERN_BENCH_MEMORY=0``: skip the peak-memory measurement,
+- ``PROTOKERN_BENCH_MEMORY_CAP_GB``: skip cases estimated to need more (default 4 cpu,
+  90% of the GPU).
+"""
+
+import os
+
+import pytest
+import torch
+
+from protokern.bench.contenders import PASSES, all_contenders
+from protokern.bench.measure import (
+    DTYPES,
+    CaseSpec,
+    IsolatedRunner,
+    make_inputs,
+    run_case,
+    set_precision,
+)
+from protokern.bench.shapes import GPU_SHAPES, parse_shapes
+
+DEVICE = os.environ.get("PROTOKERN_BENCH_DEVICE",
+                        "cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = parse_shapes(os.environ.get("PROTOKERN_BENCH_SHAPES", ",".join(GPU_SHAPES)
+                                     if DEVICE == "cuda" else "cub,cil_vectors"))
+DTYPE = os.environ.get("PROTOKERN_BENCH_DTYPE", "float32")
+TF32 = os.environ.get("PROTOKERN_BENCH_TF32", "0") == "1"
+THREADS = int(os.environ.get("PROTOKERN_BENCH_THREADS", "2"))
+ROUNDS = int(os.environ.get("PROTOKERN_BENCH_ROUNDS", "20" if DEVICE == "cuda" else "5"))
+MEASURE_MEMORY = os.environ.get("PROTOKERN_BENCH_MEMORY", "1") != "0"
+if "PROTOKERN_BENCH_MEMORY_CAP_GB" in os.environ:
+    MEMORY_CAP = int(float(os.environ["PROTOKERN_BENCH_MEMORY_CAP_GB"]) * 2**30)
+elif DEVICE == "cuda" and torch.cuda.is_available():
+    MEMORY_CAP = int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+else:
+    MEMORY_CAP = 4 << 30
+if DTYPE not in DTYPES:
+    raise ValueError(f"PROTOKERN_BENCH_DTYPE must be one of {list(DTYPES)}, got {DTYPE!r}")
+
+CONTENDERS = all_contenders(DEVICE) if DEVICE == "cpu" or torch.cuda.is_available() else []
+
+
+@pytest.fixture(scope="module")
+def memory_runner():
+    """Fresh processes for CPU peak-memory measurement (in-process on CUDA)."""
+    if DEVICE == "cpu" and MEASURE_MEMORY:
+        with IsolatedRunner() as runner:
+            yield runner
+    else:
+        yield None
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("contender", CONTENDERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("pass_name", PASSES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_min_distance(benchmark, memory_runner, shape, pass_name, contender):
+    estimate = contender.estimate_bytes(shape, DTYPES[DTYPE], pass_name)
+    if estimate > MEMORY_CAP:
+        pytest.skip(f"{contender.name} on {shape.name} {pass_name}: estimated peak "
+                    f"{estimate / 2**30:.1f} GiB > cap {MEMORY_CAP / 2**30:.1f} GiB")
+    benchmark.group = f"{shape.name} ({shape.describe()}) {DTYPE} {pass_name}"
+    if DEVICE == "cpu":
+        torch.set_num_threads(THREADS)
+    set_precision(DEVICE, TF32)
+    x, prototypes, grad = make_inputs(shape, DTYPES[DTYPE], DEVICE)
+    step = contender.make_step(x, prototypes, grad, pass_name)
+
+    def synchronized() -> None:
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(synchronized, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+    info = benchmark.extra_info
+    info.update(contender=contender.name, kind=contender.kind, device=DEVICE, dtype=DTYPE,
+                tf32=TF32, threads=torch.get_num_threads() if DEVICE == "cpu" else None,
+                gemm_flops=shape.gemm_flops())
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        info["tflops"] = shape.gemm_flops() / benchmark.stats.stats.median / 1e12
+    if MEASURE_MEMORY:
+        spec = CaseSpec(shape, DTYPE, DEVICE, contender.name, pass_name, repeats=1, warmup=1,
+                        threads=THREADS, tf32=TF32)
+        measured = memory_runner.run(spec) if memory_runner else run_case(spec)
+        info["peak_memory_bytes"] = measured.get("peak_bytes")
+        info["memory_method"] = measured.get("memory_method", measured.get("reason"))
