@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import protokern as pk
+from protokern import cli
 from protokern import reference
 from protokern.backends import Backend, _registry
 from protokern.bench.contenders import PASSES, all_contenders
@@ -136,6 +137,12 @@ def test_a_backend_registered_later_is_a_contender(monkeypatch):
     x, prototypes, grad = make_inputs(SHAPES["tiny"], torch.float32, "cpu")
     values, _, _, _ = contender.evaluate(x, prototypes, grad)
     assert relative_error(values, reference.min_distance(x, prototypes, "sqeuclidean")[0]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_bench_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--shapes", "tiny"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().out
 
 
 def test_bad_arguments_are_clear_errors():

@@ -68,6 +68,9 @@ def _memory_cap(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The `BenchConfig` the arguments describe; ValueError on a bad one."""
     on_cuda = args.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__})")
     shapes = parse_shapes(args.shapes or ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES))
     return BenchConfig(
         shapes=shapes, device=args.device, dtypes=_csv(args.dtypes), passes=_csv(args.passes),
