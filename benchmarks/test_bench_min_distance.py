@@ -11,8 +11,11 @@ beyond the inputs (CPU: measured in a fresh process, see benchmarks/NOTES.md).
 
 Environment variables (defaults sized for a CPU):
 
-- ``PROTOKERN_BENCH_SHAPES``: comma-separated named shapes (cpu: ``cub,cil_vectors``;
-  cuda: ``cub,imagenet,large_bank,cil_vectors``),
+- ``PROTOKERN_BENCH_SHAPES``: comma-separated named shapes (cpu: ``cub``; cuda:
+  ``cub,imagenet,large_bank,cil_vectors``),
+- ``PROTOKERN_BENCH_EXCLUDE``: contender names or kinds to leave out (e.g.
+  ``protokern:reference``: the float64-exact oracle recomputes every pair when L' = 1, so on a
+  CPU it takes minutes per call on ``cil_vectors``),
 - ``PROTOKERN_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda if available),
 - ``PROTOKERN_BENCH_DTYPE``: ``float32``, ``bfloat16`` or ``float16`` (default float32),
 - ``PROTOKERN_BENCH_TF32=1``: CUDA float32 may use TF32 (default: forbidden),
@@ -42,7 +45,7 @@ from protokern.bench.shapes import GPU_SHAPES, parse_shapes
 DEVICE = os.environ.get("PROTOKERN_BENCH_DEVICE",
                         "cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = parse_shapes(os.environ.get("PROTOKERN_BENCH_SHAPES", ",".join(GPU_SHAPES)
-                                     if DEVICE == "cuda" else "cub,cil_vectors"))
+                                     if DEVICE == "cuda" else "cub"))
 DTYPE = os.environ.get("PROTOKERN_BENCH_DTYPE", "float32")
 TF32 = os.environ.get("PROTOKERN_BENCH_TF32", "0") == "1"
 THREADS = int(os.environ.get("PROTOKERN_BENCH_THREADS", "2"))
@@ -57,7 +60,11 @@ else:
 if DTYPE not in DTYPES:
     raise ValueError(f"PROTOKERN_BENCH_DTYPE must be one of {list(DTYPES)}, got {DTYPE!r}")
 
-CONTENDERS = all_contenders(DEVICE) if DEVICE == "cpu" or torch.cuda.is_available() else []
+EXCLUDE = [n for n in os.environ.get("PROTOKERN_BENCH_EXCLUDE", "").split(",") if n]
+CONTENDERS = [
+    c for c in (all_contenders(DEVICE) if DEVICE == "cpu" or torch.cuda.is_available() else [])
+    if c.name not in EXCLUDE and c.kind not in EXCLUDE
+]
 
 
 @pytest.fixture(scope="module")
