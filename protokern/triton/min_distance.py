@@ -34,10 +34,12 @@ CONFIGS = [
 ]
 """Autotuned on a GPU, keyed on the problem's shape, metric and dot precision."""
 
-INTERPRETED = _config(64, 32, 128, 4, 1)
-"""The one configuration run in the interpreter, whose cost is per operation, not per element."""
+INTERPRETED = _config(128, 128, 128, 4, 1)
+"""The one configuration run in the interpreter, whose cost is per operation, not per element:
+large tiles, few programs."""
 
-EXACT = triton.Config({"BLOCK_M": 64, "BLOCK_K": 128 if INTERPRET else 32}, num_warps=4)
+EXACT = triton.Config({"BLOCK_M": 128 if INTERPRET else 64, "BLOCK_K": 128 if INTERPRET else 32},
+                      num_warps=4)
 """`_exact_kernel`: gathers, no tuning."""
 
 

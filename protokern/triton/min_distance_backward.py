@@ -24,8 +24,8 @@ from protokern.triton import INTERPRET, launch, tiles
 
 # gathers and scatters, memory-bound: one configuration each; wider K blocks in the
 # interpreter, whose cost is per operation, not per element
-_BLOCK_K = 128 if INTERPRET else 32
-PAIRS = triton.Config({"BLOCK_M": 32, "BLOCK_K": _BLOCK_K}, num_warps=4)
+PAIRS = triton.Config({"BLOCK_M": 128 if INTERPRET else 32, "BLOCK_K": 128 if INTERPRET else 32},
+                      num_warps=4)
 PIXELS = triton.Config({"BLOCK_D": 128 if INTERPRET else 64}, num_warps=2)
 
 
