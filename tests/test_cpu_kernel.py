@@ -1,0 +1,159 @@
+"""What the contract tests (tests/test_ops.py, run on every backend) do not cover for the C++
+``cpu`` backend: tile boundaries, gradients vs the reference, thread-count independence,
+determinism and the kernel-level argument checks."""
+
+import pytest
+import torch
+from helpers import assert_matches_brute_force
+
+import protokern as pk
+from protokern import reference
+from protokern.ops import METRICS, canonicalize
+from protokern.testing import TOLERANCE, relative_error
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in pk.available_backends("cpu"),
+    reason="the C++ extension is not built (pip install --no-build-isolation -e .)",
+)
+
+# The kernel packs ceil(384 / L) images per GEMM tile and 256 prototypes per block, and its
+# exact recompute runs 32 (float) / 16 (double) lanes at a time: these shapes cross each of
+# those boundaries, with remainders everywhere.
+TILE_CASES = {
+    # B, D, H, W, M, ph, pw
+    "two-image-blocks-L49": (9, 16, 7, 7, 37, 1, 1),
+    "three-prototype-blocks": (3, 8, 5, 5, 2 * 256 + 37, 1, 1),
+    "large-D-odd": (2, 611, 3, 4, 19, 1, 1),
+    "large-D-patch": (2, 83, 5, 6, 300, 2, 3),
+    "one-image-per-block": (3, 5, 21, 20, 11, 1, 1),
+    "L1-many-images": (400, 33, 1, 1, 260, 1, 1),
+}
+
+
+def _inputs(case: str, dtype: torch.dtype):
+    batch, dim, height, width, num, ph, pw = TILE_CASES[case]
+    x = torch.randn(batch, dim, height, width, dtype=dtype)
+    prototypes = torch.randn(num, dim, ph, pw, dtype=dtype)
+    return x, prototypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_tile_boundaries(case, metric, dtype):
+    x, prototypes = _inputs(case, dtype)
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(x, prototypes, metric)
+    assert_matches_brute_force(x, prototypes, metric, values, indices)
+
+
+def _grads(backend: str, x, prototypes, metric, weights):
+    x = x.detach().clone().requires_grad_()
+    prototypes = prototypes.detach().clone().requires_grad_()
+    with pk.use_backend(backend):
+        values, indices = pk.min_distance(x, prototypes, metric)
+        (values * weights).sum().backward()
+    return values, indices, x.grad, prototypes.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", ["two-image-blocks-L49", "large-D-patch", "L1-many-images"])
+def test_gradients_match_the_reference(case, metric, dtype):
+    x, prototypes = _inputs(case, dtype)
+    if dtype == torch.bfloat16:  # keep half-precision ties out of the comparison
+        x, prototypes = x[:2], prototypes[:40]
+    weights = torch.rand(x.shape[0], prototypes.shape[0], dtype=dtype)
+    values, indices, grad_x, grad_p = _grads("cpu", x, prototypes, metric, weights)
+    # the reference's gradients through the indices the kernel chose, in float64
+    xd, pd = x.double(), prototypes.double()
+    x4, p4, _ = canonicalize(xd, pd, metric, "test")
+    ref_x, ref_p = reference.min_distance_backward(weights.double(), x4, p4, indices, metric)
+    tol = TOLERANCE[dtype]
+    assert grad_x.dtype == dtype and grad_p.dtype == dtype
+    assert grad_x.shape == x.shape and grad_p.shape == prototypes.shape
+    assert relative_error(grad_x, ref_x) <= tol
+    assert relative_error(grad_p, ref_p) <= tol
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_tokens_and_channels_last_gradients(metric):
+    tokens = torch.randn(5, 13, 24)
+    prototypes = torch.randn(70, 24)
+    weights = torch.randn(5, 70)
+    _, indices, grad_t, grad_p = _grads("cpu", tokens, prototypes, metric, weights)
+    _, ref_indices, ref_t, ref_p = _grads("reference", tokens.double(), prototypes.double(),
+                                          metric, weights.double())
+    assert torch.equal(indices, ref_indices)
+    assert relative_error(grad_t, ref_t) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_p, ref_p) <= TOLERANCE[torch.float32]
+
+    fmap = torch.randn(3, 16, 6, 5).to(memory_format=torch.channels_last)
+    protos = torch.randn(9, 16, 2, 2)
+    weights = torch.randn(3, 9)
+    _, indices, grad_x, grad_p = _grads("cpu", fmap, protos, metric, weights)
+    _, ref_indices, ref_x, ref_p = _grads("reference", fmap.double(), protos.double(), metric,
+                                          weights.double())
+    assert torch.equal(indices, ref_indices)
+    assert relative_error(grad_x, ref_x) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_p, ref_p) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_results_do_not_depend_on_the_thread_count(metric):
+    """Work is split into tasks by the thread count; every sum runs in a fixed order anyway."""
+    x, prototypes = _inputs("three-prototype-blocks", torch.float32)
+    weights = torch.randn(x.shape[0], prototypes.shape[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads("cpu", x, prototypes, metric, weights)
+        torch.set_num_threads(3)
+        three = _grads("cpu", x, prototypes, metric, weights)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)
+
+
+def test_repeated_runs_are_bitwise_equal():
+    x, prototypes = _inputs("large-D-patch", torch.float32)
+    weights = torch.randn(x.shape[0], prototypes.shape[0])
+    first = _grads("cpu", x, prototypes, "sqeuclidean", weights)
+    second = _grads("cpu", x, prototypes, "sqeuclidean", weights)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_values_are_the_exact_distance_at_the_index():
+    """The value is recomputed at the chosen position, not read off the GEMM expansion, so a
+    small distance next to large norms keeps its digits."""
+    x = 1000 + torch.rand(2, 64, 6, 6)
+    prototypes = x[:, :, 2, 3] + 1e-3 * torch.randn(2, 64)
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(x, prototypes)
+    chosen = x.flatten(2)[torch.arange(2)[:, None], :, indices]  # (B, M, D)
+    exact = (chosen.double() - prototypes.double()).square().sum(-1)
+    assert relative_error(values, exact) <= TOLERANCE[torch.float32]
+    assert (indices.diagonal() == 2 * 6 + 3).all()  # each prototype near its own image's (2, 3)
+
+
+def test_kernel_refuses_out_of_range_indices():
+    x, prototypes = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
+    grad = torch.ones(2, 5)
+    bad = torch.full((2, 5), 9, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 9\)"):
+        torch.ops.protokern_cpu.min_distance_backward(grad, x, prototypes, bad, 0)
+
+
+def test_kernel_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="x has 4 channels but prototypes have 3"):
+        torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 3, 1, 1),
+                                             0, 0.0)
+    with pytest.raises(RuntimeError, match="metric code must be 0"):
+        torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1),
+                                             7, 0.0)
+
+
+def test_cpu_is_the_default_for_cpu_tensors():
+    assert pk.available_backends("cpu")[0] == "cpu"
