@@ -91,7 +91,7 @@ def _prototype_gather_kernel(
                 mask=mask, other=0.0).to(ACC)
     total = tl.zeros((BLOCK_M, BLOCK_K), ACC)
     for image in range(0, B):
-        pair = image * M + m.to(tl.int64)
+        pair = tl.cast(image, tl.int64) * M + m  # B M may pass 2**31
         chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
         x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
         x = tl.load(x_ptr + x_rows[:, None] + x_entries[None, :], mask=mask, other=0.0).to(ACC)
