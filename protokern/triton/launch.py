@@ -23,6 +23,12 @@ class Fixed:
         return lambda *args, **kwargs: launch(*args, **kwargs, **self.config.all_kwargs())
 
 
+def fixed_config(gpu: dict, interpreted: dict, num_warps: int = 4) -> triton.Config:
+    """The one configuration of an untuned kernel: ``interpreted`` (wider blocks: the
+    interpreter's cost is per operation and program, not per element) or ``gpu``."""
+    return triton.Config(interpreted if INTERPRET else gpu, num_warps=num_warps)
+
+
 def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
     """Decorator: autotune over ``configs`` keyed on the arguments named in ``key``; in the
     interpreter, run ``interpreted`` only (autotuning there would run every config)."""

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern.triton import INTERPRET, launch, tiles
+from protokern.triton import launch, tiles
 
 
 def _config(rows, block_m, block_k, warps, stages):
@@ -38,8 +38,7 @@ INTERPRETED = _config(128, 128, 128, 4, 1)
 """The one configuration run in the interpreter, whose cost is per operation, not per element:
 large tiles, few programs."""
 
-EXACT = triton.Config({"BLOCK_M": 128 if INTERPRET else 64, "BLOCK_K": 128 if INTERPRET else 32},
-                      num_warps=4)
+EXACT = launch.fixed_config({"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 128})
 """`_exact_kernel`: gathers, no tuning."""
 
 

@@ -20,13 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern.triton import INTERPRET, launch, tiles
+from protokern.triton import launch, tiles
 
-# gathers and scatters, memory-bound: one configuration each; wider K blocks in the
-# interpreter, whose cost is per operation, not per element
-PAIRS = triton.Config({"BLOCK_M": 128 if INTERPRET else 32, "BLOCK_K": 128 if INTERPRET else 32},
-                      num_warps=4)
-PIXELS = triton.Config({"BLOCK_D": 128 if INTERPRET else 64}, num_warps=2)
+# gathers and scatters, memory-bound: one configuration each
+PAIRS = launch.fixed_config({"BLOCK_M": 32, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 128})
+PIXELS = launch.fixed_config({"BLOCK_D": 64}, {"BLOCK_D": 128}, num_warps=2)
 
 
 @triton.jit
