@@ -58,7 +58,8 @@ def test_npz_file_with_test_split_and_pair_pt(tmp_path, capsys):
 def test_planted_parts_tiny(capsys):
     rc = main(["cil", "--classes", "4", "--images-per-class", "6", "--test-images-per-class",
                "3", "--image-size", "32", "--tasks", "2", "--feature-width", "16",
-               "--heads", "ncm-cosine,fecam-shared,part-kmeans", "--no-progress"])
+               "--heads", "ncm-cosine,fecam-shared,part-kmeans", "--no-progress",
+               "--pool", "mean", "--tukey", "0.5"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "4 classes in 2 tasks" in printed and "features 16x4x4" in printed
@@ -79,3 +80,5 @@ def test_bad_arguments(tmp_path):
     torch.save({"features": features, "labels": labels}, good)
     with pytest.raises(SystemExit, match="--tasks"):
         main(["cil", "--data", str(good), "--tasks", "5", "--no-progress"])
+    with pytest.raises(SystemExit, match="--tukey needs non-negative features"):
+        main(["cil", "--data", str(good), "--tasks", "2", "--tukey", "0.5", "--no-progress"])

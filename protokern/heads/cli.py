@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from protokern.heads.metrics import CILMetrics, cil_metrics
-from protokern.heads.scenario import HEADS, run_scenario, split_into_tasks
+from protokern.heads.scenario import HEADS, POOLS, run_scenario, split_into_tasks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the test split of a file and --shuffle-classes")
     parser.add_argument("--shuffle-classes", action="store_true",
                         help="random class order instead of sorted")
+    parser.add_argument("--pool", choices=POOLS, default="max",
+                        help="how vector heads reduce feature maps over positions (default max)")
+    parser.add_argument("--tukey", type=float, default=None, metavar="LAMBDA",
+                        help="Tukey's power transform x**LAMBDA of every feature first (FeCAM "
+                             "uses 0.5); features must be non-negative")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="file without a test split: fraction of each class held out")
     group = parser.add_argument_group("planted-parts data")
@@ -46,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-images-per-class", type=int, default=30)
     group.add_argument("--image-size", type=int, default=64)
     group.add_argument("--data-seed", type=int, default=0)
-    group.add_argument("--feature-width", type=int, default=64,
+    group.add_argument("--feature-width", type=int, default=128,
                        help="channels of the random CNN's feature maps")
     group.add_argument("--feature-seed", type=int, default=0,
                        help="seeds the random CNN's weights")
@@ -175,6 +180,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"protokern cil: --tasks: {error}") from error
 
+    if args.tukey is not None:
+        if not args.tukey > 0:
+            raise SystemExit(f"protokern cil: --tukey must be > 0, got {args.tukey}")
+        if (train[0] < 0).any() or (test[0] < 0).any():
+            raise SystemExit("protokern cil: --tukey needs non-negative features")
+        train, test = (train[0].pow(args.tukey), train[1]), (test[0].pow(args.tukey), test[1])
     dim = train[0].shape[1]
     shape = "x".join(str(s) for s in train[0].shape[1:])
     print(f"protokern cil: {len(classes)} classes in {len(tasks)} tasks "
@@ -185,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     matrices: dict[str, list] = {}
     for name in heads:
         start = time.perf_counter()
-        accuracy, sizes = run_scenario(HEADS[name][1](dim), train, test, tasks,
+        accuracy, sizes = run_scenario(HEADS[name][1](dim, args.pool), train, test, tasks,
                                        progress=not args.no_progress, name=name)
         seconds[name] = time.perf_counter() - start
         results[name] = cil_metrics(accuracy, sizes)

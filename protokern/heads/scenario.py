@@ -26,9 +26,17 @@ class Learner(Protocol):
     def predict(self, features: Tensor) -> Tensor: ...
 
 
-def pooled(features: Tensor) -> Tensor:
-    """``(N, D)`` vectors stay; ``(N, D, H, W)`` maps are averaged over positions."""
-    return features.mean((2, 3)) if features.dim() == 4 else features
+POOLS = ("max", "mean")
+
+
+def pooled(features: Tensor, pool: str = "max") -> Tensor:
+    """``(N, D)`` vectors stay; ``(N, D, H, W)`` maps are reduced over positions by ``pool``
+    (``"max"`` or ``"mean"``; max keeps a small part's response from being averaged away)."""
+    if pool not in POOLS:
+        raise ValueError(f"pooled: pool must be one of {POOLS}, got {pool!r}")
+    if features.dim() != 4:
+        return features
+    return features.amax((2, 3)) if pool == "max" else features.mean((2, 3))
 
 
 def _batched_predict(predict_batch: Callable[[Tensor], Tensor], features: Tensor,
@@ -43,37 +51,39 @@ class PrototypeLearner:
     classes of every task after the first (TEEN)."""
 
     def __init__(self, dim: int, metric: str = "cosine", protos_per_class: int = 1,
-                 teen: tuple[float, float] | None = None, batch_size: int = 1024) -> None:
+                 teen: tuple[float, float] | None = None, pool: str = "max",
+                 batch_size: int = 1024) -> None:
         self.head = PrototypeHead(dim, metric=metric, protos_per_class=protos_per_class)
-        self.teen, self.batch_size = teen, batch_size
+        self.teen, self.pool, self.batch_size = teen, pool, batch_size
 
     def learn(self, classes: range, features: Tensor, labels: Tensor) -> None:
         self.head.add_classes(len(classes))
-        features = pooled(features)
+        features = pooled(features, self.pool)
         for i in range(0, features.shape[0], self.batch_size):
             self.head.update(features[i:i + self.batch_size], labels[i:i + self.batch_size])
         if self.teen is not None and self.head.num_sessions > 1:
             self.head.calibrate_teen(*self.teen, new_classes=list(classes))
 
     def predict(self, features: Tensor) -> Tensor:
-        return _batched_predict(lambda f: self.head.predict(f)[:, 0], pooled(features),
-                                self.batch_size)
+        return _batched_predict(lambda f: self.head.predict(f)[:, 0],
+                                pooled(features, self.pool), self.batch_size)
 
 
 class FeCAMLearner:
     """`FeCAMHead` on pooled features."""
 
-    def __init__(self, dim: int, covariance: str = "shared", batch_size: int = 1024) -> None:
+    def __init__(self, dim: int, covariance: str = "shared", pool: str = "max",
+                 batch_size: int = 1024) -> None:
         self.head = FeCAMHead(dim, covariance=covariance)
-        self.batch_size = batch_size
+        self.pool, self.batch_size = pool, batch_size
 
     def learn(self, classes: range, features: Tensor, labels: Tensor) -> None:
         self.head.add_classes(len(classes))
-        self.head.update(pooled(features), labels)
+        self.head.update(pooled(features, self.pool), labels)
 
     def predict(self, features: Tensor) -> Tensor:
-        return _batched_predict(lambda f: self.head.predict(f)[:, 0], pooled(features),
-                                self.batch_size)
+        return _batched_predict(lambda f: self.head.predict(f)[:, 0],
+                                pooled(features, self.pool), self.batch_size)
 
 
 class PartLearner:
@@ -100,23 +110,24 @@ class PartLearner:
                                 self.batch_size)
 
 
-HEADS: dict[str, tuple[str, Callable[[int], Learner]]] = {
+HEADS: dict[str, tuple[str, Callable[[int, str], Learner]]] = {
     "ncm-cosine": ("PrototypeHead, cosine, 1 prototype/class (SimpleCIL)",
-                   lambda d: PrototypeLearner(d, "cosine")),
+                   lambda d, pool: PrototypeLearner(d, "cosine", pool=pool)),
     "nme-sqeuclidean": ("PrototypeHead, sqeuclidean, 1 prototype/class (iCaRL-NME)",
-                        lambda d: PrototypeLearner(d, "sqeuclidean")),
+                        lambda d, pool: PrototypeLearner(d, "sqeuclidean", pool=pool)),
     "ncm-k4": ("PrototypeHead, cosine, 4 k-means prototypes/class, max similarity",
-               lambda d: PrototypeLearner(d, "cosine", protos_per_class=4)),
+               lambda d, pool: PrototypeLearner(d, "cosine", protos_per_class=4, pool=pool)),
     "teen": ("PrototypeHead, cosine, TEEN calibration (alpha 0.5, temperature 1/16)",
-             lambda d: PrototypeLearner(d, "cosine", teen=(0.5, 1 / 16))),
+             lambda d, pool: PrototypeLearner(d, "cosine", teen=(0.5, 1 / 16), pool=pool)),
     "fecam-shared": ("FeCAMHead, shared shrunk covariance (whitening + fused op)",
-                     lambda d: FeCAMLearner(d, "shared")),
+                     lambda d, pool: FeCAMLearner(d, "shared", pool=pool)),
     "fecam-class": ("FeCAMHead, per-class shrunk covariances",
-                    lambda d: FeCAMLearner(d, "per_class")),
+                    lambda d, pool: FeCAMLearner(d, "per_class", pool=pool)),
     "part-kmeans": ("PartPrototypeHead, 3 k-means part prototypes/class, untrained",
-                    lambda d: PartLearner(d)),
+                    lambda d, pool: PartLearner(d)),  # uses the maps, never pooled
 }
-"""Heads `protokern cil` can run: name -> (description, factory taking the feature dim)."""
+"""Heads `protokern cil` can run: name -> (description, factory taking the feature dim and
+the pooling of feature maps for vector heads)."""
 
 
 def split_into_tasks(num_classes: int, num_tasks: int) -> list[range]:
