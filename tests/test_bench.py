@@ -37,7 +37,8 @@ def test_bench_command_end_to_end(tmp_path):
     command = [sys.executable, "-m", "protokern.cli", "bench", "--device", "cpu",
                "--shapes", "tiny_patch", "--repeats", "2", "--warmup", "1",
                "--threads", "1", "--json", str(out_json), "--plot", str(out_png),
-               "--scaling-shape", "tiny", "--scaling-m", "20,60", "--scaling-repeats", "1"]
+               "--scaling-shape", "tiny", "--scaling-m", "20,60", "--scaling-repeats", "1",
+               "--markdown", str(tmp_path / "table.md")]
     # As a user runs it: without the Triton interpreter tests/conftest.py turns on here
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -53,6 +54,8 @@ def test_bench_command_end_to_end(tmp_path):
     for header in ("median ms", "min-max ms", "vs naive", "/ GEMM", "TFLOP/s", "peak MiB"):
         assert header in done.stdout
     assert all(name in done.stdout for name in contenders)
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert len(markdown) == 2 + len(contenders) * len(PASSES)
 
     for key in ("device_name", "torch", "triton", "cuda", "git_commit", "date_utc"):
         assert key in env

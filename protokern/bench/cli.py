@@ -10,13 +10,14 @@ memory. ``--plot`` adds a sweep of M (time and memory vs M at the fixed B, D, H 
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 
 from protokern.bench.contenders import PASSES, all_contenders
 from protokern.bench.measure import DTYPES
 from protokern.bench.plot import scaling_plot
-from protokern.bench.report import format_table, write_json
+from protokern.bench.report import format_markdown, format_table, write_json
 from protokern.bench.runner import BenchConfig, environment, run_cases
 from protokern.bench.shapes import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_shapes
 
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write all results and the environment to this file")
+    parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     parser.add_argument("--plot", help="run the M sweep and write its plot (PNG) to this file")
     parser.add_argument("--scaling-shape", default="cub", help="B, D, H x W of the sweep")
     parser.add_argument("--scaling-m", default=DEFAULT_SCALING_M, help="M values of the sweep")
@@ -114,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_cases(config, checkpoint=save)
     print(format_table(results))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(format_markdown(results) + "\n")
 
     if args.plot:
         sweep = [scaling_shape.with_prototypes(m) for m in scaling_m]

@@ -44,6 +44,25 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines[1:])
 
 
+def format_markdown(results: list[dict]) -> str:
+    """The table of `format_table` as one Markdown table (for benchmarks/NOTES.md)."""
+    lines = ["| shape | dtype | pass | contender | median ms | min-max ms | vs best naive | / GEMM "
+             "| TFLOP/s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        case = f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['contender']} |"
+        if r["status"] != "ok":
+            lines.append(f"{case} {r['status']}: {r['reason']} | | | | | |")
+            continue
+        speedup = r.get("speedup_vs_best_naive")
+        ratio = r.get("ratio_to_floor")
+        lines.append(
+            f"{case} {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f} | "
+            f"{'-' if speedup is None else f'{speedup:.2f}x'} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | {r['tflops']:.3f} | "
+            f"{r['peak_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, environment: dict, results: list[dict],
                scaling: list[dict] | None = None) -> None:
     """Write everything (environment, every raw timing) to ``path``, creating its folder."""
