@@ -171,7 +171,8 @@ def test_teen_errors():
 
 @pytest.mark.parametrize("protos_per_class", [1, 2])
 def test_state_dict_round_trips_across_growth(protos_per_class):
-    head = PrototypeHead(8, 2, metric="cosine", protos_per_class=protos_per_class, scale=4.0)
+    head = PrototypeHead(8, 2, metric="cosine", protos_per_class=protos_per_class, scale=4.0,
+                         seed=11)
     head.update(torch.randn(20, 8), torch.arange(20) % 2)
     head.add_classes(3)
     head.update(torch.randn(30, 8), 2 + torch.arange(30) % 3)
@@ -184,6 +185,7 @@ def test_state_dict_round_trips_across_growth(protos_per_class):
         fresh = PrototypeHead(8, start, metric="cosine", protos_per_class=protos_per_class)
         fresh.load_state_dict(state)
         assert fresh.num_classes == 5 and fresh.scale == 4.0 and fresh.num_sessions == 2
+        assert fresh.seed == 11
         assert torch.equal(fresh(queries), expected)
     with pytest.raises(ValueError, match="dim=8"):
         PrototypeHead(6, 0, protos_per_class=protos_per_class).load_state_dict(state)

@@ -299,10 +299,13 @@ class PrototypeHead(nn.Module):
 
     def get_extra_state(self) -> dict:
         return {"dim": self.dim, "metric": self.metric,
-                "protos_per_class": self.protos_per_class, "scale": self.scale}
+                "protos_per_class": self.protos_per_class, "scale": self.scale,
+                "kmeans_iterations": self.kmeans_iterations, "seed": self.seed}
 
     def set_extra_state(self, state: dict) -> None:
+        # the k-means settings too: centers are recomputed after loading and must not change
         self.scale = state["scale"]
+        self.kmeans_iterations, self.seed = state["kmeans_iterations"], state["seed"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
