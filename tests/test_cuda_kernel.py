@@ -221,6 +221,25 @@ def test_infinite_input_gives_the_true_value(on_cuda_backend, precision):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_huge_magnitudes_do_not_overflow_into_wrong_numbers(on_cuda_backend, metric):
+    """|x|^2 overflows float32: such pairs are computed directly (cosine after an exact
+    power-of-two scaling), not by the expansion."""
+    if metric == "sqeuclidean":  # the distances (~1e27) fit in float32
+        x = 1e19 + 1e13 * torch.randn(2, 5, 8, device="cuda")
+        p = 1e19 + 1e13 * torch.randn(3, 8, device="cuda")
+    else:  # cosine is scale-free
+        x = 1e20 * torch.randn(2, 5, 8, device="cuda")
+        p = torch.randn(3, 8, device="cuda")
+    values, indices = pk.min_distance(x, p, metric)
+    true_values, true_indices = first_min(distances(x, p, metric))
+    assert relative_error(values, true_values) <= TOLERANCE[torch.float32]
+    assert torch.equal(indices, true_indices)
+    same = torch.full((1, 2, 3), 1e19, device="cuda")
+    assert pk.min_distance(same, same[0, :1], metric).values.item() == 0
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", ["map", "ragged-tiles", "large-D", "tokens-L3-across-tiles"])

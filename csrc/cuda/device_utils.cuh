@@ -59,21 +59,66 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The sums the exact distance of a (row, prototype) pair needs.
+// The sums the exact distance of a (row, prototype) pair needs. For cosine, the row and the
+// prototype are first scaled by powers of two (exact) that bring their largest entry near 1, so
+// that |v|^2 cannot overflow (cosine is scale-free: x = 1e20 * randn must not give 1).
 struct PairSums {
-  float squared_difference;
-  float dot;
-  float row_squared;
-  float proto_squared;
+  float squared_difference;  // sum (x - p)^2, unscaled
+  float dot;                 // sum (x / row_scale) (p / proto_scale)
+  float row_squared;         // sum (x / row_scale)^2
+  float proto_squared;       // sum (p / proto_scale)^2
+  float row_scale;           // powers of two
+  float proto_scale;
 };
+
+// A power of two near the largest magnitude `largest` (1 for 0, inf or NaN: nothing to scale,
+// and NaN/inf entries must propagate unchanged).
+__device__ __forceinline__ float power_of_two_scale(float largest) {
+  if (!(largest > 0.f) || !isfinite(largest)) {
+    return 1.f;
+  }
+  return ldexpf(1.f, max(-126, min(127, ilogbf(largest))));
+}
+
+// |v| / max(|v|, eps) / scale, the factor that turns a scaled dot product into a cosine, for
+// |v| = scale * sqrt(scaled_squared) (inf when it overflows: then |v| >= eps).
+__device__ __forceinline__ float cosine_factor(float scaled_squared, float scale) {
+  const float scaled_norm = sqrtf(scaled_squared);
+  return scale * scaled_norm >= kNormEps ? 1.f / scaled_norm : scale / kNormEps;
+}
 
 __device__ __forceinline__ float distance_from_sums(Metric metric, const PairSums& s) {
   if (metric == Metric::kSqEuclidean) {
     return clamp_sqeuclidean(s.squared_difference);
   }
-  const float row_norm = clamp_min_keep_nan(sqrtf(s.row_squared), kNormEps);
-  const float proto_norm = clamp_min_keep_nan(sqrtf(s.proto_squared), kNormEps);
-  return clamp_cosine(1.f - s.dot / (row_norm * proto_norm));
+  const float cosine = s.dot * cosine_factor(s.row_squared, s.row_scale) *
+                       cosine_factor(s.proto_squared, s.proto_scale);
+  return clamp_cosine(1.f - cosine);
+}
+
+// The unscaled dot product and norms of a pair (they overflow where float32 does).
+__device__ __forceinline__ float true_dot(const PairSums& s) {
+  return s.dot * s.row_scale * s.proto_scale;
+}
+__device__ __forceinline__ float true_row_norm(const PairSums& s) {
+  return s.row_scale * sqrtf(s.row_squared);
+}
+__device__ __forceinline__ float true_proto_norm(const PairSums& s) {
+  return s.proto_scale * sqrtf(s.proto_squared);
+}
+
+template <typename T>
+__device__ __forceinline__ void accumulate_pair(PairSums& s, T x, T p, float row_inverse,
+                                                float proto_inverse) {
+  const float xv = to_float(x);
+  const float pv = to_float(p);
+  const float diff = xv - pv;
+  const float xs = xv * row_inverse;
+  const float ps = pv * proto_inverse;
+  s.squared_difference = fmaf(diff, diff, s.squared_difference);
+  s.dot = fmaf(xs, ps, s.dot);
+  s.row_squared = fmaf(xs, xs, s.row_squared);
+  s.proto_squared = fmaf(ps, ps, s.proto_squared);
 }
 
 // The sums of one pair by one warp: lane j takes k = j, j + 32, ..., then warp_sum. Every lane
@@ -81,15 +126,22 @@ __device__ __forceinline__ float distance_from_sums(Metric metric, const PairSum
 template <typename T>
 __device__ __forceinline__ PairSums warp_pair_sums(const T* row, const T* proto, int64_t dim,
                                                    int lane) {
-  PairSums s{0.f, 0.f, 0.f, 0.f};
+  float row_largest = 0.f;
+  float proto_largest = 0.f;
   for (int64_t k = lane; k < dim; k += kWarpSize) {
-    const float xv = to_float(row[k]);
-    const float pv = to_float(proto[k]);
-    const float diff = xv - pv;
-    s.squared_difference = fmaf(diff, diff, s.squared_difference);
-    s.dot = fmaf(xv, pv, s.dot);
-    s.row_squared = fmaf(xv, xv, s.row_squared);
-    s.proto_squared = fmaf(pv, pv, s.proto_squared);
+    row_largest = fmaxf(row_largest, fabsf(to_float(row[k])));
+    proto_largest = fmaxf(proto_largest, fabsf(to_float(proto[k])));
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    row_largest = fmaxf(row_largest, __shfl_xor_sync(kFullMask, row_largest, offset));
+    proto_largest = fmaxf(proto_largest, __shfl_xor_sync(kFullMask, proto_largest, offset));
+  }
+  PairSums s{0.f, 0.f, 0.f, 0.f, power_of_two_scale(row_largest),
+             power_of_two_scale(proto_largest)};
+  const float row_inverse = 1.f / s.row_scale;  // exact: a power of two
+  const float proto_inverse = 1.f / s.proto_scale;
+  for (int64_t k = lane; k < dim; k += kWarpSize) {
+    accumulate_pair(s, row[k], proto[k], row_inverse, proto_inverse);
   }
   s.squared_difference = warp_sum(s.squared_difference);
   s.dot = warp_sum(s.dot);
@@ -102,15 +154,18 @@ __device__ __forceinline__ PairSums warp_pair_sums(const T* row, const T* proto,
 // handle: an inf or NaN entry, or an overflow).
 template <typename T>
 __device__ float direct_distance(Metric metric, const T* row, const T* proto, int64_t dim) {
-  PairSums s{0.f, 0.f, 0.f, 0.f};
+  float row_largest = 0.f;
+  float proto_largest = 0.f;
   for (int64_t k = 0; k < dim; ++k) {
-    const float xv = to_float(row[k]);
-    const float pv = to_float(proto[k]);
-    const float diff = xv - pv;
-    s.squared_difference = fmaf(diff, diff, s.squared_difference);
-    s.dot = fmaf(xv, pv, s.dot);
-    s.row_squared = fmaf(xv, xv, s.row_squared);
-    s.proto_squared = fmaf(pv, pv, s.proto_squared);
+    row_largest = fmaxf(row_largest, fabsf(to_float(row[k])));
+    proto_largest = fmaxf(proto_largest, fabsf(to_float(proto[k])));
+  }
+  PairSums s{0.f, 0.f, 0.f, 0.f, power_of_two_scale(row_largest),
+             power_of_two_scale(proto_largest)};
+  const float row_inverse = 1.f / s.row_scale;
+  const float proto_inverse = 1.f / s.proto_scale;
+  for (int64_t k = 0; k < dim; ++k) {
+    accumulate_pair(s, row[k], proto[k], row_inverse, proto_inverse);
   }
   return distance_from_sums(metric, s);
 }

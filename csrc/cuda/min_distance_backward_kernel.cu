@@ -44,14 +44,15 @@ __global__ void __launch_bounds__(kWarpThreads)
   const PairSums sums = warp_pair_sums(row_pointer<T>(x, image, indices[pair]),
                                        row_pointer<T>(protos, 0, m), x.dim, lane);
   if (lane == 0) {
-    const float row_norm = sqrtf(sums.row_squared);
-    const float proto_norm = sqrtf(sums.proto_squared);
+    const float row_norm = true_row_norm(sums);
+    const float proto_norm = true_proto_norm(sums);
+    const float dot = true_dot(sums);
     const float row_bound = clamp_min_keep_nan(row_norm, kNormEps);
     const float proto_bound = clamp_min_keep_nan(proto_norm, kNormEps);
     const float scale = grad / (row_bound * proto_bound);
-    out[0] = row_norm >= kNormEps ? scale * sums.dot / (row_bound * row_bound) : 0.f;
+    out[0] = row_norm >= kNormEps ? scale * dot / (row_bound * row_bound) : 0.f;
     out[1] = -scale;
-    out[2] = proto_norm >= kNormEps ? scale * sums.dot / (proto_bound * proto_bound) : 0.f;
+    out[2] = proto_norm >= kNormEps ? scale * dot / (proto_bound * proto_bound) : 0.f;
     out[3] = -scale;
   }
 }
