@@ -242,7 +242,8 @@ def _distance_tensors(forward: float, backward: float) -> Callable[[NamedShape, 
 
 def _loop_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
     per_image = 4 * shape.num_prototypes * shape.positions * max(4, _size(dtype))
-    per_image += 2 * shape.num_prototypes * shape.row_size * max(4, _size(dtype))
+    # backward: the chosen rows, their difference and gradient, (M, K) each (measured ~5)
+    per_image += 5 * shape.num_prototypes * shape.row_size * max(4, _size(dtype))
     return (per_image + _outputs(shape, dtype) + _input_grads(shape, dtype, pass_name)
             + WORKSPACE_BYTES)
 

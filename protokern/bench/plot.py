@@ -22,24 +22,24 @@ def scaling_plot(results: list[dict], path: str | Path, memory_cap_bytes: int,
         rows = sorted((r for r in results if r["contender"] == name),
                       key=lambda r: r["num_prototypes"])
         ok = [r for r in rows if r["status"] == "ok"]
+        stopped = [r for r in rows if r["status"] != "ok"]
+        label = name
+        if stopped:
+            why = "over memory cap" if stopped[0]["status"] == "skipped" else stopped[0]["status"]
+            label += f" ({why} at M={stopped[0]['num_prototypes']})"
         style = "--" if rows[0]["kind"] == "naive" else (":" if rows[0]["kind"] == "floor"
                                                         else "-")
         ms = [r["num_prototypes"] for r in ok]
         (line,) = ax_time.plot(ms, [1e3 * r["median_s"] for r in ok], style, marker="o",
-                               label=name)
+                               label=label)
         ax_mem.plot(ms, [max(r["peak_bytes"], 1) / 2**20 for r in ok], style, marker="o",
-                    color=line.get_color(), label=name)
-        stopped = [r for r in rows if r["status"] != "ok"]
+                    color=line.get_color(), label=label)
         if ok and stopped:
-            first = stopped[0]
-            why = "over cap" if first["status"] == "skipped" else first["status"]
+            # an x at the size that did not run, level with the last one that did
             for ax, value in ((ax_time, 1e3 * ok[-1]["median_s"]),
                               (ax_mem, max(ok[-1]["peak_bytes"], 1) / 2**20)):
-                ax.plot([first["num_prototypes"]], [value], "x", color=line.get_color(),
+                ax.plot([stopped[0]["num_prototypes"]], [value], "x", color=line.get_color(),
                         markersize=10)
-                ax.annotate(f"{name}: {why} at M={first['num_prototypes']}",
-                            (first["num_prototypes"], value), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
     ax_mem.axhline(memory_cap_bytes / 2**20, color="gray", linewidth=0.8, linestyle="-.",
                    label="memory cap")
     for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak memory beyond inputs (MiB)")):
