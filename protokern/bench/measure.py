@@ -17,7 +17,6 @@ Peak memory, beyond the inputs:
   resident and not counted; every contender writes what it allocates.
 """
 
-import math
 import multiprocessing
 import os
 import resource
@@ -26,7 +25,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -225,13 +224,3 @@ class IsolatedRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def spec_dict(spec: CaseSpec) -> dict:
-    """A JSON-ready description of ``spec``."""
-    out = asdict(spec)
-    out["shape"] = spec.shape.name
-    return out
-
-
-def finite_positive(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
