@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 // Element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
@@ -118,45 +119,31 @@ PK_VECTOR_CLONES void squared_norms(const acc_t* rows, int64_t count, int64_t si
 // ---------------------------------------------------------------------------------------------
 // Exact distances (double accumulation, a fixed order: identical windows give identical values)
 
+// The sums below are reductions the compiler may vectorise (omp simd): still one fixed order,
+// so identical windows get identical values, but in vector registers, not a serial chain.
 template <typename acc_t>
 PK_INLINE double exact_squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
-  double partial[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= size; k += 8)
-    for (int j = 0; j < 8; ++j) {
-      const double d = static_cast<double>(a[k + j]) - static_cast<double>(p[k + j]);
-      partial[j] += d * d;
-    }
-  double tail = 0;
-  for (; k < size; ++k) {
+  double total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < size; ++k) {
     const double d = static_cast<double>(a[k]) - static_cast<double>(p[k]);
-    tail += d * d;
+    total += d * d;
   }
-  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-         ((partial[4] + partial[5]) + (partial[6] + partial[7])) + tail;
+  return total;
 }
 
 // Returns a.p and stores |a|^2 in *a_squared.
 template <typename acc_t>
 PK_INLINE double exact_dot(const acc_t* a, const acc_t* p, int64_t size, double* a_squared) {
-  double dot[8] = {}, sq[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= size; k += 8)
-    for (int j = 0; j < 8; ++j) {
-      const double av = static_cast<double>(a[k + j]);
-      dot[j] += av * static_cast<double>(p[k + j]);
-      sq[j] += av * av;
-    }
-  double dot_tail = 0, sq_tail = 0;
-  for (; k < size; ++k) {
+  double dot = 0, squared = 0;
+#pragma omp simd reduction(+ : dot, squared)
+  for (int64_t k = 0; k < size; ++k) {
     const double av = static_cast<double>(a[k]);
-    dot_tail += av * static_cast<double>(p[k]);
-    sq_tail += av * av;
+    dot += av * static_cast<double>(p[k]);
+    squared += av * av;
   }
-  *a_squared = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7])) +
-               sq_tail;
-  return ((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7])) +
-         dot_tail;
+  *a_squared = squared;
+  return dot;
 }
 
 PK_INLINE double cosine_from(double dot, double a_squared, double p_squared) {
@@ -166,24 +153,18 @@ PK_INLINE double cosine_from(double dot, double a_squared, double p_squared) {
   return std::min(std::max(1.0 - dot / denominator, 0.0), 2.0);
 }
 
-// sum((a - p)^2) in the working precision with 16 partial sums: for rows and prototypes whose
+// sum((a - p)^2) in the working precision: for rows and prototypes whose
 // squared norms are below huge_norm it cannot overflow, and its rounding (~K eps relative, no
 // cancellation: the differences are taken first) is far below the tolerances; identical windows
-// still give identical values. Four times the speed of the double version on AVX-512.
+// still give identical values. Several times the speed of the double version.
 template <typename acc_t>
 PK_INLINE acc_t squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
-  constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit register
-  acc_t partial[2 * kLanes] = {};              // two independent FMA chains
-  int64_t k = 0;
-  for (; k + 2 * kLanes <= size; k += 2 * kLanes)
-    for (int j = 0; j < 2 * kLanes; ++j) {
-      const acc_t d = a[k + j] - p[k + j];
-      partial[j] += d * d;
-    }
-  for (int width = kLanes; width >= 1; width /= 2)  // a tree, vectorised, not a serial chain
-    for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
-  acc_t total = partial[0];
-  for (; k < size; ++k) total += (a[k] - p[k]) * (a[k] - p[k]);
+  acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < size; ++k) {
+    const acc_t d = a[k] - p[k];
+    total += d * d;
+  }
   return total;
 }
 
@@ -210,64 +191,6 @@ struct TileSide {
   const uint8_t* finite;  // 0: the expansion cannot be trusted here, always shortlist
 };
 
-// Pass 1: per column, the smallest upper bound over trusted rows of the expanded distance,
-// turned into the threshold pass 2 compares each row's lower bound against.
-// sqeuclidean: value = s - 2C with s = |x|^2 + |p|^2, |error| <= g s + tau.
-// cosine: value = 1 - C / (|x| |p|), |error| <= g.
-template <typename acc_t>
-PK_INLINE void shortlist_thresholds(const acc_t* tile, int64_t ld, int64_t positions,
-                                           int64_t columns, TileSide<acc_t> rows,
-                                           TileSide<acc_t> cols, Metric metric, acc_t g,
-                                           acc_t tau, acc_t* threshold) {
-  if (metric == Metric::SquaredEuclidean) {
-    for (int64_t c = 0; c < columns; ++c) threshold[c] = infinity<acc_t>();
-    for (int64_t r = 0; r < positions; ++r) {
-      if (!rows.finite[r]) continue;
-      const acc_t upper_row = (1 + g) * rows.squared[r];
-      const acc_t* line = tile + r * ld;
-      for (int64_t c = 0; c < columns; ++c) {
-        const acc_t upper = upper_row - 2 * line[c];
-        threshold[c] = upper < threshold[c] ? upper : threshold[c];
-      }
-    }
-    // min(upper) + (1+g)|p|^2 + tau is the smallest upper bound; a row is shortlisted when
-    // its lower bound (1-g)(|x|^2 + |p|^2) - tau - 2C is at most that, i.e. when
-    // (1-g)|x|^2 - 2C <= min(upper) + 2g|p|^2 + 2tau.
-    for (int64_t c = 0; c < columns; ++c)
-      threshold[c] = cols.finite[c] ? threshold[c] + 2 * g * cols.squared[c] + 2 * tau
-                                    : infinity<acc_t>();
-  } else {
-    for (int64_t c = 0; c < columns; ++c) threshold[c] = -infinity<acc_t>();
-    for (int64_t r = 0; r < positions; ++r) {
-      if (!rows.finite[r]) continue;
-      const acc_t scale = rows.inverse[r];
-      const acc_t* line = tile + r * ld;
-      for (int64_t c = 0; c < columns; ++c) {
-        const acc_t similarity = line[c] * scale;
-        threshold[c] = similarity > threshold[c] ? similarity : threshold[c];
-      }
-    }
-    // smallest value + g is the smallest upper bound; shortlist when value - g is below it.
-    for (int64_t c = 0; c < columns; ++c)
-      threshold[c] = cols.finite[c] ? 1 - threshold[c] * cols.inverse[c] + 2 * g
-                                    : infinity<acc_t>();
-  }
-}
-
-// Pass 2 for one row: marks the columns where the row's lower bound is within the threshold.
-template <typename acc_t>
-PK_INLINE void shortlist_row(const acc_t* line, int64_t columns, acc_t row_squared,
-                                    acc_t row_inverse, const acc_t* col_inverse, Metric metric,
-                                    acc_t g, const acc_t* threshold, uint8_t* marked) {
-  if (metric == Metric::SquaredEuclidean) {
-    const acc_t lower_row = (1 - g) * row_squared;
-    for (int64_t c = 0; c < columns; ++c) marked[c] = (lower_row - 2 * line[c]) <= threshold[c];
-  } else {
-    for (int64_t c = 0; c < columns; ++c)
-      marked[c] = (1 - line[c] * row_inverse * col_inverse[c]) <= threshold[c];
-  }
-}
-
 // The running result of one column: the first exact minimum over the shortlisted positions,
 // or the first NaN (as torch.min).
 struct Best {
@@ -283,51 +206,142 @@ struct Best {
   }
 };
 
+// Shortlisted (position, column) pairs of one image awaiting their exact distance.
+struct Shortlist {
+  static constexpr int64_t kCapacity = 4096;
+  int32_t row[kCapacity], column[kCapacity];
+  double distance[kCapacity];
+};
+
 // Everything one task needs, allocated once per task.
 template <typename acc_t>
 struct Workspace {
-  std::vector<acc_t> rows, tile, squared, inverse, threshold;
-  std::vector<uint8_t> finite, marked;
+  std::vector<acc_t> rows, tile, squared, inverse;
+  std::vector<uint8_t> finite;
   std::vector<Best> best;
+  std::unique_ptr<Shortlist> shortlist = std::make_unique<Shortlist>();
 
+  // The tile has one chunk of padding: the last chunk of a row may read past its columns.
   Workspace(int64_t row_count, int64_t size, int64_t block)
-      : rows(row_count * size), tile(row_count * block), squared(row_count),
-        inverse(row_count), threshold(block), finite(row_count), marked(block + 8, 0),
-        best(block) {}
+      : rows(row_count * size), tile(row_count * block + kChunk), squared(row_count),
+        inverse(row_count), finite(row_count), best(block) {}
+
+  static constexpr int64_t kChunk = 16;
 };
 
-// One image against one block of prototypes: `tile` holds the inner products (positions x
-// columns, row stride ld = columns), `rows` the image's packed windows. Leaves in best[c] the
-// first exact minimum over the shortlisted positions.
+// 512-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using Index = int32_t;
+  typedef float Values __attribute__((vector_size(64)));
+  typedef int32_t Indices __attribute__((vector_size(64)));
+};
+template <>
+struct VectorOf<double> {
+  using Index = int64_t;
+  typedef double Values __attribute__((vector_size(64)));
+  typedef int64_t Indices __attribute__((vector_size(64)));
+};
+
+// One image against one block of prototypes: `tile` holds the inner products C (positions x
+// columns, row stride = columns), `rows` the image's packed windows. Leaves in best[c] the first
+// exact minimum over the positions the expansion cannot rule out.
+//
+// Every position's expanded distance is within a bound of the truth (the reference's bounds:
+// sqeuclidean |x|^2 + |p|^2 - 2C within g (|x|^2 + |p|^2) + tau, cosine 1 - C / (|x||p|) within
+// g), so a position is shortlisted when its lower bound is at most the smallest upper bound. In
+// "score" units that are cheap per element:
+//   sqeuclidean: score = (1-g)|x|^2 - 2C, shortlisted iff score <= min_r((1+g)|x|^2 - 2C)
+//                + 2g|p|^2 + 2tau;
+//   cosine:      score = -C / max(|x|, floor), shortlisted iff score <= min_r(score)
+//                + 2g max(|p|, floor).
+// One pass over the tile keeps, per column and in registers, the smallest score, its first
+// position and the second smallest score: when the second smallest is above the threshold, the
+// first position is the only candidate (the usual case). Otherwise (ties, near-ties, untrusted
+// rows or columns) the column is scanned again for all its candidates.
 template <typename acc_t>
 PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t positions,
                                    const acc_t* rows, int64_t size, TileSide<acc_t> row_side,
                                    TileSide<acc_t> col_side, const acc_t* prototypes,
                                    const double* proto_squared_exact, Metric metric, acc_t g,
-                                   acc_t tau, acc_t* threshold, uint8_t* marked, Best* best) {
-  shortlist_thresholds(tile, columns, positions, columns, row_side, col_side, metric, g, tau,
-                       threshold);
-  for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
-  for (int64_t r = 0; r < positions; ++r) {
-    if (row_side.finite[r]) {
-      shortlist_row(tile + r * columns, columns, row_side.squared[r], row_side.inverse[r],
-                    col_side.inverse, metric, g, threshold, marked);
-    } else {
-      std::memset(marked, 1, columns);
+                                   acc_t tau, Best* best, Shortlist& shortlist) {
+  constexpr int64_t kChunk = Workspace<acc_t>::kChunk;
+  const bool squared_metric = metric == Metric::SquaredEuclidean;
+  bool all_rows_trusted = true;
+  for (int64_t r = 0; r < positions; ++r) all_rows_trusted &= row_side.finite[r] != 0;
+
+  // Candidates are collected, then recomputed in a loop without data-dependent branches (so the
+  // CPU overlaps their latencies), then offered in collection order: position order per column.
+  int64_t count = 0;
+  auto flush = [&] {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = shortlist.row[i], c = shortlist.column[i];
+      shortlist.distance[i] =
+          exact_distance(rows + r * size, prototypes + c * size, size, metric,
+                         proto_squared_exact[c], row_side.finite[r] && col_side.finite[c]);
     }
-    const acc_t* row = rows + r * size;
-    for (int64_t c = 0; c < columns; c += 8) {
-      uint64_t eight;  // skip eight unmarked columns at once (the common case)
-      std::memcpy(&eight, marked + c, sizeof eight);
-      if (eight == 0) continue;
-      for (int64_t cc = c; cc < std::min(c + 8, columns); ++cc)
-        if (marked[cc])
-          best[cc].offer(exact_distance(row, prototypes + cc * size, size, metric,
-                                        proto_squared_exact[cc],
-                                        row_side.finite[r] && col_side.finite[cc]),
-                         r);
+    for (int64_t i = 0; i < count; ++i)
+      best[shortlist.column[i]].offer(shortlist.distance[i], shortlist.row[i]);
+    count = 0;
+  };
+  auto push = [&](int64_t r, int64_t c) {
+    if (count == Shortlist::kCapacity) flush();
+    shortlist.row[count] = static_cast<int32_t>(r);
+    shortlist.column[count] = static_cast<int32_t>(c);
+    ++count;
+  };
+  auto score = [&](int64_t r, int64_t c) -> acc_t {
+    const acc_t dot = tile[r * columns + c];
+    return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot : -dot * row_side.inverse[r];
+  };
+
+  // One 512-bit vector of columns at a time, its running minima kept in registers (GCC vector
+  // extensions: lowered to AVX-512, AVX2 or SSE registers by each clone).
+  using Index = typename VectorOf<acc_t>::Index;
+  using Vec = typename VectorOf<acc_t>::Values;
+  using IndexVec = typename VectorOf<acc_t>::Indices;
+  constexpr int64_t kLanes = 64 / sizeof(acc_t);
+  static_assert(kLanes <= kChunk, "the tile's padding must cover one vector");
+
+  for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
+  for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+    Vec first = Vec{} + infinity<acc_t>(), second = first, upper = first;
+    IndexVec first_at = IndexVec{} - 1;
+    for (int64_t r = 0; r < positions; ++r) {
+      if (!row_side.finite[r]) continue;
+      Vec dots;
+      std::memcpy(&dots, tile + r * columns + c0, sizeof dots);
+      // Both metrics in one shape: score = base - scale * C, upper = score + spread.
+      const acc_t base = squared_metric ? (1 - g) * row_side.squared[r] : acc_t(0);
+      const acc_t scale = squared_metric ? acc_t(2) : row_side.inverse[r];
+      const acc_t spread = squared_metric ? 2 * g * row_side.squared[r] : acc_t(0);
+      const Vec score_now = base - scale * dots;
+      const Vec upper_now = score_now + spread;
+      upper = upper_now < upper ? upper_now : upper;
+      const IndexVec better = score_now < first;
+      const Vec displaced = better ? first : score_now;  // max(first, score)
+      second = displaced < second ? displaced : second;
+      first_at = better ? IndexVec{} + static_cast<Index>(r) : first_at;
+      first = better ? score_now : first;
+    }
+    const int64_t chunk_columns = std::min(kLanes, columns - c0);
+    for (int64_t j = 0; j < chunk_columns; ++j) {
+      const int64_t c = c0 + j;
+      const acc_t threshold =
+          squared_metric
+              ? upper[j] + 2 * g * col_side.squared[c] + 2 * tau
+              : first[j] + 2 * g * (acc_t(1) / col_side.inverse[c]);
+      if (all_rows_trusted && col_side.finite[c] && first_at[j] >= 0 && second[j] > threshold) {
+        push(first_at[j], c);
+        continue;
+      }
+      for (int64_t r = 0; r < positions; ++r)
+        if (!row_side.finite[r] || !col_side.finite[c] || score(r, c) <= threshold) push(r, c);
     }
   }
+  flush();
   // The bounds guarantee a shortlisted position; if rounding ever defeated them, recompute
   // every position rather than return nothing.
   for (int64_t c = 0; c < columns; ++c)
@@ -427,7 +441,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                                          work.finite.data() + r0};
           reduce_image(tile, columns, positions, work.rows.data() + r0 * size, size, row_side,
                        col_side, prototypes + c0 * size, proto_squared_exact.data() + c0, metric,
-                       g, tau, work.threshold.data(), work.marked.data(), work.best.data());
+                       g, tau, work.best.data(), *work.shortlist);
           const int64_t out = (first_image + image) * num_prototypes + c0;
           for (int64_t c = 0; c < columns; ++c) {
             values[out + c] = static_cast<acc_t>(work.best[c].value);
