@@ -31,6 +31,11 @@ What runs where (inputs in the canonical forms of `protokern.reference`):
 - `distance_map` and its backward (explanations, not the training hot path): the reference's
   GEMM code.
 
+Known limits: where every distance of an (image, prototype) pair exceeds the float32 range, the
+value is inf (as the float64 truth cast to float32 is) but the index is the first position, not
+the float64 argmin; and, as in the reference's float32 backward, cosine gradients lose the
+``x`` term where ``|x|^2`` overflows float32.
+
 Available when ``protokern._C`` was built with its CUDA kernels (a CUDA PyTorch and nvcc at
 install time, ``pip install --no-build-isolation -e .``) and a GPU is visible.
 """
