@@ -13,7 +13,10 @@ import protokern
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("protokern.selfcheck", "check every backend against the float64 reference"),
+    "demo": ("protokern.demo", "train a ProtoPNet on generated planted-parts images (CPU, "
+             "minutes): accuracy, motif hits, fused vs naive time, PNG explanations"),
+    "train": ("protokern.train_command", "train a ProtoPNet on a local image folder"),
+    "explain": ("protokern.explain_command", "explain a trained ProtoPNet's decision on images"),
     "selfcheck": ("protokern.selfcheck", "check every backend against the float64 reference"),
     "bench": ("protokern.bench.cli", "time and memory of every backend vs naive PyTorch"),
     "cil": ("protokern.heads.cli", "class-incremental scenario: every CIL head, metrics table"),

@@ -29,8 +29,8 @@ def test_readme_usage_example_runs():
     exec(compile(_block_after("## Usage", "python"), "README.md", "exec"), {})
 
 
-def test_demo_checks_every_backend(capsys):
-    assert cli.main(["demo", "--device", "cpu"]) == 0
+def test_selfcheck_checks_every_backend(capsys):
+    assert cli.main(["selfcheck", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for backend in protokern.available_backends("cpu"):
         assert backend in out
