@@ -501,53 +501,72 @@ struct BackwardInputs {
   Metric metric;
 };
 
-// The gradient of image b's windows (L x K), summed over prototypes in index order.
+// The gradient of `count` images' windows ((count, L, K) from image `first`), each summed over
+// prototypes in index order. Prototypes are walked in blocks, each block used for all the
+// images, so the prototypes stream from memory once per call, not once per image.
 template <typename acc_t>
-PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t b,
-                                          acc_t* grad_rows) {
-  std::fill(grad_rows, grad_rows + in.positions * in.size, acc_t(0));
-  const acc_t* image_rows = in.rows + b * in.positions * in.size;
-  for (int64_t m = 0; m < in.num; ++m) {
-    const int64_t pair = b * in.num + m;
-    const int64_t position = in.indices[pair];
-    acc_t* out = grad_rows + position * in.size;
-    const acc_t* a = image_rows + position * in.size;
-    const acc_t* p = in.prototypes + m * in.size;
-    if (in.metric == Metric::SquaredEuclidean) {
-      add_scaled_difference(out, static_cast<acc_t>(2.0 * in.grad_values[pair]), a, p, in.size);
-    } else {
-      const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
-                                                in.a_squared[pair], in.p_squared[m]);
-      add_combination(out, static_cast<acc_t>(cg.a_term), a, static_cast<acc_t>(-cg.scale), p,
-                      in.size);
+PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t first,
+                                          int64_t count, acc_t* grad_rows) {
+  std::fill(grad_rows, grad_rows + count * in.positions * in.size, acc_t(0));
+  for (int64_t m0 = 0; m0 < in.num; m0 += kPrototypeBlock) {
+    const int64_t m1 = std::min(m0 + kPrototypeBlock, in.num);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t b = first + i;
+      const acc_t* image_rows = in.rows + b * in.positions * in.size;
+      acc_t* image_grad = grad_rows + i * in.positions * in.size;
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t pair = b * in.num + m;
+        const int64_t position = in.indices[pair];
+        acc_t* out = image_grad + position * in.size;
+        const acc_t* a = image_rows + position * in.size;
+        const acc_t* p = in.prototypes + m * in.size;
+        if (in.metric == Metric::SquaredEuclidean) {
+          add_scaled_difference(out, static_cast<acc_t>(2.0 * in.grad_values[pair]), a, p,
+                                in.size);
+        } else {
+          const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                    in.a_squared[pair], in.p_squared[m]);
+          add_combination(out, static_cast<acc_t>(cg.a_term), a, static_cast<acc_t>(-cg.scale),
+                          p, in.size);
+        }
+      }
     }
   }
 }
 
-// The gradient of prototypes [begin, end), each summed over images in index order.
+// The gradient of prototypes [begin, end), each summed over images in index order. A few
+// prototypes at a time, images outermost, so that the windows gathered for one image are
+// still in cache for the next prototype.
 template <typename acc_t>
 PK_VECTOR_CLONES void prototype_gradients(const BackwardInputs<acc_t>& in, int64_t batch,
                                           int64_t begin, int64_t end, acc_t* grad_prototypes) {
-  for (int64_t m = begin; m < end; ++m) {
-    acc_t* out = grad_prototypes + m * in.size;
-    const acc_t* p = in.prototypes + m * in.size;
-    std::fill(out, out + in.size, acc_t(0));
-    double p_coef = 0;
+  for (int64_t m0 = begin; m0 < end; m0 += kBackwardBlock) {
+    const int64_t m1 = std::min(m0 + kBackwardBlock, end);
+    std::fill(grad_prototypes + m0 * in.size, grad_prototypes + m1 * in.size, acc_t(0));
+    double p_coef[kBackwardBlock] = {};
     for (int64_t b = 0; b < batch; ++b) {
-      const int64_t pair = b * in.num + m;
-      const acc_t* a = in.rows + (b * in.positions + in.indices[pair]) * in.size;
-      if (in.metric == Metric::SquaredEuclidean) {
-        add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a, p,
-                              in.size);
-      } else {
-        const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
-                                                  in.a_squared[pair], in.p_squared[m]);
-        p_coef += cg.p_term;
-        add_combination(out, static_cast<acc_t>(-cg.scale), a, acc_t(0), p, in.size);
+      const acc_t* image_rows = in.rows + b * in.positions * in.size;
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t pair = b * in.num + m;
+        const acc_t* a = image_rows + in.indices[pair] * in.size;
+        acc_t* out = grad_prototypes + m * in.size;
+        if (in.metric == Metric::SquaredEuclidean) {
+          add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
+                                in.prototypes + m * in.size, in.size);
+        } else {
+          const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                    in.a_squared[pair], in.p_squared[m]);
+          p_coef[m - m0] += cg.p_term;
+          add_combination(out, static_cast<acc_t>(-cg.scale), a, acc_t(0), a, in.size);
+        }
       }
     }
     if (in.metric == Metric::Cosine)
-      add_combination(out, static_cast<acc_t>(p_coef), p, acc_t(0), p, in.size);
+      for (int64_t m = m0; m < m1; ++m) {
+        const acc_t* p = in.prototypes + m * in.size;
+        add_combination(grad_prototypes + m * in.size, static_cast<acc_t>(p_coef[m - m0]), p,
+                        acc_t(0), p, in.size);
+      }
   }
 }
 
@@ -609,11 +628,19 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   const BackwardInputs<acc_t> in{grad_values, rows.data(), prototypes, indices, dots.data(),
                                  a_squared.data(), p_squared.data(), num, positions, size,
                                  metric};
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> grad_rows(positions * size);
-    for (int64_t b = begin; b < end; ++b) {
-      image_row_gradients(in, b, grad_rows.data());
-      fold_rows(grad_rows.data(), map, grad_x + b * map.channels * map.height * map.width);
+  // A few images per step: their window gradients stay in cache while the prototypes stream.
+  const int64_t images_per_step =
+      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, 16);
+  const int64_t steps = (batch + images_per_step - 1) / images_per_step;
+  at::parallel_for(0, steps, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> grad_rows(images_per_step * positions * size);
+    for (int64_t step = begin; step < end; ++step) {
+      const int64_t first = step * images_per_step;
+      const int64_t count = std::min(images_per_step, batch - first);
+      image_row_gradients(in, first, count, grad_rows.data());
+      for (int64_t i = 0; i < count; ++i)
+        fold_rows(grad_rows.data() + i * positions * size, map,
+                  grad_x + (first + i) * map.channels * map.height * map.width);
     }
   });
   at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
