@@ -5,9 +5,10 @@
     dmap = pk.distance_map(x, prototypes)
 """
 
-from protokern import cpu_backend as _cpu_backend  # noqa: F401  (registers "cpu" when built)
-from protokern import triton as _triton_backend  # noqa: F401  (registers "triton"; imports no triton)
-from protokern import cuda_backend as _cuda_backend  # noqa: F401  (registers "cuda" when built)
+# Importing a backend module registers it (available only where it can run).
+from protokern import cpu_backend as _cpu_backend  # noqa: F401
+from protokern import cuda_backend as _cuda_backend  # noqa: F401
+from protokern import triton as _triton_backend  # noqa: F401  (imports no triton until used)
 from protokern import nn
 from protokern.backends import (
     available_backends,

@@ -101,13 +101,15 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> Che
                        value_error <= tol and agreement == 1.0 and grad_error <= tol)
 
 
-def run_selfcheck(device: str = "cpu", seed: int = 0) -> list[CheckResult]:
-    """Check every case on every backend available for ``device``, in float32 and bfloat16."""
+def run_selfcheck(device: str = "cpu", seed: int = 0,
+                  names: list[str] | None = None) -> list[CheckResult]:
+    """Check every case on the backends ``names`` (default: every backend available for
+    ``device``), in float32 and bfloat16."""
     torch.manual_seed(seed)
     return [
         check_case(case, backend, dtype, device)
         for case in CASES
-        for backend in backends.available_backends(device)
+        for backend in names or backends.available_backends(device)
         for dtype in (torch.float32, torch.bfloat16)
     ]
 
@@ -130,6 +132,8 @@ def add_arguments(parser) -> None:
     """Arguments of ``protokern selfcheck``."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="backends to check (default: every one available for the device)")
 
 
 def run(args) -> int:
@@ -137,10 +141,10 @@ def run(args) -> int:
     import protokern
 
     print(f"protokern {protokern.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"backends: {', '.join(backends.available_backends(args.device))}")
+          f"backends: {', '.join(args.backends or backends.available_backends(args.device))}")
     print("Checking min_distance (forward + backward) of every backend against the float64 "
           "reference:\n")
-    results = run_selfcheck(args.device, args.seed)
+    results = run_selfcheck(args.device, args.seed, args.backends)
     print(format_table(results))
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")

@@ -30,10 +30,13 @@ def test_readme_usage_example_runs():
 
 
 def test_selfcheck_checks_every_backend(capsys):
-    assert cli.main(["selfcheck", "--device", "cpu"]) == 0
+    # Triton's interpreter (tests set TRITON_INTERPRET) would take minutes at the self-check's
+    # sizes; tests/test_triton.py and the contract tests cover it.
+    names = [b for b in protokern.available_backends("cpu") if b != "triton"]
+    assert cli.main(["selfcheck", "--device", "cpu", "--backends", *names]) == 0
     out = capsys.readouterr().out
-    for backend in protokern.available_backends("cpu"):
-        assert backend in out
+    for backend in names:
+        assert f" {backend} " in out
     assert "FAILED" not in out and ", 0 failed" in out
 
 
