@@ -31,13 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--warm-epochs", type=int, default=1)
     parser.add_argument("--last-layer-iterations", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--features-lr", type=float, default=1e-2,
-                        help="the backbone learns from scratch here, so faster than the "
-                             "paper's 1e-4 for a pretrained one")
+    parser.add_argument("--features-lr", type=float, default=3e-3,
+                        help="the backbone learns from scratch here; the paper's 1e-4 is for "
+                             "one pretrained on ImageNet")
+    parser.add_argument("--prototypes-lr", type=float, default=3e-3)
+    parser.add_argument("--metric", choices=("sqeuclidean", "cosine"), default="sqeuclidean")
     parser.add_argument("--explanations", type=int, default=5,
                         help="test images to explain as PNG")
     parser.add_argument("--seed", type=int, default=0)
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                              "train")
     test_set = PlantedParts(args.classes, args.test_per_class, args.image_size, args.seed,
                             "test")
-    model_config = dict(num_classes=args.classes, image_size=args.image_size)
+    model_config = dict(num_classes=args.classes, image_size=args.image_size,
+                        metric=args.metric)
     model = build_protopnet(**model_config)
     backend = backends.select_backend(torch.device("cpu")).name
     print(f"ProtoPNet: small CNN backbone, {model.num_prototypes} prototypes "
@@ -118,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
     config = TrainingConfig(
         epochs=args.epochs, warm_epochs=args.warm_epochs, push_start=args.epochs,
         last_layer_iterations=args.last_layer_iterations, batch_size=args.batch_size,
+        warm_lr={"add_on_layers": 3e-3, "prototype_vectors": args.prototypes_lr},
         joint_lr={"features": args.features_lr, "add_on_layers": 3e-3,
-                  "prototype_vectors": 3e-3},
+                  "prototype_vectors": args.prototypes_lr},
         joint_lr_step=max(args.epochs, 1), seed=args.seed)
     result = train_protopnet(model, train_set, test_set, config, output, model_config,
                              progress=progress)
