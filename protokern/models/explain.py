@@ -150,7 +150,7 @@ def render_explanation(explanation: Explanation, image: Tensor, path: str | Path
         else:
             row[2].text(0.5, 0.5, "prototype not pushed:\nno source patch", ha="center",
                         va="center")
-        row[2].set_xlabel(f"similarity {evidence.similarity:.3f} x weight {evidence.weight:.2f}"
+        row[2].set_xlabel(f"similarity {evidence.similarity:.3f} x weight {evidence.weight:.3f}"
                           f" = {evidence.contribution:.3f}", fontsize=9)
         for axis in row:
             axis.set_xticks([])
