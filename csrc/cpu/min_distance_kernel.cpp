@@ -352,6 +352,48 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                       r);
 }
 
+// One position per image (tokens L = 1, or a window as large as the map): every pair's
+// distance, recomputed directly as for any chosen position; the index is 0.
+template <typename acc_t>
+PK_VECTOR_CLONES void direct_distances(const acc_t* rows, int64_t count, int64_t size,
+                                       TileSide<acc_t> row_side, TileSide<acc_t> col_side,
+                                       const acc_t* prototypes, int64_t columns,
+                                       const double* proto_squared_exact, Metric metric,
+                                       acc_t* values, int64_t ld, int64_t* indices) {
+  for (int64_t r = 0; r < count; ++r) {
+    const acc_t* a = rows + r * size;
+    int64_t c = 0;
+    if (metric == Metric::SquaredEuclidean && row_side.finite[r])
+      // Four prototypes per sweep of the window: its elements are loaded once for all four.
+      for (; c + 4 <= columns; c += 4) {
+        if (!(col_side.finite[c] && col_side.finite[c + 1] && col_side.finite[c + 2] &&
+              col_side.finite[c + 3]))
+          break;
+        const acc_t *p0 = prototypes + c * size, *p1 = p0 + size, *p2 = p1 + size,
+                    *p3 = p2 + size;
+        acc_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : t0, t1, t2, t3)
+        for (int64_t k = 0; k < size; ++k) {
+          const acc_t d0 = a[k] - p0[k], d1 = a[k] - p1[k], d2 = a[k] - p2[k],
+                      d3 = a[k] - p3[k];
+          t0 += d0 * d0;
+          t1 += d1 * d1;
+          t2 += d2 * d2;
+          t3 += d3 * d3;
+        }
+        values[r * ld + c] = t0;
+        values[r * ld + c + 1] = t1;
+        values[r * ld + c + 2] = t2;
+        values[r * ld + c + 3] = t3;
+      }
+    for (; c < columns; ++c)
+      values[r * ld + c] = static_cast<acc_t>(
+          exact_distance(a, prototypes + c * size, size, metric, proto_squared_exact[c],
+                         row_side.finite[r] && col_side.finite[c]));
+    for (c = 0; c < columns; ++c) indices[r * ld + c] = 0;
+  }
+}
+
 template <typename acc_t>
 void describe_rows(const acc_t* squared, int64_t count, acc_t* inverse, uint8_t* finite) {
   for (int64_t r = 0; r < count; ++r) {
@@ -430,10 +472,19 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
       for (int64_t block = first_block; block < last_block; ++block) {
         const int64_t c0 = block * kPrototypeBlock;
         const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
-        gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
-                                size, work.tile.data());
         const TileSide<acc_t> col_side{proto_squared.data() + c0, proto_inverse.data() + c0,
                                        proto_finite.data() + c0};
+        if (positions == 1) {  // the only position is the answer: no GEMM, no shortlist
+          const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
+                                         work.finite.data()};
+          direct_distances(work.rows.data(), images, size, row_side, col_side,
+                           prototypes + c0 * size, columns, proto_squared_exact.data() + c0,
+                           metric, values + first_image * num_prototypes + c0, num_prototypes,
+                           indices + first_image * num_prototypes + c0);
+          continue;
+        }
+        gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
+                                size, work.tile.data());
         for (int64_t image = 0; image < images; ++image) {
           const int64_t r0 = image * positions;
           const acc_t* tile = work.tile.data() + r0 * columns;
