@@ -157,3 +157,23 @@ def test_kernel_checks_its_arguments():
 
 def test_cpu_is_the_default_for_cpu_tensors():
     assert pk.available_backends("cpu")[0] == "cpu"
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_single_position_path_with_nan_inf_and_huge(metric):
+    """L = 1 skips the GEMM: its direct path must still give NaN, inf and huge values exactly as
+    the reference does (and index 0)."""
+    tokens = torch.randn(6, 1, 37)
+    prototypes = torch.randn(13, 37)
+    tokens[1, 0, 5] = float("nan")
+    tokens[2, 0, 3] = float("inf")
+    tokens[3] *= 1e20
+    prototypes[4, 7] = float("nan")
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(tokens, prototypes, metric)
+    with pk.use_backend("reference"):  # exact in float64, returned in float32 (inf past its range)
+        ref_values, _ = pk.min_distance(tokens, prototypes, metric)
+    assert (indices == 0).all()
+    assert torch.equal(values.isnan(), ref_values.isnan())
+    assert torch.equal(values.isinf(), ref_values.isinf())
+    torch.testing.assert_close(values, ref_values, equal_nan=True, rtol=1e-5, atol=0)
