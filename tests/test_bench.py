@@ -18,9 +18,11 @@ import protokern as pk
 from protokern import cli
 from protokern import reference
 from protokern.backends import Backend, _registry
-from protokern.bench.contenders import PASSES, all_contenders
+from protokern.bench import contenders as bench_contenders
+from protokern.bench.contenders import PASSES, Contender, all_contenders, select_contenders
 from protokern.bench.measure import CaseSpec, IsolatedRunner, make_inputs
-from protokern.bench.runner import BenchConfig, run_cases
+from protokern.bench.report import format_markdown, format_table, write_json
+from protokern.bench.runner import BenchConfig, add_comparisons, run_cases
 from protokern.bench.shapes import SHAPES, NamedShape, parse_shapes
 from protokern.testing import TOLERANCE, near_tie_ok, relative_error
 
@@ -155,3 +157,86 @@ def test_bad_arguments_are_clear_errors():
         BenchConfig(shapes=parse_shapes("tiny"), passes=["sideways"])
     with pytest.raises(ValueError, match="not available"):
         BenchConfig(shapes=parse_shapes("tiny"), contenders=["nope"]).selected_contenders()
+
+
+def _fake_keops(monkeypatch, available: bool = True) -> Contender:
+    """Register a stand-in contender of kind ``keops`` (pykeops is not installed here)."""
+    fake = Contender("keops", "keops", "stand-in for pykeops (test)", bench_contenders.cdist_min,
+                     bench_contenders._keops_estimate)
+    monkeypatch.setattr(bench_contenders, "KEOPS", fake)
+    monkeypatch.setattr(bench_contenders, "keops_available", lambda: available)
+    return fake
+
+
+def test_keops_is_its_own_kind_never_the_best_naive(monkeypatch):
+    assert bench_contenders.KEOPS.kind == "keops"  # the real registration, not "naive"
+    fake = _fake_keops(monkeypatch)
+    naive_names = {c.name for c in NAIVE}
+    assert "keops" in [c.name for c in all_contenders("cpu")]
+    assert select_contenders("cpu", "keops") == [fake]  # by kind (and by name)
+    kept = BenchConfig(shapes=parse_shapes("tiny"), exclude=["keops"]).selected_contenders()
+    assert "keops" not in [c.name for c in kept] and naive_names <= {c.name for c in kept}
+
+    config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
+                         contenders=["naive", "keops", "floor"], repeats=2, warmup=1,
+                         threads=1, isolate=False)
+    results = run_cases(config)
+    assert {r["contender"] for r in results} == naive_names | {"keops", "floor_mm"}
+    assert all(r["status"] == "ok" for r in results), results
+    # KeOps faster than every naive PyTorch contender: it must still not become the baseline
+    keops = next(r for r in results if r["kind"] == "keops")
+    keops["median_s"] = min(r["median_s"] for r in results) / 10
+    add_comparisons(results)
+    best = min((r for r in results if r["kind"] == "naive"), key=lambda r: r["median_s"])
+    for r in results:
+        assert r["best_naive"] == best["contender"] != "keops", r
+        assert r["speedup_vs_best_naive"] == best["median_s"] / r["median_s"]
+        assert r["speedup_vs_keops"] == keops["median_s"] / r["median_s"]
+    assert keops["speedup_vs_keops"] == 1.0 and keops["speedup_vs_best_naive"] > 1
+
+    table = format_table(results)
+    assert "vs KeOps" in table and "\nkeops " in table
+    markdown = format_markdown(results).splitlines()
+    assert "vs KeOps" in markdown[0] and len(markdown) == 2 + len(results)
+    assert all(line.count("|") == markdown[0].count("|") for line in markdown)
+
+
+def test_speedup_vs_keops_only_where_keops_ran(monkeypatch):
+    _fake_keops(monkeypatch, available=False)
+    # without pykeops, --exclude keops (a kind) is fine; --contenders keops names nothing
+    kept = BenchConfig(shapes=parse_shapes("tiny"), exclude=["keops"]).selected_contenders()
+    assert [c.name for c in kept] == [c.name for c in all_contenders("cpu")]
+    with pytest.raises(ValueError, match="not available"):
+        BenchConfig(shapes=parse_shapes("tiny"), contenders=["keops"]).selected_contenders()
+    with pytest.raises(ValueError, match="not available"):
+        BenchConfig(shapes=parse_shapes("tiny"), exclude=["naive_cnov"]).selected_contenders()
+
+    config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
+                         contenders=["naive_loop", "floor"], repeats=1, warmup=0, threads=1,
+                         isolate=False)
+    results = run_cases(config)
+    assert all(r["status"] == "ok" and "speedup_vs_keops" not in r for r in results), results
+    assert "vs KeOps" not in format_table(results) + format_markdown(results)
+
+
+def test_write_json_turns_non_finite_floats_into_null(tmp_path):
+    inf, nan = float("inf"), float("nan")
+    results = [{"shape": "tiny", "contender": "naive_loop", "status": "ok", "median_s": 0.5,
+                "speedup_vs_best_naive": inf, "ratio_to_floor": nan,
+                "times_s": [0.5, -inf, nan], "nested": {"quartiles": (nan, 1.5)}}]
+    path = tmp_path / "out" / "bench.json"
+    write_json(path, {"load_average": [nan, 1.0]}, results, scaling=[{"median_s": inf}])
+
+    def reject(constant: str):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    document = json.loads(path.read_text(), parse_constant=reject)
+    (r,) = document["results"]
+    assert r["median_s"] == 0.5
+    assert r["speedup_vs_best_naive"] is None and r["ratio_to_floor"] is None
+    assert r["times_s"] == [0.5, None, None]
+    assert r["nested"] == {"quartiles": [None, 1.5]}
+    assert document["environment"] == {"load_average": [None, 1.0]}
+    assert document["scaling"] == [{"median_s": None}]
+    assert "tiny" in document["shapes"]
+    assert math.isinf(results[0]["speedup_vs_best_naive"])  # the caller's results untouched

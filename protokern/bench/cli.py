@@ -3,9 +3,10 @@
     protokern bench --device cpu --shapes cub,imagenet --json out.json --plot out.png
 
 Prints, per (shape, dtype, pass), each contender's median time and spread, speed-up over the
-fastest naive contender, time over a bare GEMM of the same FLOPs, achieved TFLOP/s and peak
-memory. ``--plot`` adds a sweep of M (time and memory vs M at the fixed B, D, H x W of
-``--scaling-shape``) where contenders stop at the size that no longer fits ``--memory-cap-gb``.
+fastest naive PyTorch contender (and over KeOps, where it ran), time over a bare GEMM of the
+same FLOPs, achieved TFLOP/s and peak memory. ``--plot`` adds a sweep of M (time and memory
+vs M at the fixed B, D, H x W of ``--scaling-shape``) where contenders stop at the size that no
+longer fits ``--memory-cap-gb``.
 """
 
 import argparse
@@ -37,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{','.join(GPU_SHAPES)} on cuda)")
     parser.add_argument("--passes", default=",".join(PASSES), help="forward, forward+backward")
     parser.add_argument("--contenders", help="comma-separated names or kinds (protokern, naive, "
-                        "floor); default: all available")
-    parser.add_argument("--exclude", help="comma-separated contender names or kinds to leave out")
+                        "keops, floor); default: all available")
+    parser.add_argument("--exclude", help="comma-separated contender names or kinds (protokern, "
+                        "naive, keops, floor) to leave out")
     parser.add_argument("--dtypes", default="float32", help=f"among {', '.join(DTYPES)}")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: let float32 matmuls and convs use TF32 (default: forbidden)")

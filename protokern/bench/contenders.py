@@ -12,7 +12,8 @@ one ProtoPNet uses) and return ``values`` ``(B, M)`` and ``indices`` ``(B, M)`` 
 - ``naive_cdist``: ``torch.cdist(patches, prototypes) ** 2`` then ``min`` over positions;
 - ``naive_loop``: per image, ``torch.mm`` then ``min`` over positions, with a hand-written
   backward that gathers the chosen patch and scatters its gradient (``index_add_``);
-- ``keops``: a pykeops ``LazyTensor`` ``min_argmin`` reduction, when pykeops is importable;
+- ``keops``: a pykeops ``LazyTensor`` ``min_argmin`` reduction, when pykeops is importable (its
+  own kind ``keops``: a fused library, not naive PyTorch, so never the "best naive" baseline);
 - ``floor_mm``: a bare ``torch.mm`` ``(B L') x K @ K x M`` of the same FLOPs: the floor.
 
 ``estimate_bytes`` is each contender's peak memory beyond its inputs (a conservative model,
@@ -31,6 +32,9 @@ from torch import Tensor
 import protokern as pk
 from protokern.bench.shapes import NamedShape
 from protokern.reference import CHUNK_ELEMENTS, patches
+
+KINDS = ("protokern", "naive", "keops", "floor")
+"""Contender kinds; ``--contenders`` and ``--exclude`` accept a kind for all its contenders."""
 
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
@@ -149,7 +153,7 @@ class Contender:
 
     Attributes:
         name: how the table, JSON and ``--contenders`` name it.
-        kind: ``"protokern"``, ``"naive"`` or ``"floor"``.
+        kind: one of `KINDS`: ``"protokern"``, ``"naive"``, ``"keops"`` or ``"floor"``.
         description: one line for the table legend.
         min_distance: ``(x (B, D, H, W), prototypes (M, D, ph, pw))`` -> values, indices
             ``(B, M)``; None for the floor.
@@ -273,7 +277,7 @@ NAIVE_CONTENDERS = (
     Contender("naive_loop", "naive", "per image torch.mm then min; gather/scatter backward",
               loop_mm_min, _loop_estimate),
 )
-KEOPS = Contender("keops", "naive", "pykeops LazyTensor min_argmin reduction", keops_min,
+KEOPS = Contender("keops", "keops", "pykeops LazyTensor min_argmin reduction", keops_min,
                   _keops_estimate)
 FLOOR = Contender("floor_mm", "floor", "bare torch.mm (B*L') x K @ K x M: same FLOPs", None,
                   _floor_estimate)
@@ -298,23 +302,40 @@ def all_contenders(device: str) -> list[Contender]:
     return found + [FLOOR]
 
 
+def _names(names: str | list[str]) -> list[str]:
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return list(names)
+
+
 def select_contenders(device: str, names: str | list[str] | None) -> list[Contender]:
-    """The contenders named in ``names`` (comma-separated or a list; ``protokern`` selects every
-    backend, ``naive`` every naive one), all of them for None; ValueError on an unknown name."""
+    """The contenders named in ``names`` (comma-separated or a list of names or `KINDS`:
+    ``protokern`` selects every backend, ``naive`` every naive one, ``keops`` KeOps), all of
+    them for None; ValueError on a name or kind with no available contender."""
     available = all_contenders(device)
     if names is None:
         return available
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
     chosen = []
-    for name in names:
+    for name in _names(names):
         matches = [c for c in available if name in (c.name, c.kind)]
         if not matches:
             raise ValueError(
                 f"--contenders: {name!r} is not available on {device}; available: "
-                f"{', '.join(c.name for c in available)} (or a kind: protokern, naive, floor)")
+                f"{', '.join(c.name for c in available)} (or a kind: {', '.join(KINDS)})")
         chosen += [c for c in matches if c.name not in {d.name for d in chosen}]
     return chosen
+
+
+def exclude_contenders(device: str, contenders: list[Contender],
+                       names: str | list[str] | None) -> list[Contender]:
+    """``contenders`` less those named in ``names`` (names or `KINDS`). A kind with nothing
+    available is fine (``--exclude keops`` without pykeops); an unknown name is a ValueError,
+    so a typo does not silently leave a contender in."""
+    names = _names(names or [])
+    kinds = [n for n in names if n in KINDS]
+    named = [n for n in names if n not in KINDS]
+    excluded = {c.name for c in select_contenders(device, named)} if named else set()
+    return [c for c in contenders if c.name not in excluded and c.kind not in kinds]
 
 
 def contender_named(device: str, name: str) -> Contender:

@@ -8,13 +8,18 @@ matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+LINE_STYLES = {"protokern": "-", "naive": "--", "keops": (0, (5, 1, 1, 1, 1, 1)), "floor": ":"}
+"""Line style per contender kind; KeOps (dash-dot-dot) is not drawn as naive PyTorch."""
+
+
 def scaling_plot(results: list[dict], path: str | Path, memory_cap_bytes: int,
                  title: str) -> None:
     """Two log-log panels, time and peak memory vs M, one line per contender.
 
-    ``results`` are the sweep's (one shape family, one dtype, one pass). A contender's line
-    stops at its last size that ran; the next size is marked with why it did not run (over the
-    memory cap, out of memory, error).
+    ``results`` are the sweep's (one shape family, one dtype, one pass); the line style says
+    the contender's kind (`LINE_STYLES`). A contender's line stops at its last size that ran;
+    the next size is marked with why it did not run (over the memory cap, out of memory,
+    error).
     """
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     contenders = list(dict.fromkeys(r["contender"] for r in results))
@@ -27,13 +32,12 @@ def scaling_plot(results: list[dict], path: str | Path, memory_cap_bytes: int,
         if stopped:
             why = "over memory cap" if stopped[0]["status"] == "skipped" else stopped[0]["status"]
             label += f" ({why} at M={stopped[0]['num_prototypes']})"
-        style = "--" if rows[0]["kind"] == "naive" else (":" if rows[0]["kind"] == "floor"
-                                                        else "-")
+        style = LINE_STYLES.get(rows[0]["kind"], "-")
         ms = [r["num_prototypes"] for r in ok]
-        (line,) = ax_time.plot(ms, [1e3 * r["median_s"] for r in ok], style, marker="o",
-                               label=label)
-        ax_mem.plot(ms, [max(r["peak_bytes"], 1) / 2**20 for r in ok], style, marker="o",
-                    color=line.get_color(), label=label)
+        (line,) = ax_time.plot(ms, [1e3 * r["median_s"] for r in ok], linestyle=style,
+                               marker="o", label=label)
+        ax_mem.plot(ms, [max(r["peak_bytes"], 1) / 2**20 for r in ok], linestyle=style,
+                    marker="o", color=line.get_color(), label=label)
         if ok and stopped:
             # an x at the size that did not run, level with the last one that did
             for ax, value in ((ax_time, 1e3 * ok[-1]["median_s"]),

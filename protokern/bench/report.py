@@ -3,11 +3,13 @@
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from protokern.bench.shapes import SHAPES
 
 _HEADER = (f"{'contender':<22} {'median ms':>10} {'min-max ms':>17} {'vs naive':>9} "
            f"{'/ GEMM':>7} {'TFLOP/s':>8} {'peak MiB':>9}")
+_KEOPS_HEADER = f" {'vs KeOps':>9}"
 
 
 def _group_title(r: dict) -> str:
@@ -17,55 +19,68 @@ def _group_title(r: dict) -> str:
     return f"{r['shape']} ({dims})  {r['dtype']}  {r['pass']}  [{r['gemm_flops'] / 1e9:.2f} GFLOP]"
 
 
-def _row(r: dict) -> str:
+def _speedup(r: dict, key: str) -> str:
+    return "-" if r.get(key) is None else f"{r[key]:.2f}x"
+
+
+def _row(r: dict, with_keops: bool) -> str:
     if r["status"] != "ok":
         return f"{r['contender']:<22} {r['status']}: {r['reason']}"
     ms = 1e3
     spread = f"{r['min_s'] * ms:.2f}-{r['max_s'] * ms:.2f}"
-    speedup = r.get("speedup_vs_best_naive")
     ratio = r.get("ratio_to_floor")
-    return (f"{r['contender']:<22} {r['median_s'] * ms:10.2f} {spread:>17} "
-            f"{'-' if speedup is None else f'{speedup:.2f}x':>9} "
-            f"{'-' if ratio is None else f'{ratio:.2f}':>7} {r['tflops']:8.3f} "
-            f"{r['peak_bytes'] / 2**20:9.1f}")
+    row = (f"{r['contender']:<22} {r['median_s'] * ms:10.2f} {spread:>17} "
+           f"{_speedup(r, 'speedup_vs_best_naive'):>9} "
+           f"{'-' if ratio is None else f'{ratio:.2f}':>7} {r['tflops']:8.3f} "
+           f"{r['peak_bytes'] / 2**20:9.1f}")
+    return row + (f" {_speedup(r, 'speedup_vs_keops'):>9}" if with_keops else "")
 
 
 def format_table(results: list[dict]) -> str:
     """One block per (shape, dtype, pass): each contender's median time and min-max spread,
-    speed-up over the fastest naive contender, time over the bare GEMM's, achieved TFLOP/s
-    (of the GEMM's 2 B L' M K FLOPs) and peak memory beyond the inputs."""
+    speed-up over the fastest naive PyTorch contender, time over the bare GEMM's, achieved
+    TFLOP/s (of the GEMM's 2 B L' M K FLOPs), peak memory beyond the inputs and, in a block
+    where KeOps ran, the speed-up over KeOps."""
     blocks: dict[tuple, list[dict]] = {}
     for r in results:
         blocks.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
     lines = []
     for group in blocks.values():
-        lines += ["", _group_title(group[0]), _HEADER, "-" * len(_HEADER)]
-        lines += [_row(r) for r in group]
+        with_keops = any("speedup_vs_keops" in r for r in group)
+        header = _HEADER + (_KEOPS_HEADER if with_keops else "")
+        lines += ["", _group_title(group[0]), header, "-" * len(header)]
+        lines += [_row(r, with_keops) for r in group]
     return "\n".join(lines[1:])
 
 
 def format_markdown(results: list[dict]) -> str:
-    """The table of `format_table` as one Markdown table (for benchmarks/NOTES.md)."""
-    lines = ["| shape | dtype | pass | contender | median ms | min-max ms | vs best naive | / GEMM "
-             "| TFLOP/s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The table of `format_table` as one Markdown table (for benchmarks/NOTES.md); the
+    ``vs KeOps`` column only if KeOps ran for some case."""
+    with_keops = any("speedup_vs_keops" in r for r in results)
+    columns = ["shape", "dtype", "pass", "contender", "median ms", "min-max ms", "vs best naive",
+               "/ GEMM", "TFLOP/s", "peak MiB"] + (["vs KeOps"] if with_keops else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         case = f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['contender']} |"
         if r["status"] != "ok":
-            lines.append(f"{case} {r['status']}: {r['reason']} | | | | | |")
+            lines.append(f"{case} {r['status']}: {r['reason']} |" + " |" * (len(columns) - 5))
             continue
-        speedup = r.get("speedup_vs_best_naive")
         ratio = r.get("ratio_to_floor")
         lines.append(
             f"{case} {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f} | "
-            f"{'-' if speedup is None else f'{speedup:.2f}x'} | "
+            f"{_speedup(r, 'speedup_vs_best_naive')} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | {r['tflops']:.3f} | "
-            f"{r['peak_bytes'] / 2**20:.1f} |")
+            f"{r['peak_bytes'] / 2**20:.1f} |"
+            + (f" {_speedup(r, 'speedup_vs_keops')} |" if with_keops else ""))
     return "\n".join(lines)
 
 
 def write_json(path: str | Path, environment: dict, results: list[dict],
                scaling: list[dict] | None = None) -> None:
-    """Write everything (environment, every raw timing) to ``path``, creating its folder."""
+    """Write everything (environment, every raw timing) to ``path``, creating its folder.
+
+    Strict JSON: a non-finite float (an inf speed-up of a zero time, a NaN) becomes ``null``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = {r["shape"] for r in results if r["shape"] in SHAPES}
@@ -75,10 +90,17 @@ def write_json(path: str | Path, environment: dict, results: list[dict],
         "results": results,
         "scaling": scaling or [],
     }
-    path.write_text(json.dumps(document, indent=1, default=_json_default, allow_nan=False))
+    # json.dumps never hands a float to `default=`, so non-finite ones are replaced up front
+    path.write_text(json.dumps(finite_or_null(document), indent=1, default=str,
+                               allow_nan=False))
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float in its dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value

@@ -5,7 +5,9 @@ A result is a dict (JSON-ready): the case (shape and its dims, dtype, device, co
 pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``, the raw
 ``times_s`` and their summary (``median_s``, ``min_s``, ``max_s``, ``q1_s``, ``q3_s``),
 ``peak_bytes`` and ``memory_method``, ``estimated_bytes``, ``gemm_flops`` and ``tflops``, and,
-per (shape, dtype, pass), ``speedup_vs_best_naive`` and ``ratio_to_floor``.
+per (shape, dtype, pass), ``best_naive`` and ``speedup_vs_best_naive`` (over the fastest
+contender of kind ``naive``: naive PyTorch, never KeOps), ``speedup_vs_keops`` (only where a
+KeOps result exists) and ``ratio_to_floor``.
 """
 
 import os
@@ -24,7 +26,12 @@ import torch
 from tqdm import tqdm
 
 import protokern
-from protokern.bench.contenders import PASSES, Contender, select_contenders
+from protokern.bench.contenders import (
+    PASSES,
+    Contender,
+    exclude_contenders,
+    select_contenders,
+)
 from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case
 from protokern.bench.shapes import NamedShape
 
@@ -65,9 +72,7 @@ class BenchConfig:
     def selected_contenders(self) -> list[Contender]:
         """``contenders`` (all if None) less ``exclude`` (names or kinds)."""
         chosen = select_contenders(self.device, self.contenders)
-        excluded = {c.name for c in select_contenders(self.device, self.exclude or None)
-                    } if self.exclude else set()
-        return [c for c in chosen if c.name not in excluded]
+        return exclude_contenders(self.device, chosen, self.exclude)
 
 
 def case_record(shape: NamedShape, dtype: str, device: str, contender: Contender,
@@ -124,22 +129,28 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
 
 
 def add_comparisons(results: list[dict]) -> None:
-    """Per (shape, dtype, pass): speed-up of each contender over the fastest naive one, and its
-    time over the bare GEMM's (in place)."""
+    """Per (shape, dtype, pass), in place: each timed contender's speed-up over the fastest of
+    kind ``naive`` (``best_naive``, ``speedup_vs_best_naive``), over KeOps
+    (``speedup_vs_keops``, only if KeOps ran for the case) and its time over the bare GEMM's
+    (``ratio_to_floor``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
     for group in groups.values():
         timed = [r for r in group if r["status"] == "ok"]
         naive = [r for r in timed if r["kind"] == "naive"]
+        keops = [r for r in timed if r["kind"] == "keops"]
         floor = [r for r in timed if r["kind"] == "floor"]
         best_naive = min(naive, key=lambda r: r["median_s"]) if naive else None
         for r in timed:
-            for stale in ("best_naive", "speedup_vs_best_naive", "ratio_to_floor"):
+            for stale in ("best_naive", "speedup_vs_best_naive", "speedup_vs_keops",
+                          "ratio_to_floor"):
                 r.pop(stale, None)  # recomputed as more of the group finishes
             if best_naive is not None:
                 r["best_naive"] = best_naive["contender"]
                 r["speedup_vs_best_naive"] = best_naive["median_s"] / r["median_s"]
+            if keops:
+                r["speedup_vs_keops"] = keops[0]["median_s"] / r["median_s"]
             if floor:
                 r["ratio_to_floor"] = r["median_s"] / floor[0]["median_s"]
 
