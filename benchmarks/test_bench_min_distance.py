@@ -9,13 +9,27 @@ PyTorch formulations, KeOps when installed, the bare-GEMM floor) come from
 Each benchmark's ``extra_info`` carries the GEMM FLOPs, achieved TFLOP/s and the peak memory
 beyond the inputs (CPU: measured in a fresh process, see benchmarks/NOTES.md).
 
+Timing on CUDA. pytest-benchmark's own statistics (its table, ``stats`` in
+``--benchmark-json``) can only come from its timer model: a zero-argument host clock
+(``--benchmark-timer``, default ``time.perf_counter``) read before and after each round, the
+round's duration being the difference of the two numbers. A CUDA event is not such a clock: its
+time is known only after the GPU has passed it, as an interval between two events
+(``Event.elapsed_time``), so it cannot be that timer. Hence, on CUDA, each round is timed both
+ways: the round calls `protokern.bench.measure.cuda_event_seconds` (the helper ``protokern
+bench`` times with: synchronize, event, step, event, wait for it), so pytest-benchmark's host
+time includes launch overhead and that wait, while the same rounds' event times (warm-up round
+dropped) go to ``extra_info``: ``cuda_event_times_s`` and their summary (``cuda_event_median_s``,
+``_min_s``, ``_max_s``, ``_q1_s``, ``_q3_s``); ``tflops`` uses the event median on CUDA, the
+pytest-benchmark median on CPU (where ops are synchronous and the host clock is the time).
+
 Environment variables (defaults sized for a CPU):
 
 - ``PROTOKERN_BENCH_SHAPES``: comma-separated named shapes (cpu: ``cub``; cuda:
   ``cub,imagenet,large_bank,cil_vectors``),
-- ``PROTOKERN_BENCH_EXCLUDE``: contender names or kinds to leave out (e.g.
-  ``protokern:reference``: the float64-exact oracle recomputes every pair when L' = 1, so on a
-  CPU it takes minutes per call on ``cil_vectors``),
+- ``PROTOKERN_BENCH_EXCLUDE``: contender names or kinds (``protokern``, ``naive``, ``keops``,
+  ``floor``) to leave out, e.g. ``protokern:reference`` (the float64-exact oracle recomputes
+  every pair when L' = 1, so on a CPU it takes minutes per call on ``cil_vectors``); a name
+  that matches no available contender is an error, so a typo does not go unnoticed,
 - ``PROTOKERN_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda if available),
 - ``PROTOKERN_BENCH_DTYPE``: ``float32``, ``bfloat16`` or ``float16`` (default float32),
 - ``PROTOKERN_BENCH_TF32=1``: CUDA float32 may use TF32 (default: forbidden),
@@ -31,14 +45,16 @@ import os
 import pytest
 import torch
 
-from protokern.bench.contenders import PASSES, all_contenders
+from protokern.bench.contenders import PASSES, all_contenders, exclude_contenders
 from protokern.bench.measure import (
     DTYPES,
     CaseSpec,
     IsolatedRunner,
+    cuda_event_seconds,
     make_inputs,
     run_case,
     set_precision,
+    summarize,
 )
 from protokern.bench.shapes import GPU_SHAPES, parse_shapes
 
@@ -60,11 +76,11 @@ else:
 if DTYPE not in DTYPES:
     raise ValueError(f"PROTOKERN_BENCH_DTYPE must be one of {list(DTYPES)}, got {DTYPE!r}")
 
-EXCLUDE = [n for n in os.environ.get("PROTOKERN_BENCH_EXCLUDE", "").split(",") if n]
-CONTENDERS = [
-    c for c in (all_contenders(DEVICE) if DEVICE == "cpu" or torch.cuda.is_available() else [])
-    if c.name not in EXCLUDE and c.kind not in EXCLUDE
-]
+WARMUP_ROUNDS = 1
+ON_DEVICE = DEVICE == "cpu" or torch.cuda.is_available()
+CONTENDERS = (exclude_contenders(DEVICE, all_contenders(DEVICE),
+                                 os.environ.get("PROTOKERN_BENCH_EXCLUDE", ""))
+              if ON_DEVICE else [])
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +109,30 @@ def test_min_distance(benchmark, memory_runner, shape, pass_name, contender):
     x, prototypes, grad = make_inputs(shape, DTYPES[DTYPE], DEVICE)
     step = contender.make_step(x, prototypes, grad, pass_name)
 
-    def synchronized() -> None:
-        step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+    event_times: list[float] = []
 
-    benchmark.pedantic(synchronized, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    def timed_round() -> None:
+        # on CUDA the round also waits for the GPU, so the host clock sees the whole call
+        if DEVICE == "cuda":
+            event_times.append(cuda_event_seconds(step))
+        else:
+            step()
+
+    benchmark.pedantic(timed_round, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
 
     info = benchmark.extra_info
     info.update(contender=contender.name, kind=contender.kind, device=DEVICE, dtype=DTYPE,
                 tf32=TF32, threads=torch.get_num_threads() if DEVICE == "cpu" else None,
                 gemm_flops=shape.gemm_flops())
     if benchmark.stats is not None:  # None under --benchmark-disable
-        info["tflops"] = shape.gemm_flops() / benchmark.stats.stats.median / 1e12
+        median = benchmark.stats.stats.median
+        if DEVICE == "cuda":
+            timed = event_times[WARMUP_ROUNDS:]
+            assert len(timed) == ROUNDS, (len(event_times), ROUNDS)
+            info["cuda_event_times_s"] = timed
+            info.update({f"cuda_event_{key}": value for key, value in summarize(timed).items()})
+            median = info["cuda_event_median_s"]
+        info["tflops"] = shape.gemm_flops() / median / 1e12
     if MEASURE_MEMORY:
         spec = CaseSpec(shape, DTYPE, DEVICE, contender.name, pass_name, repeats=1, warmup=1,
                         threads=THREADS, tf32=TF32)

@@ -23,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -126,19 +127,25 @@ class _CudaMemory:
         return torch.cuda.max_memory_allocated() - self.baseline
 
 
-def _time_calls(step, repeats: int, device: str) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``step``."""
-    times = []
+def cuda_event_seconds(step: Callable[[], object]) -> float:
+    """Seconds the GPU spent on one call of ``step``, between two CUDA events recorded on the
+    current stream; the device is idle first (no earlier work counted) and the call has
+    finished when this returns. Also what benchmarks/test_bench_min_distance.py times with."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_calls(step: Callable[[], object], repeats: int, device: str) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step``: CUDA events on ``cuda``, else
+    ``time.perf_counter`` (CPU ops are synchronous)."""
     if device == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
+        return [cuda_event_seconds(step) for _ in range(repeats)]
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
@@ -174,7 +181,7 @@ def run_case(spec: CaseSpec) -> dict:
         memory = _CudaMemory() if spec.device == "cuda" else _CpuMemory()
         for _ in range(spec.warmup):
             step()
-        times = _time_calls(step, spec.repeats, spec.device)
+        times = time_calls(step, spec.repeats, spec.device)
         peak = memory.peak()
     except torch.OutOfMemoryError as error:
         return {**result, "status": "out of memory", "reason": str(error).split("\n")[0]}
