@@ -7,8 +7,11 @@
 #   bench-cuda-bfloat16.json          step cut short by its time limit still leaves its data)
 #   scaling-cuda-float32-tf32.png     time and memory vs M
 # Usage: benchmarks/run_gpu.sh OUT_DIR
-# Each step has a time limit (seconds below) so the whole script ends within ~9.5 minutes even
-# if one step hangs; a failed step is reported and the next runs. Exit status: 1 if any failed.
+# Each step has a time limit so the script ends before the lent GPU's 600 s per command even if
+# every step hangs; a failed step is reported and the next runs. Exit status: 1 if any failed.
+# Worst case: steps 160 + 80 + 145 + 75 = 460 s, + 10 s of --kill-after for each of the 4 = 500;
+# + 3 probes (nvidia-smi, two python -c) at 10 s + 2 s kill-after = 36 -> 536 s in the script;
+# + ~20 s for the tool to start it = 556 s < 560 s, leaving 44 s spare under 600.
 # For a smoke test without a GPU: RUN_GPU_DEVICE=cpu RUN_GPU_SHAPES=tiny RUN_GPU_SKIP_BUILD=1.
 set -uo pipefail
 
@@ -32,29 +35,32 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, report, go on
     echo "=== $name: exit $status after $((SECONDS - start))s"
     [ "$status" -eq 0 ] || failed=1
 }
+probe() {  # probe COMMAND...: informational, bounded (10 s + 2 s kill-after), never fails
+    timeout --kill-after=2 10 "$@" || echo "=== probe exit $?: $*"
+}
 
 echo "=== run_gpu.sh at $(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-nvidia-smi || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+probe nvidia-smi
+probe python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'available', torch.cuda.is_available())"
 
 if [ -z "${RUN_GPU_SKIP_BUILD:-}" ]; then
     # --no-deps: the machine may have no network; torch and friends are already installed
-    step build 200 env PROTOKERN_REQUIRE_EXT=1 \
+    step build 160 env PROTOKERN_REQUIRE_EXT=1 \
         python -m pip install --no-build-isolation --no-deps -e .
 fi
-python -c "import protokern as pk; print('backends on $DEVICE:', pk.available_backends('$DEVICE'))"
+probe python -c "import protokern as pk; print('backends on $DEVICE:', pk.available_backends('$DEVICE'))"
 if [ "$DEVICE" = cuda ]; then
-    step "tests -m cuda" 100 python -m pytest -m cuda -q -x tests
+    step "tests -m cuda" 80 python -m pytest -m cuda -q -x tests
 fi
 
-step "bench float32 (TF32 allowed)" 180 protokern bench --device "$DEVICE" \
+step "bench float32 (TF32 allowed)" 145 protokern bench --device "$DEVICE" \
     --shapes "$SHAPES" --dtypes float32 --tf32 --repeats 10 --warmup 3 \
     --json "$OUT_DIR/bench-$DEVICE-float32-tf32.json" \
     --plot "$OUT_DIR/scaling-$DEVICE-float32-tf32.png" --scaling-shape "$SCALING_SHAPE" \
     --scaling-m 1000,2000,5000,10000,20000,50000,100000 --scaling-repeats 5
 # the reference backend (plain PyTorch, the test oracle) is timed in float32 only
-step "bench bfloat16" 90 protokern bench --device "$DEVICE" --shapes "$SHAPES" \
+step "bench bfloat16" 75 protokern bench --device "$DEVICE" --shapes "$SHAPES" \
     --dtypes bfloat16 --exclude protokern:reference --repeats 10 --warmup 3 \
     --json "$OUT_DIR/bench-$DEVICE-bfloat16.json"
 
