@@ -59,6 +59,19 @@ class Backend:
         return self.device_types is None or device_type in self.device_types
 
 
+def native_ops_error(namespace: str, op: str, built_where: str) -> str | None:
+    """Why ``torch.ops.<namespace>.<op>`` from the extension ``protokern._C`` cannot be used in
+    this install, or None. ``built_where`` says where the install builds those kernels."""
+    try:
+        import protokern._C  # noqa: F401  (loading the library registers its torch ops)
+    except ImportError as error:
+        return (f"the native extension protokern._C is not built ({error}); reinstall with "
+                f"`pip install --no-build-isolation -e .` {built_where}")
+    if not hasattr(getattr(torch.ops, namespace), op):
+        return f"protokern._C was built without these kernels (they build {built_where})"
+    return None
+
+
 _registry: dict[str, Backend] = {}
 _process_choice: str | None = None
 _UNSET = object()

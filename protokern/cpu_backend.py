@@ -17,24 +17,14 @@ import torch
 from torch import Tensor
 
 from protokern import reference
-from protokern.backends import Backend, register_backend
+from protokern.backends import Backend, native_ops_error, register_backend
 
 METRIC_CODES = {"sqeuclidean": 0, "cosine": 1}
 """How the C++ ops spell the metric."""
 
 
-def _load_error() -> str | None:
-    try:
-        import protokern._C  # noqa: F401  (loading the library registers torch.ops.protokern_cpu)
-    except ImportError as error:
-        return (f"the C++ extension protokern._C is not built ({error}); reinstall with "
-                "`pip install --no-build-isolation -e .` where a C++ compiler is available")
-    if not hasattr(torch.ops.protokern_cpu, "min_distance"):
-        return "protokern._C was built without the CPU kernels"
-    return None
-
-
-_LOAD_ERROR = _load_error()
+_LOAD_ERROR = native_ops_error("protokern_cpu", "min_distance",
+                               "where a C++ compiler is available")
 
 
 def _gemm_rounding(x: Tensor) -> float:

@@ -46,20 +46,13 @@ import torch
 from torch import Tensor
 
 from protokern import reference
-from protokern.backends import Backend, backend_named, register_backend
+from protokern.backends import Backend, backend_named, native_ops_error, register_backend
 
 
 @functools.cache
 def _build_error() -> str | None:
-    try:
-        import protokern._C  # noqa: F401  (loading it registers torch.ops.protokern_cuda)
-    except ImportError as error:
-        return (f"the native extension protokern._C is not built ({error}); reinstall with "
-                "`pip install --no-build-isolation -e .` where PyTorch has CUDA and nvcc exists")
-    if not hasattr(torch.ops.protokern_cuda, "min_distance_forward"):
-        return ("protokern._C was built without its CUDA kernels (PyTorch without CUDA, or no "
-                "nvcc, at install time)")
-    return None
+    return native_ops_error("protokern_cuda", "min_distance_forward",
+                            "where PyTorch has CUDA and nvcc exists")
 
 
 def unavailable_reason() -> str | None:
