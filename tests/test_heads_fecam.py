@@ -138,3 +138,24 @@ def test_errors():
     shared.update(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="more samples than classes"):
         shared(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("covariance", ["shared", "per_class"])
+def test_non_finite_features_are_named(covariance):
+    x, y = torch.randn(30, 4), torch.arange(30) % 3
+    x[4, 2] = float("nan")  # class 1, feature 2
+    head = FeCAMHead(4, 3, covariance)
+    head.update(x, y)
+    # without the check: "shrunk covariance ... is not positive definite; increase shrinkage"
+    with pytest.raises(ValueError, match=r"classes \[1\] are not finite \(NaN or inf\) in "
+                                         r"feature dimensions \[2\]"):
+        head(torch.randn(2, 4))
+    # finite sums whose squares overflow float64: named too
+    big = FeCAMHead(4, 3, covariance)
+    z = torch.randn(30, 4, dtype=torch.float64)
+    z[7, 3] = 1e200  # class 1
+    big.update(z, y)
+    assert big.class_sums.isfinite().all()
+    which = r"classes \[1\]" if covariance == "per_class" else "the shared covariance"
+    with pytest.raises(ValueError, match=which + r" .* feature dimensions \[3\]"):
+        big(torch.randn(2, 4))

@@ -65,3 +65,17 @@ def test_fewer_points_than_k_and_errors():
         kmeans(torch.randn(0, 3), 2)
     with pytest.raises(ValueError, match="k must be"):
         kmeans(torch.randn(4, 3), 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_non_finite_points_raise_a_clear_error(bad, metric):
+    points = torch.randn(12, 4)
+    points[5, 2] = bad
+    points[9, 0] = bad
+    # without the check: a crash in torch.multinomial on NaN probabilities
+    with pytest.raises(ValueError, match=r"contain NaN or inf in 2 rows \(first: \[5, 9\]\)"):
+        kmeans(points, 3, metric)
+    # one row but k = 1 never draws: still refused (a NaN center would be a silent NaN)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans(points[5:6], 1, metric)

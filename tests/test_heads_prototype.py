@@ -232,3 +232,18 @@ def test_kmeans_helper_is_used_per_class():
     for c in range(2):
         expected = kmeans(features[labels == c], 3, "sqeuclidean", seed=5 + c).centers
         assert torch.equal(bank[c].float(), expected)
+
+
+def test_nan_features():
+    x = torch.randn(10, 4)
+    x[0, 0] = float("nan")  # class 0
+    labels = torch.arange(10) % 2
+    several = PrototypeHead(4, 2, protos_per_class=2)
+    several.update(x, labels)
+    with pytest.raises(ValueError, match=r"class 0 \(protos_per_class=2\).*NaN or inf"):
+        several(torch.randn(3, 4))
+    # one prototype per class: the mean of class 0 is NaN, so are its logits; class 1 is not
+    single = PrototypeHead(4, 2, metric="sqeuclidean")
+    single.update(x, labels)
+    logits = single(torch.randn(3, 4))
+    assert logits[:, 0].isnan().all() and logits[:, 1].isfinite().all()

@@ -1,9 +1,12 @@
 """FeCAM: Mahalanobis distance to class means with shrunk covariances (Goswami et al. 2023)."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from protokern.heads.growth import (
+    apply_keeping_dtypes,
     check_count,
     check_features,
     check_features_labels,
@@ -41,7 +44,8 @@ class FeCAMHead(nn.Module):
     float64 with `update`, in any number of calls. The covariance is either one pooled
     within-class covariance shared by all classes (``covariance="shared"``) or one per class
     (``"per_class"``, which needs >= 2 samples per class), shrunk as in FeCAM
-    (`shrink_covariance`).
+    (`shrink_covariance`). Casting the module (``.float()``, ``.half()``, ``.to(dtype)``)
+    leaves these statistics float64, exactly; they move with ``.to(device)``.
 
     Evaluation never inverts a matrix: the inverse Cholesky factors ``W = L^-1`` (``S = L L^T``,
     so ``d = |W (x - mu)|^2``) are computed once by a triangular solve and cached until the
@@ -83,6 +87,13 @@ class FeCAMHead(nn.Module):
         scatter_shape = (1, dim, dim) if covariance == "shared" else (num_classes, dim, dim)
         self.register_buffer("outer_sums", torch.zeros(scatter_shape, dtype=f64, device=device))
         self._whiteners: Tensor | None = None  # cached (1 or C, D, D) inverse Cholesky factors
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "FeCAMHead":
+        """`nn.Module._apply` (behind `.to`, `.float`, `.cuda`, ...), keeping the float64
+        statistics float64 (they only move) and dropping the cached whiteners."""
+        apply_keeping_dtypes(self, fn, recurse, ("class_sums", "outer_sums"))
+        self._whiteners = None
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -147,6 +158,7 @@ class FeCAMHead(nn.Module):
         """Cached inverse Cholesky factors ``W = L^-1`` of the shrunk covariances, ``(1 or C,
         D, D)`` float64, lower triangular; ``d(x, c) = |W_c (x - mu_c)|^2``."""
         if self._whiteners is None:
+            self._check_finite()
             shrunk = shrink_covariance(self.covariances(), *self.shrink, self.normalize)
             if self.covariance == "per_class":  # unseen classes: identity, masked in forward
                 eye = torch.eye(self.dim, dtype=shrunk.dtype, device=shrunk.device)
@@ -160,6 +172,29 @@ class FeCAMHead(nn.Module):
             self._whiteners = torch.linalg.solve_triangular(
                 factor, eye.expand_as(factor), upper=False)
         return self._whiteners
+
+    def _check_finite(self) -> None:
+        """Raise ValueError naming the classes and feature dimensions whose statistics are NaN
+        or inf (from non-finite `update` features): the Cholesky factorisation would otherwise
+        fail with a misleading "not positive definite" message."""
+        bad_sums = ~torch.isfinite(self.class_sums)
+        bad_outer = ~torch.isfinite(self.outer_sums)
+        if not (bad_sums.any() or bad_outer.any()):
+            return
+        # the diagonal of the outer sums (sums of x_i^2) is non-finite exactly in the bad
+        # dimensions (NaN spreads over whole rows and columns off it), and it also catches
+        # sums that stay finite while their squares overflow
+        bad_diagonal = ~torch.isfinite(self.outer_sums.diagonal(dim1=-2, dim2=-1))
+        bad_dims = bad_sums.any(0) | bad_diagonal.any(0)
+        dims = bad_dims.nonzero().flatten().tolist()
+        classes = bad_sums.any(1)
+        if self.covariance == "per_class":
+            classes = classes | bad_outer.flatten(1).any(1)
+        named = classes.nonzero().flatten().tolist()
+        which = f"classes {named}" if named else "the shared covariance"
+        raise ValueError(f"FeCAMHead: the statistics of {which} are not finite (NaN or inf) "
+                         f"in feature dimensions {dims}; the features given to update() had "
+                         f"NaN or inf values (or overflow float64 when squared)")
 
     def distances(self, features: Tensor) -> Tensor:
         """``(N, C)`` squared Mahalanobis distances in the features' dtype (computed in

@@ -1,5 +1,7 @@
 """Shared plumbing of the growing heads: input checks and state_dict loading across growth."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -65,3 +67,24 @@ def resize_buffers_for_load(module: nn.Module, state_dict: dict, prefix: str,
         if incoming.shape != own.shape:
             module._buffers[name] = torch.empty(incoming.shape, dtype=own.dtype,
                                                 device=own.device)
+
+
+def apply_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool,
+                         keep: tuple[str, ...]) -> None:
+    """Run ``nn.Module._apply(fn)`` on ``module`` but keep the dtype of the buffers named in
+    ``keep`` (they follow ``fn`` to its device only).
+
+    For `.float()`, `.half()`, `.to(dtype)` on a model holding a head: the head's exact
+    statistics must stay float64 (a float32 running sum is neither exact nor what `update`
+    adds in). A buffer whose dtype ``fn`` changed is replaced by its value from *before* the
+    call moved to the new device, so the cast loses nothing (casting float32 back to float64
+    would keep the rounding); a buffer whose dtype ``fn`` kept (a device move,
+    `share_memory`, `to_empty`) keeps what ``fn`` made of it.
+    """
+    before = {name: module._buffers[name] for name in keep if module._buffers.get(name)
+              is not None}
+    nn.Module._apply(module, fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[name] = old.to(device=new.device, dtype=old.dtype)

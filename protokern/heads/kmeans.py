@@ -55,6 +55,7 @@ def kmeans(points: Tensor, k: int, metric: str = "sqeuclidean", iterations: int 
 
     An empty cluster is re-seeded with the point farthest from its center (deterministic).
     Means are accumulated in float64, distances computed by the op in the points' dtype.
+    Raises ValueError if a point has a NaN or infinite coordinate.
     """
     if not isinstance(points, Tensor) or points.dim() != 2:
         shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
@@ -67,6 +68,14 @@ def kmeans(points: Tensor, k: int, metric: str = "sqeuclidean", iterations: int 
         raise ValueError(f"kmeans: iterations must be a positive int, got {iterations!r}")
     check_metric(metric, "kmeans")
     points = points.detach()
+    finite = torch.isfinite(points).all(dim=1)
+    if not finite.all():
+        # a NaN or inf point has no distance to anything: k-means++ could not draw from its
+        # NaN probabilities and the means would be NaN, so refuse the input by name
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"kmeans: points {tuple(points.shape)} contain NaN or inf in "
+                         f"{len(bad)} rows (first: {bad[:10].tolist()}); k-means needs finite "
+                         f"points")
     if metric == "cosine":
         points = _normalized(points)
     num = points.shape[0]

@@ -1,11 +1,12 @@
 """A growing nearest-prototype head: NCM / SimpleCIL / iCaRL-NME, with TEEN calibration."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from protokern.heads.growth import (
+    apply_keeping_dtypes,
     check_count,
     check_features,
     check_features_labels,
@@ -29,6 +30,10 @@ class PrototypeHead(nn.Module):
     maximum similarity over them. k-means needs the samples, so the head then also keeps every
     sample it was given (``memory_features``, float32), and recomputes a class's centers the
     next time they are needed after it received new samples.
+
+    Casting the module (``.float()``, ``.half()``, ``.to(dtype)``, also as part of a model)
+    leaves the float64 statistics and the sample memory in their dtypes, exactly; they move
+    with ``.to(device)``.
 
     Logits ``(N, C)``: ``scale * (1 - cosine distance)`` (cosine) or
     ``-scale * squared distance`` (sqeuclidean), reduced by max over a class's prototypes;
@@ -73,6 +78,18 @@ class PrototypeHead(nn.Module):
         self.register_buffer("memory_labels", torch.zeros(0, dtype=i64, device=device))
         self._centers: dict[int, Tensor] = {}  # class -> (K', D) k-means centers (K > 1)
         self._forward_prototypes: dict[tuple, Tensor] = {}  # (dtype, device) -> padded bank
+
+    # the exact statistics (float64) and the sample memory k-means reads keep their dtype
+    # when the module is cast; they only move with it
+    _KEEP_DTYPE = ("class_sums", "teen_prototypes", "memory_features")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "PrototypeHead":
+        """`nn.Module._apply` (behind `.to`, `.float`, `.cuda`, ...), keeping the dtype of
+        the statistics buffers and dropping the caches computed on the old device/dtype."""
+        apply_keeping_dtypes(self, fn, recurse, self._KEEP_DTYPE)
+        self._centers.clear()
+        self._forward_prototypes.clear()
+        return self
 
     # ------------------------------------------------------------------------------------------
     # Growth and statistics
@@ -157,8 +174,12 @@ class PrototypeHead(nn.Module):
         for c in self.seen().nonzero().flatten().tolist():
             if c not in self._centers:
                 points = self.memory_features[self.memory_labels == c]
-                self._centers[c] = kmeans(points, k, self.metric, self.kmeans_iterations,
-                                          seed=self.seed + c).centers
+                try:
+                    self._centers[c] = kmeans(points, k, self.metric, self.kmeans_iterations,
+                                              seed=self.seed + c).centers
+                except ValueError as error:  # e.g. NaN samples: say which class
+                    raise ValueError(f"PrototypeHead: the k-means prototypes of class {c} "
+                                     f"(protos_per_class={k}): {error}") from error
             centers = self._centers[c]
             bank[c, :len(centers)] = centers.double()
             valid[c, :len(centers)] = True
