@@ -29,14 +29,37 @@ def test_pt_file_every_head(tmp_path, capsys):
     assert "6 classes in 3 tasks (2, 2, 2 classes)" in printed
     for name in HEADS:
         assert name in printed
-    result = json.loads(out.read_text())
+    result = strict_json(out.read_text())
     assert set(result["heads"]) == set(HEADS) and result["tasks"] == [[0, 2], [2, 4], [4, 6]]
     # clusters 10 sigma apart: the mean-based heads make no mistake
     for name in ("ncm-cosine", "nme-sqeuclidean", "fecam-shared", "fecam-class"):
         metrics = result["heads"][name]["metrics"]
         assert metrics["last_accuracy"] == 1.0 and metrics["forgetting"] == 0.0, name
         matrix = result["heads"][name]["accuracy_matrix"]
-        assert len(matrix) == 3 and all(np.isnan(matrix[0][1:]))
+        # the upper triangle is undefined (task not seen yet): null, not the invalid NaN
+        assert len(matrix) == 3 and matrix[0][1:] == [None, None] and matrix[1][2] is None
+        assert all(isinstance(matrix[i][j], float) for i in range(3) for j in range(i + 1))
+
+
+def strict_json(text):
+    """Parse as standard JSON: NaN / Infinity (which json.loads accepts by default) raise."""
+    def refuse(constant):
+        raise ValueError(f"invalid JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_single_task_writes_null_for_undefined_metrics(tmp_path):
+    features, labels = separable_features(3, 6, 4)
+    path, out = tmp_path / "features.pt", tmp_path / "result.json"
+    torch.save({"features": features, "labels": labels}, path)
+    assert main(["cil", "--data", str(path), "--tasks", "1", "--heads", "ncm-cosine",
+                 "--no-progress", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text
+    metrics = strict_json(text)["heads"]["ncm-cosine"]["metrics"]
+    # forgetting and old-task accuracy are undefined with one task
+    assert metrics["forgetting"] is None and metrics["old_accuracy"] is None
+    assert metrics["harmonic_mean"] is None and metrics["last_accuracy"] == 1.0
 
 
 def test_npz_file_with_test_split_and_pair_pt(tmp_path, capsys):

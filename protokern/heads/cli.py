@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="channels of the random CNN's feature maps")
     group.add_argument("--feature-seed", type=int, default=0,
                        help="seeds the random CNN's weights")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here (undefined entries as null)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -127,6 +128,19 @@ def _planted(args: argparse.Namespace) -> dict[str, Tensor]:
             progress=not args.no_progress)
         data[prefix + "labels"] = images.labels
     return data
+
+
+def _undefined_as_null(value: object) -> object:
+    """``value`` with every NaN float (an undefined entry: the accuracy matrix above the
+    diagonal, the forgetting of a single task) replaced by ``None``, so `json.dumps` writes
+    ``null``; JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _undefined_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_undefined_as_null(item) for item in value]
+    return value
 
 
 def _format_table(results: dict[str, CILMetrics], seconds: dict[str, float]) -> str:
@@ -208,5 +222,7 @@ def run(args: argparse.Namespace) -> int:
             name: {"metrics": dataclasses.asdict(m),
                    "accuracy_matrix": matrices[name], "seconds": seconds[name]}
             for name, m in results.items()}}
-        args.json.write_text(json.dumps(payload, indent=2, allow_nan=True))
+        # allow_nan=False: an infinite number here would be a bug, better raised than written
+        args.json.write_text(json.dumps(_undefined_as_null(payload), indent=2,
+                                        allow_nan=False))
     return 0
