@@ -9,8 +9,10 @@ class), float32, CPU. Every contender returns the same ``(1024, 10000)`` logits:
   inputs turned into cosine similarity;
 - ``matmul``: ``2 x P^T - |x|^2 - |P|^2`` (sqeuclidean) or ``normalize(x) @ normalize(P)^T``.
 
-Time: pytest-benchmark. Peak memory: each case also runs once in a fresh subprocess, which
-builds its inputs, runs the case once to warm up, then resets the kernel's RSS high-water mark
+Every contender does all its work inside the timed call (the cosine ones normalise there).
+Time: pytest-benchmark, on ``PROTOKERN_BENCH_THREADS`` CPU threads (default 2, as
+``test_bench_min_distance.py``). Peak memory: each case also runs once in a fresh subprocess,
+which builds its inputs, runs the case once to warm up, then resets the kernel's RSS high-water mark
 (``VmHWM``) to the current RSS by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0),
 runs the case again and reports ``VmHWM - VmRSS before``: the extra resident memory the call
 needed, ATen allocations included (tracemalloc would not see them). glibc is told to serve
@@ -32,6 +34,7 @@ import protokern as pk
 from protokern.heads import PrototypeHead
 
 QUERIES, DIM, CLASSES = 1024, 768, 10_000
+THREADS = int(os.environ.get("PROTOKERN_BENCH_THREADS", "2"))
 METRICS = ("cosine", "sqeuclidean")
 
 # Runs in the subprocess: builds the inputs, then one named case (see _case below).
@@ -67,7 +70,11 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _case(contender: str, metric: str, backend: str | None):
-    """A zero-argument callable returning the ``(QUERIES, CLASSES)`` logits of one case."""
+    """A zero-argument callable returning the ``(QUERIES, CLASSES)`` logits of one case.
+
+    Every contender does all its work (normalisation included) inside the callable, and runs
+    on `THREADS` threads (here and in the memory subprocess, which calls this too)."""
+    torch.set_num_threads(THREADS)
     queries, means = _inputs()
     if contender == "head":
         head = PrototypeHead(DIM, CLASSES, metric=metric)
@@ -79,9 +86,10 @@ def _case(contender: str, metric: str, backend: str | None):
         return run
     if contender == "cdist":
         if metric == "cosine":
-            qn = torch.nn.functional.normalize(queries, dim=1)
-            pn = torch.nn.functional.normalize(means, dim=1)
-            return lambda: 1 - torch.cdist(qn, pn).square() / 2  # |a - b|^2 = 2 - 2 cos
+            # normalising inside the timed call, as matmul and the head do (|a - b|^2 = 2 - 2cos)
+            return lambda: 1 - torch.cdist(torch.nn.functional.normalize(queries, dim=1),
+                                           torch.nn.functional.normalize(means, dim=1)
+                                           ).square() / 2
         return lambda: -torch.cdist(queries, means).square()
     if contender == "matmul":
         if metric == "cosine":
