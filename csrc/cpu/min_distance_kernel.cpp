@@ -47,7 +47,7 @@ namespace {
 constexpr double kNormFloor = 1e-8;       // cosine: max(|v|, kNormFloor), as reference.EPS
 constexpr int64_t kTargetRows = 384;      // rows per GEMM tile: several images when L is small
 constexpr int64_t kPrototypeBlock = 256;  // columns per GEMM tile: the tile stays in L2
-constexpr int64_t kBackwardBlock = 16;    // prototypes per step of the grad_prototypes gather
+constexpr int64_t kBackwardBlock = 16;    // fewest prototypes per thread in the grad gather
 
 template <typename T>
 T infinity() {
@@ -542,7 +542,6 @@ PK_INLINE void add_combination(acc_t* y, acc_t alpha, const acc_t* a, acc_t beta
 template <typename acc_t>
 struct BackwardInputs {
   const acc_t* grad_values;  // (B, M)
-  const acc_t* rows;         // (B, L, K) packed windows
   const acc_t* prototypes;   // (M, K)
   const int64_t* indices;    // (B, M)
   const double* dots;        // cosine: (B, M) a.p, (B, M) |a|^2, (M) |p|^2
@@ -552,18 +551,18 @@ struct BackwardInputs {
   Metric metric;
 };
 
-// The gradient of `count` images' windows ((count, L, K) from image `first`), each summed over
-// prototypes in index order. Prototypes are walked in blocks, each block used for all the
+// The gradient of `count` images' windows ((count, L, K) from image `first`, whose packed windows
+// are `rows`), each summed over prototypes in index order. Prototypes are walked in blocks, each block used for all the
 // images, so the prototypes stream from memory once per call, not once per image.
 template <typename acc_t>
 PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t first,
-                                          int64_t count, acc_t* grad_rows) {
+                                          int64_t count, const acc_t* rows, acc_t* grad_rows) {
   std::fill(grad_rows, grad_rows + count * in.positions * in.size, acc_t(0));
   for (int64_t m0 = 0; m0 < in.num; m0 += kPrototypeBlock) {
     const int64_t m1 = std::min(m0 + kPrototypeBlock, in.num);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t b = first + i;
-      const acc_t* image_rows = in.rows + b * in.positions * in.size;
+      const acc_t* image_rows = rows + i * in.positions * in.size;
       acc_t* image_grad = grad_rows + i * in.positions * in.size;
       for (int64_t m = m0; m < m1; ++m) {
         const int64_t pair = b * in.num + m;
@@ -585,39 +584,27 @@ PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64
   }
 }
 
-// The gradient of prototypes [begin, end), each summed over images in index order. A few
-// prototypes at a time, images outermost, so that the windows gathered for one image are
-// still in cache for the next prototype.
+// Adds image b's terms to the gradient of prototypes [begin, end) (cosine: the coefficients
+// of p to p_coef, applied once all images are in). `rows` are image b's packed windows. Called
+// for b = 0, 1, ... in order, so each prototype's sum runs in image order.
 template <typename acc_t>
-PK_VECTOR_CLONES void prototype_gradients(const BackwardInputs<acc_t>& in, int64_t batch,
-                                          int64_t begin, int64_t end, acc_t* grad_prototypes) {
-  for (int64_t m0 = begin; m0 < end; m0 += kBackwardBlock) {
-    const int64_t m1 = std::min(m0 + kBackwardBlock, end);
-    std::fill(grad_prototypes + m0 * in.size, grad_prototypes + m1 * in.size, acc_t(0));
-    double p_coef[kBackwardBlock] = {};
-    for (int64_t b = 0; b < batch; ++b) {
-      const acc_t* image_rows = in.rows + b * in.positions * in.size;
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t pair = b * in.num + m;
-        const acc_t* a = image_rows + in.indices[pair] * in.size;
-        acc_t* out = grad_prototypes + m * in.size;
-        if (in.metric == Metric::SquaredEuclidean) {
-          add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
-                                in.prototypes + m * in.size, in.size);
-        } else {
-          const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
-                                                    in.a_squared[pair], in.p_squared[m]);
-          p_coef[m - m0] += cg.p_term;
-          add_combination(out, static_cast<acc_t>(-cg.scale), a, acc_t(0), a, in.size);
-        }
-      }
+PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_t>& in,
+                                                       int64_t b, const acc_t* rows,
+                                                       int64_t begin, int64_t end,
+                                                       acc_t* grad_prototypes, double* p_coef) {
+  for (int64_t m = begin; m < end; ++m) {
+    const int64_t pair = b * in.num + m;
+    const acc_t* a = rows + in.indices[pair] * in.size;
+    acc_t* out = grad_prototypes + m * in.size;
+    if (in.metric == Metric::SquaredEuclidean) {
+      add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
+                            in.prototypes + m * in.size, in.size);
+    } else {
+      const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                in.a_squared[pair], in.p_squared[m]);
+      p_coef[m - begin] += cg.p_term;
+      add_combination(out, static_cast<acc_t>(-cg.scale), a, acc_t(0), a, in.size);
     }
-    if (in.metric == Metric::Cosine)
-      for (int64_t m = m0; m < m1; ++m) {
-        const acc_t* p = in.prototypes + m * in.size;
-        add_combination(grad_prototypes + m * in.size, static_cast<acc_t>(p_coef[m - m0]), p,
-                        acc_t(0), p, in.size);
-      }
   }
 }
 
@@ -652,12 +639,9 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
     std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
     return;
   }
-  // The selected windows are gathered from a packed copy of x (B x L x K): the same size as x
-  // for 1x1 prototypes, and far smaller than any (B, M, L) intermediate.
-  std::vector<acc_t> rows(batch * positions * size);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    pack_rows(x, map, begin, end - begin, rows.data() + begin * positions * size);
-  });
+  // The selected windows are gathered from windows packed a few images at a time (never a
+  // packed copy of all of x, which would cost as much memory as the gradient of x).
+  const int64_t image_elements = positions * size;
   // Cosine needs every pair's a.p, |a|^2 and |p|^2; computed once, read by both passes.
   std::vector<double> dots, a_squared, p_squared;
   if (metric == Metric::Cosine) {
@@ -669,33 +653,54 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
         exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
+      std::vector<acc_t> rows(image_elements);
+      for (int64_t b = begin; b < end; ++b) {
+        pack_rows(x, map, b, 1, rows.data());
         for (int64_t m = 0; m < num; ++m) {
-          const acc_t* a = rows.data() + (b * positions + indices[b * num + m]) * size;
+          const acc_t* a = rows.data() + indices[b * num + m] * size;
           dots[b * num + m] = exact_dot(a, prototypes + m * size, size, &a_squared[b * num + m]);
         }
+      }
     });
   }
-  const BackwardInputs<acc_t> in{grad_values, rows.data(), prototypes, indices, dots.data(),
+  const BackwardInputs<acc_t> in{grad_values, prototypes, indices, dots.data(),
                                  a_squared.data(), p_squared.data(), num, positions, size,
                                  metric};
-  // A few images per step: their window gradients stay in cache while the prototypes stream.
+  // grad_x, a few images per step: their window gradients stay in cache while the prototypes
+  // stream.
   const int64_t images_per_step =
       std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, 16);
   const int64_t steps = (batch + images_per_step - 1) / images_per_step;
   at::parallel_for(0, steps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> grad_rows(images_per_step * positions * size);
+    std::vector<acc_t> rows(images_per_step * image_elements);
+    std::vector<acc_t> grad_rows(images_per_step * image_elements);
     for (int64_t step = begin; step < end; ++step) {
       const int64_t first = step * images_per_step;
       const int64_t count = std::min(images_per_step, batch - first);
-      image_row_gradients(in, first, count, grad_rows.data());
+      pack_rows(x, map, first, count, rows.data());
+      image_row_gradients(in, first, count, rows.data(), grad_rows.data());
       for (int64_t i = 0; i < count; ++i)
-        fold_rows(grad_rows.data() + i * positions * size, map,
+        fold_rows(grad_rows.data() + i * image_elements, map,
                   grad_x + (first + i) * map.channels * map.height * map.width);
     }
   });
+  // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
+  // image once (x is read once per thread, which costs far less than the gather itself).
   at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
-    prototype_gradients(in, batch, begin, end, grad_prototypes);
+    std::vector<acc_t> rows(image_elements);
+    std::vector<double> p_coef(end - begin, 0.0);
+    std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      pack_rows(x, map, b, 1, rows.data());
+      add_image_to_prototype_gradients(in, b, rows.data(), begin, end, grad_prototypes,
+                                       p_coef.data());
+    }
+    if (metric == Metric::Cosine)
+      for (int64_t m = begin; m < end; ++m) {
+        const acc_t* p = prototypes + m * size;
+        for (int64_t k = 0; k < size; ++k)
+          grad_prototypes[m * size + k] += static_cast<acc_t>(p_coef[m - begin]) * p[k];
+      }
   });
 }
 
