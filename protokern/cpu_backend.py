@@ -3,7 +3,9 @@
 `min_distance` never holds more than a tile of distances: per thread, the windows of a few
 images against a block of prototypes, one BLAS GEMM per tile, the min over positions reduced
 right after it, and the chosen value recomputed exactly (see ``csrc/cpu/min_distance_kernel.cpp``).
-Its backward reads only the saved indices and is deterministic whatever the thread count.
+Its backward reads only the saved indices and is deterministic whatever the thread count
+(with one position per image, where every pair is selected, it is two BLAS products instead:
+deterministic for a given thread count).
 Parallel over ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and
 bfloat16 are upcast to float32 while packing.
 
