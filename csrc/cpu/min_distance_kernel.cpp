@@ -117,7 +117,7 @@ PK_VECTOR_CLONES void squared_norms(const acc_t* rows, int64_t count, int64_t si
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exact distances (double accumulation, a fixed order: identical windows give identical values)
+// Exact distances (a fixed order: identical windows give identical values)
 
 // The sums below are reductions the compiler may vectorise (omp simd): still one fixed order,
 // so identical windows get identical values, but in vector registers, not a serial chain.
@@ -221,12 +221,12 @@ struct Workspace {
   std::vector<Best> best;
   std::unique_ptr<Shortlist> shortlist = std::make_unique<Shortlist>();
 
-  // The tile has one chunk of padding: the last chunk of a row may read past its columns.
-  Workspace(int64_t row_count, int64_t size, int64_t block)
-      : rows(row_count * size), tile(row_count * block + kChunk), squared(row_count),
-        inverse(row_count), finite(row_count), best(block) {}
+  // One 512-bit vector of padding: the reduction's last vector of a row may read past it.
+  static constexpr int64_t kPadding = 64 / sizeof(acc_t);
 
-  static constexpr int64_t kChunk = 16;
+  Workspace(int64_t row_count, int64_t size, int64_t block)
+      : rows(row_count * size), tile(row_count * block + kPadding), squared(row_count),
+        inverse(row_count), finite(row_count), best(block) {}
 };
 
 // 512-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
@@ -267,7 +267,6 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                                    TileSide<acc_t> col_side, const acc_t* prototypes,
                                    const double* proto_squared_exact, Metric metric, acc_t g,
                                    acc_t tau, Best* best, Shortlist& shortlist) {
-  constexpr int64_t kChunk = Workspace<acc_t>::kChunk;
   const bool squared_metric = metric == Metric::SquaredEuclidean;
   bool all_rows_trusted = true;
   for (int64_t r = 0; r < positions; ++r) all_rows_trusted &= row_side.finite[r] != 0;
@@ -302,8 +301,7 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
   using Index = typename VectorOf<acc_t>::Index;
   using Vec = typename VectorOf<acc_t>::Values;
   using IndexVec = typename VectorOf<acc_t>::Indices;
-  constexpr int64_t kLanes = 64 / sizeof(acc_t);
-  static_assert(kLanes <= kChunk, "the tile's padding must cover one vector");
+  constexpr int64_t kLanes = Workspace<acc_t>::kPadding;  // columns per vector
 
   for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
   for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
@@ -531,6 +529,12 @@ PK_INLINE void add_scaled_difference(acc_t* y, acc_t alpha, const acc_t* a, cons
   for (int64_t k = 0; k < size; ++k) y[k] += alpha * (a[k] - p[k]);
 }
 
+// y += alpha * v
+template <typename acc_t>
+PK_INLINE void add_scaled(acc_t* y, acc_t alpha, const acc_t* v, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += alpha * v[k];
+}
+
 // y += alpha * a + beta * p
 template <typename acc_t>
 PK_INLINE void add_combination(acc_t* y, acc_t alpha, const acc_t* a, acc_t beta,
@@ -603,7 +607,7 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
       const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
                                                 in.a_squared[pair], in.p_squared[m]);
       p_coef[m - begin] += cg.p_term;
-      add_combination(out, static_cast<acc_t>(-cg.scale), a, acc_t(0), a, in.size);
+      add_scaled(out, static_cast<acc_t>(-cg.scale), a, in.size);
     }
   }
 }
@@ -696,11 +700,9 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
                                        p_coef.data());
     }
     if (metric == Metric::Cosine)
-      for (int64_t m = begin; m < end; ++m) {
-        const acc_t* p = prototypes + m * size;
-        for (int64_t k = 0; k < size; ++k)
-          grad_prototypes[m * size + k] += static_cast<acc_t>(p_coef[m - begin]) * p[k];
-      }
+      for (int64_t m = begin; m < end; ++m)
+        add_scaled(grad_prototypes + m * size, static_cast<acc_t>(p_coef[m - begin]),
+                   prototypes + m * size, size);
   });
 }
 
