@@ -1,0 +1,133 @@
+"""Issue 10, part 6: under ``torch.use_deterministic_algorithms(True)`` two runs give bitwise-equal
+values, indices and gradients on every backend that runs on CPU tensors here.
+
+The GPU paths cannot run here; what they do under deterministic mode is described in README's
+backends section (triton: the bucketed-gather backward instead of atomics; cuda: the sorted
+backward). The cpu kernel's forward and its backward with more than one position are also
+independent of the thread count (documented in protokern/cpu_backend.py), which is checked too.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import protokern as pk
+
+METRICS = ["sqeuclidean", "cosine"]
+
+
+def _maps():
+    return torch.randn(3, 8, 5, 6), torch.randn(7, 8)
+
+
+def _tokens():
+    return torch.randn(4, 9, 16), torch.randn(11, 16)
+
+
+def _patch_2x2():
+    return torch.randn(2, 6, 5, 5), torch.randn(5, 6, 2, 2)
+
+
+def _single_position():  # L' = 1: the cpu kernel's no-GEMM path and its BLAS backward
+    return torch.randn(5, 1, 10), torch.randn(6, 10)
+
+
+def _ties():
+    """Every position of a map repeats one of two columns, and prototypes repeat each other:
+    ties everywhere, in the choice and in the gradient sums (several prototypes per position)."""
+    columns = torch.randn(2, 6, 2)
+    pattern = torch.randint(0, 2, (4, 5))
+    x = columns[:, :, pattern]  # (2, 6, 4, 5)
+    prototypes = torch.randn(3, 6).repeat(3, 1)
+    return x, prototypes
+
+
+CASES = {"maps": _maps, "tokens": _tokens, "patch-2x2": _patch_2x2,
+         "single-position": _single_position, "ties": _ties}
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int):
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was_threads)
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+def _run(x: torch.Tensor, prototypes: torch.Tensor, metric: str, weights: torch.Tensor):
+    """values, indices, x.grad, prototypes.grad of sum(weights * values)."""
+    x = x.detach().clone().requires_grad_()
+    prototypes = prototypes.detach().clone().requires_grad_()
+    values, indices = pk.min_distance(x, prototypes, metric)
+    (values * weights).sum().backward()
+    return values.detach(), indices, x.grad, prototypes.grad
+
+
+def _assert_bitwise_equal(first, second, what: str):
+    for name, a, b in zip(("values", "indices", "x.grad", "prototypes.grad"), first, second):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        # view as integers: bitwise, and NaN == NaN, -0.0 != 0.0
+        if a.is_floating_point():
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            a, b = a.view(bits), b.view(bits)
+        assert torch.equal(a, b), f"{name} differ between two runs ({what})"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("metric", METRICS)
+def test_two_runs_are_bitwise_equal(backend, case, metric, threads):
+    x, prototypes = CASES[case]()
+    weights = torch.randn(x.shape[0], prototypes.shape[0])
+    with _deterministic(threads):
+        first = _run(x, prototypes, metric, weights)
+        second = _run(x, prototypes, metric, weights)
+    _assert_bitwise_equal(first, second, f"{backend}, {case}, {metric}, {threads} threads")
+    # the runs computed something: a gradient reached both inputs
+    assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
+    x, prototypes = _patch_2x2()
+    x, prototypes = x.to(dtype), prototypes.to(dtype)
+    weights = torch.randn(x.shape[0], prototypes.shape[0], dtype=dtype)
+    with _deterministic(2):
+        first = _run(x, prototypes, metric, weights)
+        second = _run(x, prototypes, metric, weights)
+    _assert_bitwise_equal(first, second, f"{backend}, {dtype}, {metric}")
+
+
+@pytest.mark.skipif("cpu" not in pk.available_backends("cpu"), reason="cpu extension not built")
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("metric", METRICS)
+def test_cpu_kernel_does_not_depend_on_the_thread_count(case, metric):
+    """The cpu forward is exact (a fixed-order recompute) and its backward with more than one
+    position sums in a fixed order whatever the thread count; its single-position backward is
+    two BLAS products, deterministic for a given thread count only (cpu_backend.py says so)."""
+    x, prototypes = CASES[case]()
+    x = x.repeat(9, *[1] * (x.dim() - 1))  # enough images for several tasks per thread
+    weights = torch.randn(x.shape[0], prototypes.shape[0])
+    with pk.use_backend("cpu"):
+        with _deterministic(1):
+            one = _run(x, prototypes, metric, weights)
+        with _deterministic(2):
+            two = _run(x, prototypes, metric, weights)
+    if case == "single-position":
+        one, two = one[:2], two[:2]
+    _assert_bitwise_equal(one, two, f"cpu, {case}, {metric}, 1 vs 2 threads")
+
+
+def test_deterministic_setting_is_restored(backend):
+    x, prototypes = _maps()
+    with _deterministic(1):
+        _run(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
+    assert not torch.are_deterministic_algorithms_enabled()
