@@ -1,11 +1,13 @@
 """The ``cuda`` backend: protokern's fused CUDA C++ kernels (``csrc/cuda/``) for CUDA tensors.
 
-**Not yet validated on a GPU.** The kernels and their glue were written, and the kernels
-compile-checked with nvcc for sm_80 and sm_90, on a machine without a GPU or a CUDA PyTorch, so
-none of it has run. The backend is therefore registered with priority 5, below ``triton`` (10):
-it is *not* the default for CUDA tensors until a GPU session has run tests/test_cuda_kernel.py
-and the benchmarks (issue 9), which then raises the priority. Choose it explicitly with
-``pk.use_backend("cuda")``, ``pk.set_backend("cuda")`` or ``PROTOKERN_BACKEND=cuda``.
+The default for CUDA tensors once built (priority 15, above ``triton``'s 10), as DESIGN §3
+says. **Not yet run on a GPU**: the kernels were written on a machine without one and checked
+there by compiling them with nvcc for sm_80 and sm_90 (warnings as errors), by compiling the
+glue against torch's and CUDA's headers (``csrc/cuda/compile_check.sh``, in CI), and by running
+the kernel sources through a CPU emulation of threads, warps, atomics and WMMA against the
+float64 brute force (not part of the repository). The first GPU session should run
+``tests/test_cuda_kernel.py`` and the benchmarks; until then ``pk.use_backend("triton")`` or
+``PROTOKERN_BACKEND=triton`` chooses the Triton kernels instead.
 
 What runs where (inputs in the canonical forms of `protokern.reference`):
 
@@ -115,7 +117,7 @@ register_backend(
         min_distance_backward=min_distance_backward,
         distance_map=reference.distance_map,
         device_types=frozenset({"cuda"}),
-        priority=5,  # below triton (10) until validated on a GPU: see the module docstring
+        priority=15,  # the CUDA default, above triton (10): DESIGN §3
         unavailable_reason=unavailable_reason,
     )
 )

@@ -2,6 +2,9 @@
 # Compiles every csrc/cuda/*.cu with bare nvcc, warnings as errors, for each architecture given
 # (default: 80 90), with the flags PyTorch's CUDAExtension adds (so a kernel that builds here
 # builds in setup.py too). Needs no GPU and no CUDA PyTorch: the kernels include no torch header.
+# Then the glue (min_distance_cuda.cpp) is compiled against the installed torch's headers and
+# the CUDA toolkit's, and every protokern_cuda symbol it calls must be defined by the kernels'
+# objects: a signature that drifts between the glue and a kernel fails here, not on a GPU.
 # Object files go to a temporary folder that is removed afterwards.
 #   usage: csrc/cuda/compile_check.sh [ARCH ...]      e.g. csrc/cuda/compile_check.sh 90
 set -euo pipefail
@@ -39,8 +42,39 @@ done
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "FAILED: nvcc ${names[$i]}" >&2; status=1; }
 done
-if [ "$status" -eq 0 ]; then
-    printf -v targets 'sm_%s ' "${archs[@]}"
-    echo "csrc/cuda: every .cu compiles with nvcc for ${targets% } (warnings as errors)"
+if [ "$status" -ne 0 ]; then
+    exit "$status"
 fi
-exit "$status"
+printf -v targets 'sm_%s ' "${archs[@]}"
+echo "csrc/cuda: every .cu compiles with nvcc for ${targets% } (warnings as errors)"
+
+torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null) \
+    || { echo "torch not importable: skipping the glue check of min_distance_cuda.cpp"; exit 0; }
+cuda_include=""
+for candidate in "${CUDA_HOME:-}/include" /usr/local/cuda/include \
+        "$(dirname "$(readlink -f "$(command -v nvcc)")")/../include"; do
+    if [ -f "$candidate/cuda_runtime.h" ]; then
+        cuda_include=$candidate
+        break
+    fi
+done
+if [ -z "$cuda_include" ]; then
+    echo "FAILED: no cuda_runtime.h under \$CUDA_HOME/include or /usr/local/cuda/include" >&2
+    exit 1
+fi
+# A CPU build of torch ships the c10/cuda headers but not the one CMake generates for CUDA builds.
+mkdir -p "$out/stub/c10/cuda/impl"
+printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+g++ -std=c++20 -c -DWITH_CUDA -I.. -isystem "$out/stub" -isystem "$torch_dir/include" \
+    -isystem "$torch_dir/include/torch/csrc/api/include" -isystem "$cuda_include" \
+    -Wall -Wextra -Werror -o "$out/glue.o" min_distance_cuda.cpp \
+    || { echo "FAILED: g++ min_distance_cuda.cpp against torch and CUDA headers" >&2; exit 1; }
+needed=$(nm -C --undefined-only "$out/glue.o" | grep -o 'protokern_cuda::.*' | sort -u)
+defined=$(nm -C --defined-only "$out"/*.sm_"${archs[0]}".o | grep -o 'protokern_cuda::.*' | sort -u)
+missing=$(comm -23 <(echo "$needed") <(echo "$defined"))
+if [ -n "$missing" ]; then
+    echo "FAILED: the glue calls kernels no .cu file defines (signature drift?):" >&2
+    echo "$missing" >&2
+    exit 1
+fi
+echo "csrc/cuda: the glue compiles against torch's headers and links to the kernels by name"
