@@ -89,17 +89,33 @@ def _extension_build() -> dict:
     require = os.environ.get("PROTOKERN_REQUIRE_EXT", "") not in ("", "0")
 
     class BuildOptionalExtension(cpp_extension.BuildExtension):
-        """Falls back to the pure-Python package when compilation fails, unless required."""
+        """Falls back to the CPU kernels alone when the CUDA part fails to compile, and to the
+        pure-Python package when the CPU part fails too, unless the extension is required."""
 
         def build_extensions(self):
             try:
                 super().build_extensions()
+                return
             except Exception as error:  # compiler and ninja failures have no common type
                 if require:
                     raise
-                _say(f"WARNING: building protokern._C failed ({error}); installing without "
-                     "it. Set PROTOKERN_REQUIRE_EXT=1 to make this an error.")
-                self.extensions = []  # so no later step looks for the missing library
+                if not with_cuda:
+                    self._give_up(error)
+                    return
+                _say(f"WARNING: building the CUDA kernels failed ({error}); building the CPU "
+                     "kernels alone (CUDA tensors will use triton or reference)")
+            extension.sources = list(cpu_sources)
+            extension.define_macros = []
+            extension.extra_compile_args = {"cxx": compile_args["cxx"]}
+            try:
+                super().build_extensions()
+            except Exception as error:  # noqa: BLE001 -- reported, then the pure-Python install
+                self._give_up(error)
+
+        def _give_up(self, error: Exception) -> None:
+            _say(f"WARNING: building protokern._C failed ({error}); installing without "
+                 "it. Set PROTOKERN_REQUIRE_EXT=1 to make this an error.")
+            self.extensions = []  # so no later step looks for the missing library
 
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildOptionalExtension}}
 
