@@ -1,0 +1,273 @@
+"""Issue 10, part 3: property-based fuzzing of `min_distance` on every backend that runs on CPU
+tensors here, against the float64 brute force of DESIGN §2 (tests/brute_force.py).
+
+Hypothesis draws the problem: tokens ``(B, L, D)`` or maps ``(B, D, H, W)`` with a ``ph x pw``
+window, prototypes ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``, the layout of each
+(contiguous, channels_last, permuted, sliced, expanded with stride 0), the metric, the dtype, and
+sometimes a special input (integer-valued data full of ties, duplicate prototypes, a prototype
+copied from a patch, NaN, +-inf, tiny or huge magnitudes). The tensors themselves come from a
+drawn seed (fresh random data, reproducible from the example).
+
+Checked: values within DESIGN §5's tolerance, every index the brute force's or a near-tie of it
+and exact where the winner is clear (`helpers.assert_matches_brute_force`); NaN and inf exactly
+(NaN at the first NaN position, as `torch.min`); lowest index on exact ties of integer data;
+and, for a subset, the gradients of ``x`` and ``prototypes`` against the brute force's.
+
+Profiles (registered here): ``protokern-fuzz-ci`` (default: few examples, small shapes,
+derandomized, so CI is reproducible and the file runs in well under a minute on 2 cores) and
+``protokern-fuzz-long`` (``PROTOKERN_FUZZ=long``: 4000 examples per backend, or
+``PROTOKERN_FUZZ_EXAMPLES``, larger shapes, random seeds, failures kept in the local
+``.hypothesis`` database).
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from brute_force import distances, first_min
+from helpers import assert_matches_brute_force, brute_force_grads
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import protokern as pk
+from protokern.testing import TOLERANCE, near_tie_ok, relative_error
+
+LONG = os.environ.get("PROTOKERN_FUZZ") == "long"
+
+settings.register_profile(
+    "protokern-fuzz-ci", max_examples=100, deadline=None, derandomize=True, database=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "protokern-fuzz-long", max_examples=int(os.environ.get("PROTOKERN_FUZZ_EXAMPLES", "4000")),
+    deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = settings.get_profile("protokern-fuzz-long" if LONG else "protokern-fuzz-ci")
+
+BACKENDS = pk.available_backends("cpu")
+# NaN and inf inputs make the interpreter's numpy warn; the results are what is checked
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+INTERPRETED = {"triton"}
+"""Backends that run in an interpreter here: smaller shapes, fewer examples in CI."""
+
+METRICS = ("sqeuclidean", "cosine")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAP_LAYOUTS = ("contiguous", "channels_last", "permuted", "sliced", "expanded")
+TOKEN_LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+PROTOTYPE_LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+SPECIALS = ("none", "none", "none", "ties", "duplicates", "copy", "nan", "inf", "tiny", "huge")
+
+
+@dataclass
+class Limits:
+    batch: int
+    dim: int
+    side: int
+    prototypes: int
+
+
+def _limits(interpreted: bool) -> Limits:
+    if LONG:
+        return Limits(8, 160, 12, 300) if interpreted else Limits(12, 600, 20, 700)
+    return Limits(3, 24, 6, 40) if interpreted else Limits(4, 48, 8, 300)
+
+
+class Problem:
+    """One drawn input (a plain class: hypothesis prints its __repr__, with the strides)."""
+
+    def __init__(self, x: torch.Tensor, prototypes: torch.Tensor, metric: str, special: str,
+                 check_grads: bool):
+        self.x, self.prototypes, self.metric = x, prototypes, metric
+        self.special, self.check_grads = special, check_grads
+
+    def __repr__(self) -> str:  # what hypothesis prints for a failing example
+        return (f"Problem(x {tuple(self.x.shape)} strides {self.x.stride()}, prototypes "
+                f"{tuple(self.prototypes.shape)} strides {self.prototypes.stride()}, "
+                f"{self.x.dtype}, {self.metric}, special={self.special}, "
+                f"grads={self.check_grads})")
+
+
+def _map_layout(data: torch.Tensor, layout: str) -> torch.Tensor:
+    """``data`` (B, D, H, W) in another memory layout (same values, except ``expanded``: every
+    image is the first, with batch stride 0)."""
+    b, d, h, w = data.shape
+    if layout == "channels_last":
+        return data.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":
+        return data.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    if layout == "sliced":
+        big = torch.zeros(b + 1, 2 * d, h + 2, 2 * w, dtype=data.dtype)
+        big[1:, ::2, 1:h + 1, ::2] = data
+        return big[1:, ::2, 1:h + 1, ::2]
+    if layout == "expanded":
+        return data[:1].expand(b, d, h, w)
+    return data.contiguous()
+
+
+def _token_layout(data: torch.Tensor, layout: str) -> torch.Tensor:
+    """``data`` (B, L, D) in another layout (``expanded``: every token is the first, stride 0:
+    all positions tie)."""
+    b, length, d = data.shape
+    if layout == "transposed":
+        return data.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "sliced":
+        big = torch.zeros(b, 2 * length, d + 3, dtype=data.dtype)
+        big[:, ::2, 2:d + 2] = data
+        return big[:, ::2, 2:d + 2]
+    if layout == "expanded":
+        return data[:, :1].expand(b, length, d)
+    return data.contiguous()
+
+
+def _prototype_layout(data: torch.Tensor, layout: str) -> torch.Tensor:
+    """``data`` (M, ...) in another layout (``expanded``: every prototype is the first)."""
+    if layout == "transposed":
+        order = list(range(data.dim()))[::-1]
+        return data.permute(order).contiguous().permute(order)
+    if layout == "sliced":
+        big = torch.zeros(2 * data.shape[0], *data.shape[1:], dtype=data.dtype)
+        big[::2] = data
+        return big[::2]
+    if layout == "expanded":
+        return data[:1].expand(data.shape)
+    return data.contiguous()
+
+
+@st.composite
+def problems(draw, interpreted: bool) -> Problem:
+    limits = _limits(interpreted)
+    tokens = draw(st.booleans())
+    batch = draw(st.integers(1, limits.batch))
+    dim = draw(st.one_of(st.integers(1, limits.dim), st.sampled_from([1, 2, 3, 16, 17])))
+    num = draw(st.one_of(st.integers(1, 24), st.integers(1, limits.prototypes)))
+    if tokens:
+        length, ph, pw = draw(st.integers(1, limits.side * 2)), 1, 1
+        x_shape = (batch, length, dim)
+        layout = draw(st.sampled_from(TOKEN_LAYOUTS))
+        four_d = draw(st.booleans())
+    else:
+        height, width = draw(st.integers(1, limits.side)), draw(st.integers(1, limits.side))
+        ph, pw = draw(st.integers(1, height)), draw(st.integers(1, width))
+        x_shape = (batch, dim, height, width)
+        layout = draw(st.sampled_from(MAP_LAYOUTS))
+        four_d = (ph, pw) != (1, 1) or draw(st.booleans())
+    p_layout = draw(st.sampled_from(PROTOTYPE_LAYOUTS))
+    metric = draw(st.sampled_from(METRICS))
+    dtype = draw(st.sampled_from(DTYPES))
+    special = draw(st.sampled_from(SPECIALS))
+    if special == "huge" and dtype in (torch.float16, torch.bfloat16):
+        special = "none"  # their range holds no huge distances: an overflow is right there
+    check_grads = draw(st.booleans())
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+
+    x = torch.randn(x_shape, generator=generator)
+    p = torch.randn(num, dim, ph, pw, generator=generator)
+    if special == "ties":  # few distinct integer values: exact ties everywhere
+        x = torch.randint(-1, 2, x_shape, generator=generator).float()
+        p = torch.randint(-1, 2, p.shape, generator=generator).float()
+    elif special == "duplicates":
+        p[1::2] = p[: num // 2]
+    elif special == "copy":  # a prototype equal to a patch: distance 0 next to large norms
+        b = int(torch.randint(0, batch, (1,), generator=generator))
+        as_map = x.permute(0, 2, 1)[..., None] if tokens else x
+        i = int(torch.randint(0, as_map.shape[2] - ph + 1, (1,), generator=generator))
+        j = int(torch.randint(0, as_map.shape[3] - pw + 1, (1,), generator=generator))
+        p[num - 1] = as_map[b, :, i:i + ph, j:j + pw]
+    elif special in ("nan", "inf"):
+        target = x if draw(st.booleans()) else p
+        flat = target.view(-1)
+        value = float("nan") if special == "nan" else draw(st.sampled_from([1.0, -1.0])) * float(
+            "inf")
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = value
+    elif special == "tiny":
+        x, p = x * 1e-3, p * 1e-3
+    elif special == "huge":  # sqeuclidean: big but finite distances; cosine: overflowing norms
+        scale = 1e17 if metric == "sqeuclidean" else 1e20
+        x, p = x * scale, p * scale
+    x, p = x.to(dtype), p.to(dtype)
+    x = _token_layout(x, layout) if tokens else _map_layout(x, layout)
+    p = _prototype_layout(p if four_d else p.reshape(num, dim), p_layout)
+    for what in ("tokens" if tokens else "map", layout, f"prototypes {p_layout}", metric,
+                 str(dtype), special):
+        event(what)  # --hypothesis-show-statistics tallies what was drawn
+    return Problem(x, p, metric, special, check_grads)
+
+
+def _first_nan(d: torch.Tensor) -> torch.Tensor:
+    return d.isnan().to(torch.int8).argmax(-1)
+
+
+def check_against_brute_force(problem: Problem) -> None:
+    x, p, metric = problem.x, problem.prototypes, problem.metric
+    tol = TOLERANCE[x.dtype]
+    with torch.no_grad():
+        values, indices = pk.min_distance(x, p, metric)
+    d = distances(x, p, metric)  # (B, M, L') float64, no expansion
+    assert values.shape == indices.shape == d.shape[:2]
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+
+    # Pairs with a non-finite distance somewhere (NaN/inf inputs): exactly as torch.min would.
+    finite = d.isfinite().all(-1)
+    poisoned = ~finite
+    if poisoned.any():
+        dp, vp, ip = d[poisoned], values[poisoned].double(), indices[poisoned]
+        nan = dp.isnan().any(-1)
+        assert torch.equal(vp.isnan(), nan), "NaN in the wrong outputs"
+        assert torch.equal(ip[nan], _first_nan(dp[nan])), "a NaN value not at the first NaN"
+        minimum, first = first_min(dp[~nan])
+        infinite = minimum.isinf()
+        assert torch.equal(vp[~nan][infinite], minimum[infinite])
+        assert torch.equal(ip[~nan][infinite], first[infinite])
+        rest = ~infinite  # a finite minimum beside infinite windows
+        if rest.any():
+            scale = minimum[rest].abs().max().clamp_min(1.0)
+            assert ((vp[~nan][rest] - minimum[rest]).abs() <= tol * scale).all()
+            assert near_tie_ok(ip[~nan][rest][None], dp[~nan][rest][None], tol).all()
+
+    # The rest: images and prototypes untouched by non-finite distances, by the shared helper.
+    images, protos = finite.all(1), finite.all(0)
+    if images.any() and protos.any():
+        assert_matches_brute_force(x[images], p[protos], metric, values[images][:, protos],
+                                   indices[images][:, protos])
+    if problem.special == "ties" and metric == "sqeuclidean":
+        # integer data: every distance is exact in every backend's arithmetic, so ties are
+        # exact ties and the lowest position must win
+        assert torch.equal(indices, first_min(d)[1])
+
+    # (cosine of one-element windows is piecewise constant: its gradient is rounding noise)
+    window = p[0].numel() if p.shape[0] else 0
+    if (problem.check_grads and not poisoned.any() and torch.equal(indices, first_min(d)[1])
+            and not (metric == "cosine" and window == 1)):
+        weights = torch.randn(values.shape, dtype=x.dtype)
+        want_x, want_p = brute_force_grads(x, p, metric, weights)
+        if want_x.isfinite().all() and want_p.isfinite().all():  # e.g. cosine at a zero vector
+            xg = x.detach().requires_grad_()
+            pg = p.detach().requires_grad_()
+            (pk.min_distance(xg, pg, metric).values * weights).sum().backward()
+            assert xg.grad.dtype == x.dtype and pg.grad.dtype == p.dtype
+            assert relative_error(xg.grad, want_x) <= tol, "grad of x"
+            assert relative_error(pg.grad, want_p) <= tol, "grad of prototypes"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_min_distance_matches_brute_force(name):
+    interpreted = name in INTERPRETED
+    examples = PROFILE.max_examples * 2 // (5 if interpreted and not LONG else 2)
+
+    @settings(PROFILE, max_examples=examples)
+    @given(problem=problems(interpreted))
+    def check(problem: Problem) -> None:
+        check_against_brute_force(problem)
+
+    with pk.use_backend(name):
+        check()
+
+
+@pytest.mark.parametrize("layout", MAP_LAYOUTS)
+def test_layouts_keep_the_values(layout):
+    """The layout helpers change strides, never values (except `expanded`, by design)."""
+    data = torch.randn(2, 3, 4, 5)
+    view = _map_layout(data, layout)
+    assert view.shape == data.shape
+    assert torch.equal(view, data[:1].expand_as(data) if layout == "expanded" else data)
+    if layout not in ("contiguous",):
+        assert not view.is_contiguous()
