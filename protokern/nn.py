@@ -1,9 +1,28 @@
 """`torch.nn` modules built on protokern's ops."""
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from protokern.ops import MinDistance, check_metric, distance_map, min_distance
+from protokern.sharding import all_gather_uneven, gather, shard_sizes, sum_gradients
+
+
+def _check_layer_args(where: str, num_prototypes: int, dim: int, patch: int | tuple[int, int],
+                      metric: str) -> tuple[int, int]:
+    """Raise ValueError on a bad layer argument; returns the patch as ``(ph, pw)``."""
+    if isinstance(patch, int):
+        patch = (patch, patch)
+    if not isinstance(patch, (tuple, list)) or len(patch) != 2:
+        raise ValueError(f"{where}: patch must be an int or a pair (ph, pw), got {patch!r}")
+    ph, pw = patch
+    for name, value in (("num_prototypes", num_prototypes), ("dim", dim), ("patch", ph),
+                        ("patch", pw)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+    check_metric(metric, where)
+    return ph, pw
 
 
 class PrototypeLayer(nn.Module):
@@ -31,17 +50,7 @@ class PrototypeLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(patch, int):
-            patch = (patch, patch)
-        if not isinstance(patch, (tuple, list)) or len(patch) != 2:
-            raise ValueError(f"PrototypeLayer: patch must be an int or a pair (ph, pw), "
-                             f"got {patch!r}")
-        ph, pw = patch
-        for name, value in (("num_prototypes", num_prototypes), ("dim", dim), ("patch", ph),
-                            ("patch", pw)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"PrototypeLayer: {name} must be a positive int, got {value!r}")
-        check_metric(metric, "PrototypeLayer")
+        ph, pw = _check_layer_args("PrototypeLayer", num_prototypes, dim, patch, metric)
         self.metric = metric
         self.prototype_vectors = nn.Parameter(
             torch.rand(num_prototypes, dim, ph, pw, device=device, dtype=dtype)
@@ -70,3 +79,192 @@ class PrototypeLayer(nn.Module):
         ph, pw = self.patch
         return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
                 f"metric={self.metric!r}")
+
+
+class ShardedPrototypeLayer(nn.Module):
+    """A `PrototypeLayer` whose bank is split over the ranks of a process group, for banks too
+    big for one device.
+
+    Rank ``r`` holds a contiguous shard ``prototype_vectors`` ``(M_r, D, ph, pw)``: rows
+    ``shard`` of the global ``(M, D, ph, pw)`` bank; shard sizes differ by at most one, the
+    first ranks holding the larger ones. ``forward(x)`` computes the min distances to the local
+    shard and gathers them from every rank, returning `MinDistance` ``(values, indices)``, both
+    ``(B, M)`` over the global bank, equal to what `PrototypeLayer` gives with that bank.
+    Without an initialised process group (or with one rank) it is a `PrototypeLayer`.
+
+    Initialisation draws the whole bank as `PrototypeLayer` does (uniform in [0, 1)) and keeps
+    this rank's rows, so the same seed gives the same global bank; that holds the whole bank in
+    memory once, on ``device``. For a bank that does not fit there, or to shard an existing one,
+    use `from_full` (e.g. with a bank on the CPU); `full_prototypes` gathers it back. The state
+    dict holds only this rank's shard.
+
+    What ``x`` is, and so what the gradients mean, depends on ``data_parallel``:
+
+    - ``False`` (default): ``x`` ``(B, D, H, W)`` (or ``(B, L, D)`` tokens for a 1x1 patch) is
+      the same on every rank, and every rank computes the same loss ``L`` from the same gathered
+      output. Each shard's gradient is then its rows of ``dL/dbank`` and ``x``'s gradient is
+      ``dL/dx`` (summed over the ranks' shards in backward), on every rank: what the unsharded
+      layer gives.
+    - ``True``: each rank passes its own batch ``x_r`` ``(B_r, ...)`` (batch sizes may differ,
+      the other dimensions may not) and gets ``(B_r, M)`` for it; each rank computes its own
+      loss ``L_r``. Gradients are those of the sum ``L = sum_r L_r``, as for the unsharded layer
+      applied to the concatenated batch: ``x_r``'s gradient is ``dL_r/dx_r`` and each shard's
+      is its rows of ``dL/dbank``. DistributedDataParallel averages the gradients of replicated
+      parameters instead (the gradient of ``L / world_size``): scale accordingly, and keep this
+      layer's parameters out of DDP's all-reduce, since the ranks hold different shards.
+
+    Every rank must call ``forward`` (and ``backward`` through its output) in the same order:
+    both run collectives.
+
+    Args:
+        num_prototypes: M, the size of the global bank; at least the number of ranks.
+        dim: D, the channels of the feature map.
+        patch: ``(ph, pw)`` or one int for a square window.
+        metric: ``"sqeuclidean"`` or ``"cosine"``.
+        process_group: the ranks sharing the bank; the default group when None and one is
+            initialised.
+        data_parallel: whether each rank passes its own batch (see above).
+    """
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        dim: int,
+        patch: int | tuple[int, int] = (1, 1),
+        metric: str = "sqeuclidean",
+        *,
+        process_group: ProcessGroup | None = None,
+        data_parallel: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        ph, pw = _check_layer_args("ShardedPrototypeLayer", num_prototypes, dim, patch, metric)
+        self.metric = metric
+        self.data_parallel = data_parallel
+        self._group, self._rank, world_size = _resolve_group(process_group)
+        if num_prototypes < world_size:
+            raise ValueError(f"ShardedPrototypeLayer: num_prototypes ({num_prototypes}) must be "
+                             f"at least the number of ranks ({world_size})")
+        self.shard_sizes = shard_sizes(num_prototypes, world_size)
+        start = sum(self.shard_sizes[: self._rank])
+        self.shard = slice(start, start + self.shard_sizes[self._rank])
+        bank = torch.rand(num_prototypes, dim, ph, pw, device=device, dtype=dtype)
+        self.prototype_vectors = nn.Parameter(bank[self.shard].clone())
+
+    @classmethod
+    def from_full(
+        cls,
+        bank: Tensor,
+        metric: str = "sqeuclidean",
+        *,
+        process_group: ProcessGroup | None = None,
+        data_parallel: bool = False,
+    ) -> "ShardedPrototypeLayer":
+        """A layer holding this rank's rows of ``bank`` ``(M, D)`` or ``(M, D, ph, pw)``, which
+        must be the same on every rank (e.g. a `PrototypeLayer`'s ``prototype_vectors`` or the
+        ``full_prototypes()`` of a checkpoint). The shard is a copy on ``bank``'s device; no
+        random numbers are drawn."""
+        if not isinstance(bank, Tensor) or bank.dim() not in (2, 4):
+            shape = tuple(bank.shape) if isinstance(bank, Tensor) else type(bank).__name__
+            raise ValueError(f"ShardedPrototypeLayer.from_full: bank must be (M, D) or "
+                             f"(M, D, ph, pw), got {shape}")
+        if bank.dim() == 2:
+            bank = bank[:, :, None, None]
+        num_prototypes, dim, ph, pw = bank.shape
+        # on the meta device the constructor allocates and draws nothing
+        layer = cls(num_prototypes, dim, (ph, pw), metric, process_group=process_group,
+                    data_parallel=data_parallel, device="meta", dtype=bank.dtype)
+        layer.prototype_vectors = nn.Parameter(bank[layer.shard].detach().clone())
+        return layer
+
+    @property
+    def num_prototypes(self) -> int:
+        """M, the size of the global bank."""
+        return sum(self.shard_sizes)
+
+    @property
+    def dim(self) -> int:
+        return self.prototype_vectors.shape[1]
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        return tuple(self.prototype_vectors.shape[2:])
+
+    def forward(self, x: Tensor) -> MinDistance:
+        """``x`` ``(B, D, H, W)`` or ``(B, L, D)`` -> `MinDistance` ``(values, indices)``, both
+        ``(B, M)`` over the global bank (``data_parallel``: ``B`` is this rank's batch)."""
+        if self._group is None:
+            return min_distance(x, self.prototype_vectors, self.metric)
+        x, rows = self._shared_input(x)
+        values, indices = min_distance(x, self.prototype_vectors, self.metric)
+        return MinDistance(self._gathered_output(values, rows),
+                           self._gathered_output(indices, rows))
+
+    def distance_map(self, x: Tensor) -> Tensor:
+        """All distances ``(B, M, H', W')`` (tokens: ``(B, M, L)``) over the global bank."""
+        if self._group is None:
+            return distance_map(x, self.prototype_vectors, self.metric)
+        x, rows = self._shared_input(x)
+        return self._gathered_output(distance_map(x, self.prototype_vectors, self.metric), rows)
+
+    @torch.no_grad()
+    def full_prototypes(self) -> Tensor:
+        """The global bank ``(M, D, ph, pw)``, gathered from every rank (a collective: call it
+        on all of them). A copy, without gradient."""
+        if self._group is None:
+            return self.prototype_vectors.detach().clone()
+        return all_gather_uneven(self.prototype_vectors.detach(), self.shard_sizes, 0,
+                                 self._group)
+
+    def _shared_input(self, x: Tensor) -> tuple[Tensor, slice | None]:
+        """The input every rank computes its shard's distances on, and (``data_parallel``) the
+        rows of it that are this rank's batch."""
+        if not self.data_parallel:
+            return sum_gradients(x, self._group), None
+        batch_sizes = self._batch_sizes(x)
+        start = sum(batch_sizes[: self._rank])
+        rows = slice(start, start + batch_sizes[self._rank])
+        return gather(x, batch_sizes, 0, self._group, sum_gradients=True), rows
+
+    def _gathered_output(self, local: Tensor, rows: slice | None) -> Tensor:
+        """``local`` ``(B, M_r, ...)`` gathered over the prototypes into ``(B, M, ...)``."""
+        # Data parallel: every rank gathers every rank's rows and keeps its own, moving
+        # world_size times what an all-to-all would; simpler, and the (B, M) outputs are small
+        # next to the gathered x. Each rank's gradient then covers only its rows: sum them.
+        out = gather(local, self.shard_sizes, 1, self._group, sum_gradients=self.data_parallel)
+        return out if rows is None else out[rows]
+
+    def _batch_sizes(self, x: Tensor) -> list[int]:
+        """Every rank's batch size; ValueError (on every rank) unless the other dimensions of
+        the ranks' inputs agree, which the gather along the batch needs."""
+        if x.dim() not in (3, 4):
+            raise ValueError(f"ShardedPrototypeLayer: x must be (B, D, H, W) or (B, L, D), got "
+                             f"{tuple(x.shape)}")
+        shape = torch.tensor([x.dim(), *x.shape, *[0] * (4 - x.dim())], device=x.device)
+        shapes = all_gather_uneven(shape[None], [1] * len(self.shard_sizes), 0, self._group)
+        others = [0, 2, 3, 4]
+        if not torch.equal(shapes[:, others], shape[others].expand(len(shapes), -1)):
+            raise ValueError(f"ShardedPrototypeLayer(data_parallel=True): the ranks' inputs must "
+                             f"agree in all but the batch dimension; got shapes "
+                             f"{[s[1:1 + s[0]] for s in shapes.tolist()]}")
+        return shapes[:, 1].tolist()
+
+    def extra_repr(self) -> str:
+        ph, pw = self.patch
+        return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
+                f"metric={self.metric!r}, shard=[{self.shard.start}:{self.shard.stop}] of "
+                f"{len(self.shard_sizes)} ranks, data_parallel={self.data_parallel}")
+
+
+def _resolve_group(process_group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]:
+    """``(group, rank, world_size)``; ``group`` is None when there is nothing to share with."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, 0, 1
+        process_group = dist.group.WORLD
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise ValueError("ShardedPrototypeLayer: this process is not a member of process_group")
+    world_size = dist.get_world_size(process_group)
+    return (process_group if world_size > 1 else None), rank, world_size
