@@ -142,7 +142,8 @@ class ShardedPrototypeLayer(nn.Module):
         ph, pw = _check_layer_args("ShardedPrototypeLayer", num_prototypes, dim, patch, metric)
         self.metric = metric
         self.data_parallel = data_parallel
-        self._group, self._rank, world_size = _resolve_group(process_group)
+        group, self._rank, world_size = _resolve_group(process_group)
+        self._group_handle = _SharedHandle(group)
         if num_prototypes < world_size:
             raise ValueError(f"ShardedPrototypeLayer: num_prototypes ({num_prototypes}) must be "
                              f"at least the number of ranks ({world_size})")
@@ -177,6 +178,10 @@ class ShardedPrototypeLayer(nn.Module):
                     data_parallel=data_parallel, device="meta", dtype=bank.dtype)
         layer.prototype_vectors = nn.Parameter(bank[layer.shard].detach().clone())
         return layer
+
+    @property
+    def _group(self) -> ProcessGroup | None:
+        return self._group_handle.value
 
     @property
     def num_prototypes(self) -> int:
@@ -255,6 +260,18 @@ class ShardedPrototypeLayer(nn.Module):
         return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
                 f"metric={self.metric!r}, shard=[{self.shard.start}:{self.shard.stop}] of "
                 f"{len(self.shard_sizes)} ranks, data_parallel={self.data_parallel}")
+
+
+class _SharedHandle:
+    """Holds an object that copies of a module share instead of copying: `copy.deepcopy` of a
+    module (EMA weights, a frozen old model in class-incremental learning) cannot copy a
+    ProcessGroup, and the copy must talk to the same ranks anyway."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "_SharedHandle":
+        return self
 
 
 def _resolve_group(process_group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]:

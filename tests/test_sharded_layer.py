@@ -6,6 +6,7 @@ them with a `PrototypeLayer` built here from the same seed. Cases run in float64
 sharded and unsharded layers must agree to rounding (1e-12); values and indices must be equal.
 """
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -100,6 +101,8 @@ def _run_cases(rank: int, world_size: int) -> dict:
     from_full = pk.nn.ShardedPrototypeLayer.from_full(bank, "cosine")
     results["from_full"] = (bank, from_full.prototype_vectors.detach(),
                             from_full.full_prototypes(), repr(from_full))
+    x = torch.randn(2, DIM, 3, 3)
+    results["deepcopy"] = (from_full(x), copy.deepcopy(from_full)(x))
 
     errors = {}
     try:
@@ -164,6 +167,13 @@ def test_from_full_shards_a_bank_and_full_prototypes_gathers_it(ranks):
         assert torch.equal(shard, bank[rows]) and torch.equal(full, bank)
         assert f"shard=[{rows.start}:{rows.stop}] of 2 ranks" in text
         assert "metric='cosine'" in text
+
+
+def test_a_deep_copy_shares_the_process_group(ranks):
+    for results in ranks:
+        original, copied = results["deepcopy"]
+        assert torch.equal(original.values, copied.values)
+        assert torch.equal(original.indices, copied.indices)
 
 
 def test_errors_are_raised_on_every_rank(ranks):
