@@ -4,6 +4,14 @@
 CUB-200 crops ProtoPNet trains on); ``--data planted-parts`` generates the demo's dataset.
 Writes ``checkpoint.pt``, ``log.jsonl`` and ``log.csv`` to ``--output``; ``--resume``
 continues there.
+
+Data parallel on several processes (`protokern.distributed`): ``--nproc N`` spawns N local
+processes (gloo on CPU, NCCL with one GPU each on CUDA); or let torchrun start them::
+
+    torchrun --standalone --nproc-per-node 2 -m protokern.cli train --data DIR ...
+
+Both give the result of one process on the same ``--batch-size`` (the global batch, split
+between the processes), up to float rounding.
 """
 
 import argparse
@@ -12,6 +20,7 @@ from pathlib import Path
 import torch
 
 from protokern.data import ImageFolder, PlantedParts
+from protokern.distributed import is_main_process, launch, process_group
 from protokern.models.checkpoint import build_protopnet
 from protokern.models.losses import LossCoefficients
 from protokern.models.training import TrainingConfig, train_protopnet
@@ -57,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planted-per-class", type=int, nargs=2, default=(100, 30),
                         metavar=("TRAIN", "TEST"), help=f"with --data {PLANTED}: images per class")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes to spawn on this machine (CUDA: one GPU "
+                             "each); --batch-size is the global batch. Under torchrun leave it 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -80,15 +92,34 @@ def load_datasets(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """``protokern train``: trains, then prints the final test accuracy."""
+    """``protokern train``: trains (in ``--nproc`` processes), then prints the final test
+    accuracy."""
+    if args.nproc < 1:
+        raise ValueError(f"protokern train: --nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        launch(args.nproc, train_in_process_group, args)
+    else:
+        train_in_process_group(args)
+    return 0
+
+
+def train_in_process_group(args: argparse.Namespace) -> None:
+    """The training of one process: of the group torchrun or `launch` describes in the
+    environment, or alone."""
+    with process_group(args.device) as device:
+        train(args, device)
+
+
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    """Build the data and model from ``args``, train on ``device``; rank 0 prints."""
     torch.manual_seed(args.seed)
     train_set, test_set, class_names = load_datasets(args)
-    model_config = dict(num_classes=len(class_names), image_size=args.image_size,
-                        backbone=args.backbone, weights=args.weights,
-                        prototypes_per_class=args.prototypes_per_class,
-                        prototype_dim=args.prototype_dim,
-                        prototype_patch=tuple(args.prototype_patch), metric=args.metric)
-    model = build_protopnet(**model_config).to(args.device)
+    model_config = {"num_classes": len(class_names), "image_size": args.image_size,
+                    "backbone": args.backbone, "weights": args.weights,
+                    "prototypes_per_class": args.prototypes_per_class,
+                    "prototype_dim": args.prototype_dim,
+                    "prototype_patch": tuple(args.prototype_patch), "metric": args.metric}
+    model = build_protopnet(**model_config).to(device)
     config = TrainingConfig(
         epochs=args.epochs, warm_epochs=args.warm_epochs, push_start=args.push_start,
         push_every=args.push_every, last_layer_iterations=args.last_layer_iterations,
@@ -100,14 +131,17 @@ def run(args: argparse.Namespace) -> int:
         coefficients=LossCoefficients(cluster=args.cluster, separation=args.separation,
                                       l1=args.l1),
         seed=args.seed)
-    print(f"training ProtoPNet ({args.backbone}, {model.num_prototypes} prototypes, "
-          f"{len(class_names)} classes) on {len(train_set)} images, testing on {len(test_set)}")
+    main = is_main_process()
+    if main:
+        print(f"training ProtoPNet ({args.backbone}, {model.num_prototypes} prototypes, "
+              f"{len(class_names)} classes) on {len(train_set)} images, testing on "
+              f"{len(test_set)}")
     result = train_protopnet(model, train_set, test_set, config, args.output, model_config,
                              resume=args.resume, progress=not args.no_progress,
                              extra_state={"class_names": class_names})
-    if result.history:
+    if main and result.history:
         last = result.history[-1]
         accuracy = last.get("test_accuracy_after_last_layer", last["test_accuracy"])
         print(f"test accuracy after epoch {last['epoch']}: {100 * accuracy:.1f}%")
-    print(f"checkpoint and logs in {args.output}")
-    return 0
+    if main:
+        print(f"checkpoint and logs in {args.output}")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from protokern.distributed import gather_from_processes, is_distributed, world
 from protokern.models.protopnet import ProtoPNet
 from protokern.ops import min_distance
 
@@ -50,9 +51,43 @@ def push_prototypes(model: ProtoPNet, dataset: Dataset, batch_size: int = 64,
     augmentation. Ties between images go to the lowest image index, ties within an image to
     the lowest position (`min_distance`'s rule). The model is put in eval mode for the pass and
     its mode restored.
+
+    With several processes (`protokern.distributed`), each searches a contiguous run of whole
+    batches of the dataset, the same batches one process would read, so its distances are the
+    ones a single process computes; per prototype the smallest distance over the processes
+    wins, ties going to the lowest image index, and every process sets the winning patch. The
+    result equals a single-process push; every process must hold the whole ``dataset``.
     """
     was_training = model.training
     model.eval()
+    prototypes = model.prototype_layer.prototype_vectors
+    shard = _shard_of_this_process(len(dataset), batch_size)
+    distance, image, position, patch = _nearest_patches(model, Subset(dataset, shard),
+                                                        shard.start, batch_size, progress)
+    if is_distributed():
+        distance, image, position, patch = _nearest_across_processes(distance, image,
+                                                                     position, patch)
+    found = image >= 0
+    prototypes.data[found] = patch[found]
+    model.train(was_training)
+    return _record(model, dataset, image, position, distance)
+
+
+def _shard_of_this_process(num_images: int, batch_size: int) -> range:
+    """The images this process searches: a contiguous run of whole ``batch_size`` batches,
+    runs in rank order (a process may get none)."""
+    rank, size = world()
+    batches = -(-num_images // batch_size)
+    first, last = rank * batches // size, (rank + 1) * batches // size
+    return range(min(first * batch_size, num_images), min(last * batch_size, num_images))
+
+
+def _nearest_patches(model: ProtoPNet, dataset: Dataset, first_index: int, batch_size: int,
+                     progress: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per prototype, the nearest same-class patch in ``dataset`` (whose image ``i`` is image
+    ``first_index + i`` of the whole data): ``(M,)`` float64 distances (inf where none),
+    ``(M,)`` image indices (-1 where none), ``(M,)`` flat positions and ``(M, D, ph, pw)``
+    patches (the prototype itself where none)."""
     layer = model.prototype_layer
     prototypes = layer.prototype_vectors
     num, _, ph, pw = prototypes.shape
@@ -63,7 +98,7 @@ def push_prototypes(model: ProtoPNet, dataset: Dataset, batch_size: int = 64,
     best_image = torch.full((num,), -1, dtype=torch.int64, device=device)
     best_position = torch.zeros(num, dtype=torch.int64, device=device)
     best_patch = prototypes.detach().clone()
-    offset = 0
+    offset = first_index
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for images, labels in tqdm(loader, desc="push", disable=not progress, leave=False):
         images, labels = images.to(device), labels.to(device)
@@ -84,17 +119,29 @@ def push_prototypes(model: ProtoPNet, dataset: Dataset, batch_size: int = 64,
             best_image[which] = image + offset
             best_position[which] = position
         offset += len(images)
+    return best_distance, best_image, best_position, best_patch
 
-    found = best_image >= 0
-    prototypes.data[found] = best_patch[found]
-    model.train(was_training)
-    return _record(model, dataset, best_image, best_position, best_distance)
+
+def _nearest_across_processes(distance: Tensor, image: Tensor, position: Tensor, patch: Tensor
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every process's `_nearest_patches` results reduced to the global ones, identical on
+    every process: per prototype the smallest distance, on ties the lowest image index."""
+    distances = gather_from_processes(distance)  # (P, M)
+    images = gather_from_processes(image)
+    tied = distances == distances.min(0).values  # all processes tie where none found (inf)
+    # a process that found nothing has image -1 but distance inf, so it is never tied with a
+    # process that found something
+    winner = torch.where(tied, images, torch.iinfo(torch.int64).max).argmin(0)  # (M,)
+    columns = torch.arange(len(winner), device=winner.device)
+    return (distances[winner, columns], images[winner, columns],
+            gather_from_processes(position)[winner, columns],
+            gather_from_processes(patch)[winner, columns])
 
 
 def _record(model: ProtoPNet, dataset: Dataset, image_index: Tensor, position: Tensor,
             distance: Tensor) -> PushRecord:
     """Boxes and source images of the pushed prototypes."""
-    num, _, ph, pw = model.prototype_layer.prototype_vectors.shape
+    _, _, ph, pw = model.prototype_layer.prototype_vectors.shape
     width = model.feature_size[1] - pw + 1
     rows, cols = position // width, position % width
     size = model.image_size

@@ -8,8 +8,22 @@
 4. Last layer only: after each push, the last layer trained alone (Adam, 1e-4) to make it
    sparse in wrong-class connections (the L1 term).
 
-Every epoch appends a row to ``log.jsonl`` and ``log.csv`` and rewrites ``checkpoint.pt``
-in the output folder; `train_protopnet` with ``resume=True`` continues from that checkpoint.
+Every epoch rewrites ``checkpoint.pt`` (atomically) and then ``log.jsonl`` and ``log.csv`` (one
+row per epoch) in the output folder; `train_protopnet` with ``resume=True`` continues from
+that checkpoint. A run killed at any point and resumed ends with the same weights, bit for
+bit, as a run never interrupted: the checkpoint holds everything later epochs depend on
+(weights and batch-norm statistics, optimiser and learning-rate schedule states, the push
+record, the global RNG state), and each epoch's data order comes from the seed and the epoch
+number alone. Work done in the interrupted epoch is redone.
+
+Under a process group of several processes (`protokern.distributed`; ``protokern train
+--nproc N`` or ``torchrun``) training is data parallel: each global batch of the one-process
+run is split between the processes, the model is wrapped in
+`~torch.nn.parallel.DistributedDataParallel` with batch norm synchronised, and the loss is
+weighted so that the averaged gradient is the gradient of the whole batch's mean loss; push
+is distributed (`protokern.models.push`); evaluation and the last-layer stage run whole on
+every process (they are cheap and keep the replicas identical without communication). Only
+rank 0 writes files.
 """
 
 import csv
@@ -21,10 +35,26 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    TensorDataset,
+)
 from tqdm import tqdm
 
-from protokern.models.checkpoint import save_checkpoint
+from protokern.distributed import (
+    barrier,
+    is_distributed,
+    is_main_process,
+    sum_across_processes,
+    synchronize_batch_norm,
+    world,
+)
+from protokern.models.checkpoint import read_checkpoint, save_checkpoint
 from protokern.models.losses import LossCoefficients, protopnet_loss
 from protokern.models.protopnet import ProtoPNet, distance_to_similarity
 from protokern.models.push import PushRecord, push_prototypes
@@ -118,26 +148,78 @@ def _device_of(model: ProtoPNet) -> torch.device:
     return model.prototype_layer.prototype_vectors.device
 
 
+class ShareOfShuffledBatches(Sampler[list[int]]):
+    """This process's share of each batch of a seeded shuffle of ``range(size)``.
+
+    The global batches are those of ``DataLoader(..., batch_size, shuffle=True,
+    generator=generator)``; process ``rank`` of ``P`` gets ``batch[rank::P]``. With one
+    process that is the whole batch, so one process and several see the same global batches.
+    With several, a last batch of fewer than ``P`` images is skipped (a process would get
+    none).
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
+        self.batches = BatchSampler(RandomSampler(range(size), generator=generator),
+                                    batch_size, drop_last=False)
+        self.rank, self.processes = world()
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.processes:
+                yield batch[self.rank::self.processes]
+
+    def __len__(self) -> int:
+        size, batch_size = len(self.batches.sampler), self.batches.batch_size
+        last = size % batch_size
+        return size // batch_size + (last >= self.processes if last else 0)
+
+
+def shuffled_batches(dataset: Dataset, batch_size: int, generator: torch.Generator
+                     ) -> DataLoader:
+    """A loader of this process's share of each shuffled global batch of ``batch_size``
+    (`ShareOfShuffledBatches`); reseed ``generator`` before each epoch."""
+    return DataLoader(dataset, batch_sampler=ShareOfShuffledBatches(len(dataset), batch_size,
+                                                                    generator),
+                      generator=generator)
+
+
 def train_epoch(model: ProtoPNet, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 coefficients: LossCoefficients, description: str, progress: bool = True
                 ) -> dict[str, float]:
-    """One pass over ``loader`` with ``optimizer``; mean loss terms and accuracy."""
+    """One pass over ``loader`` with ``optimizer``; mean loss terms and accuracy over every
+    process's images.
+
+    With several processes, ``loader`` yields this process's share of each global batch
+    (`shuffled_batches`), ``model`` is wrapped in DistributedDataParallel for the epoch
+    (its batch norm synchronised in place first), and this process's loss is weighted by
+    ``P * share / batch``: DDP averages the P gradients, so the result is the gradient of the
+    whole batch's mean loss even for unequal shares (the L1 term, the same everywhere, keeps
+    weight 1 because the weights average to 1).
+    """
     model.train()
     device = _device_of(model)
+    network = (DistributedDataParallel(synchronize_batch_norm(model)) if is_distributed()
+               else model)
+    processes = world()[1]
     sums: dict[str, float] = {}
     correct = seen = 0
     for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False):
         images, labels = images.to(device), labels.to(device)
-        output = model(images)
+        batch = int(sum_across_processes(torch.tensor([len(labels)], device=device)))
+        output = network(images)
         terms = protopnet_loss(model, output, labels, coefficients)
         optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        (terms.total * (processes * len(labels) / batch)).backward()
         optimizer.step()
         for name, value in terms.as_floats().items():
             sums[name] = sums.get(name, 0.0) + value * len(labels)
         correct += int((output.logits.argmax(1) == labels).sum())
         seen += len(labels)
-    return {**{f"train_{k}": v / seen for k, v in sums.items()}, "train_accuracy": correct / seen}
+    totals = sum_across_processes(torch.tensor([*sums.values(), correct, seen],
+                                               dtype=torch.float64, device=device)).tolist()
+    seen = totals[-1]
+    return {**{f"train_{k}": v / seen for k, v in zip(sums, totals)},
+            "train_accuracy": totals[-2] / seen}
 
 
 @torch.no_grad()
@@ -191,16 +273,16 @@ def train_last_layer(model: ProtoPNet, train_set: Dataset, optimizer: torch.opti
     return {"last_layer_train_accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 
-def _append_log(folder: Path, row: dict[str, Any]) -> None:
-    with open(folder / "log.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    csv_path = folder / "log.csv"
-    rows = [json.loads(line) for line in open(folder / "log.jsonl")]
-    columns = list(dict.fromkeys(key for r in rows for key in r))  # rows may gain columns
-    with open(csv_path, "w", newline="") as f:
+def _write_logs(folder: Path, history: list[dict[str, Any]]) -> None:
+    """``log.jsonl`` and ``log.csv`` of the whole history: rewritten rather than appended, so
+    a run killed between checkpoint and log, then resumed, logs each epoch once."""
+    with open(folder / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    columns = list(dict.fromkeys(key for r in history for key in r))  # rows may gain columns
+    with open(folder / "log.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(history)
 
 
 @dataclass
@@ -222,7 +304,16 @@ def train_protopnet(model: ProtoPNet, train_set: Dataset, test_set: Dataset,
         train_set, test_set: ``(image (3, S, S) in [0, 1], label)`` datasets.
         model_config: the `build_protopnet` recipe stored in the checkpoint.
         resume: continue after the last epoch recorded in ``output_dir/checkpoint.pt``.
-        extra_state: stored in the checkpoint as is (e.g. class names).
+        progress: progress bars (on rank 0 only).
+        extra_state: stored in the checkpoint as is (e.g. class names; tensors, containers and
+            primitives only).
+
+    With several processes (`protokern.distributed`) every process calls this with the same
+    arguments and data; ``model``'s batch norm is synchronised in place. Only rank 0 writes.
+
+    Raises:
+        FileNotFoundError: ``resume`` without a checkpoint. CheckpointError: ``resume`` with a
+        checkpoint that is unreadable or not from this function.
     """
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,15 +327,16 @@ def train_protopnet(model: ProtoPNet, train_set: Dataset, test_set: Dataset,
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"train_protopnet: resume asked but there is no "
                                     f"{str(checkpoint_path)!r}")
-        state = torch.load(checkpoint_path, map_location=_device_of(model), weights_only=False)
+        state = read_checkpoint(checkpoint_path, _device_of(model),
+                                required=("epoch", "optimizers", "history", "push", "rng"))
         model.load_state_dict(state["model"])
         optimizers.load_state_dict(state["optimizers"])
         history, first_epoch = state["history"], state["epoch"] + 1
         push_record = PushRecord(**state["push"]) if state.get("push") else None
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+    progress = progress and is_main_process()
     generator = torch.Generator()
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                        generator=generator)
+    loader = shuffled_batches(train_set, config.batch_size, generator)
 
     for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
@@ -269,11 +361,13 @@ def train_protopnet(model: ProtoPNet, train_set: Dataset, test_set: Dataset,
                                                                  progress=progress)
         row["seconds"] = time.perf_counter() - start
         history.append(row)
-        _append_log(folder, row)
-        save_checkpoint(checkpoint_path, model, model_config or {}, epoch=epoch,
-                        optimizers=optimizers.state_dict(), history=history,
-                        push=asdict(push_record) if push_record else None,
-                        training_config=asdict(config), rng=torch.get_rng_state(),
-                        **(extra_state or {}))
+        if is_main_process():
+            save_checkpoint(checkpoint_path, model, model_config or {}, epoch=epoch,
+                            optimizers=optimizers.state_dict(), history=history,
+                            push=asdict(push_record) if push_record else None,
+                            training_config=asdict(config), rng=torch.get_rng_state(),
+                            **(extra_state or {}))
+            _write_logs(folder, history)
+        barrier()  # no process starts the next epoch before this one's checkpoint exists
     model.eval()
     return TrainingResult(model, history, push_record)
