@@ -70,11 +70,11 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a zip, pickle or weights-only failure: all mean "unreadable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{str(path)!r} is not a readable protokern checkpoint (truncated, corrupted or "
-            f"holding objects weights_only loading refuses): {type(error).__name__}: "
-            f"{reason}") from error
+            f"{str(path)!r} ({path.stat().st_size} bytes) is not a readable protokern "
+            f"checkpoint (truncated, corrupted, or holding objects other than tensors and "
+            f"plain containers, which weights_only loading refuses): "
+            f"{_first_sentence(error)}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{str(path)!r} is not a protokern checkpoint: it holds a "
                               f"{type(checkpoint).__name__}, not a dict")
@@ -84,6 +84,16 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                               f"{', '.join(map(repr, missing))} in it (keys: "
                               f"{sorted(map(str, checkpoint))[:10]})")
     return checkpoint
+
+
+def _first_sentence(error: Exception) -> str:
+    """``Type: what went wrong`` from a `torch.load` error, without its advice on loading
+    untrusted files with ``weights_only=False``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    refused = [line.split(marker, 1)[1] for line in lines if marker in line]
+    text = (refused or lines or [""])[0].strip()
+    return f"{type(error).__name__}: {text.split('. ')[0]}" if text else type(error).__name__
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
