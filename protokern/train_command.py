@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     accuracy."""
     if args.nproc < 1:
         raise ValueError(f"protokern train: --nproc must be >= 1, got {args.nproc}")
+    if torch.device(args.device).type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise ValueError(f"protokern train: --nproc {args.nproc} needs a GPU per process, "
+                         f"this machine has {torch.cuda.device_count()}")
     if args.nproc > 1:
         launch(args.nproc, train_in_process_group, args)
     else:
