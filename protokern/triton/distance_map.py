@@ -50,6 +50,12 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     num, _, ph, pw = prototypes.shape
     out_h, out_w = height - ph + 1, width - pw + 1
     length = out_h * out_w
+    launch.check_positions(length, "distance_map", x, prototypes)
+    configs = [INTERPRETED] if launch.INTERPRET else CONFIGS
+    rows = launch.smallest_block(configs, "BLOCK_ROWS")  # BLOCK_L is at least min(L, rows)
+    launch.check_grid((batch, triton.cdiv(length, min(length, rows)),
+                       triton.cdiv(num, launch.smallest_block(configs, "BLOCK_M"))),
+                      "distance_map", x, prototypes)
     out = torch.empty(batch, num, out_h, out_w, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out

@@ -71,6 +71,41 @@ def dot_precision(x: Tensor) -> str:
     return "tf32" if x.is_cuda and reference.input_rounding(x.dtype, x.device) > 0 else "ieee"
 
 
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+"""Most programs CUDA launches along a grid's x, y and z axes."""
+
+MAX_POSITIONS = 2**31 - 1
+"""Most window positions per image: the kernels hold a position in 32 bits."""
+
+
+def smallest_block(configs: list[triton.Config], name: str) -> int:
+    """The smallest ``name`` block among ``configs``: the most programs a launch may need."""
+    return min(config.kwargs[name] for config in configs)
+
+
+def check_grid(grid: tuple[int, ...], what: str, x: Tensor, prototypes: Tensor) -> None:
+    """Raise ValueError, naming the limit, if ``grid`` exceeds CUDA's launch limits (checked in
+    the interpreter too, so that it refuses what a GPU would)."""
+    for axis, (programs, limit) in enumerate(zip(grid, CUDA_GRID_LIMITS)):
+        if programs > limit:
+            raise ValueError(
+                f"protokern triton {what}: x {tuple(x.shape)} and prototypes "
+                f"{tuple(prototypes.shape)} need {programs} programs along axis {'xyz'[axis]} "
+                f"of a launch grid, past CUDA's limit of {limit}; split the prototypes (or the "
+                f"batch) into several calls, or use the cpu or cuda backend"
+            )
+
+
+def check_positions(length: int, what: str, x: Tensor, prototypes: Tensor) -> None:
+    """Raise ValueError unless ``length`` window positions per image fit the kernels."""
+    if length > MAX_POSITIONS:
+        raise ValueError(
+            f"protokern triton {what}: x {tuple(x.shape)} with prototypes "
+            f"{tuple(prototypes.shape)} has {length} window positions per image; at most "
+            f"2^31 - 1 are supported"
+        )
+
+
 def on_device(x: Tensor):
     """Launch on ``x``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -130,6 +130,12 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     num, _, ph, pw = prototypes.shape
     out_w = width - pw + 1
     length = (height - ph + 1) * out_w
+    launch.check_positions(length, "min_distance", x, prototypes)
+    configs = [INTERPRETED] if launch.INTERPRET else CONFIGS
+    launch.check_grid((batch, triton.cdiv(num, launch.smallest_block(configs, "BLOCK_M"))),
+                      "min_distance", x, prototypes)
+    launch.check_grid((batch, triton.cdiv(num, EXACT.kwargs["BLOCK_M"])), "min_distance", x,
+                      prototypes)
     values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
     indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
     if values.numel() == 0:

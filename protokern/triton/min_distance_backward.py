@@ -151,7 +151,9 @@ def _bucketed_gather_kernel(
                 for slot in range(first, last):
                     m = tl.load(order_ptr + image.to(tl.int64) * M + slot)
                     pair = image.to(tl.int64) * M + m + tl.zeros((1,), tl.int64)
-                    p = tl.load(p_ptr + m * spm + d.to(tl.int64) * spd + i * sph + j * spw,
+                    # i, j are 32-bit: widen before the stride products (i sph may pass 2**31)
+                    p = tl.load(p_ptr + m * spm + d.to(tl.int64) * spd
+                                + tl.cast(i, tl.int64) * sph + tl.cast(j, tl.int64) * spw,
                                 mask=d_ok, other=0.0).to(ACC)
                     total += _pair_gradient(x[None, :], p[None, :], tl.load(a_ptr + pair),
                                             tl.load(c_ptr + pair), METRIC)
@@ -168,6 +170,14 @@ def min_distance_backward(
     num, _, ph, pw = prototypes.shape
     out_h, out_w = height - ph + 1, width - pw + 1
     size = dim * ph * pw
+    launch.check_positions(out_h * out_w, "min_distance_backward", x, prototypes)
+    pairs_m, pairs_k = PAIRS.kwargs["BLOCK_M"], PAIRS.kwargs["BLOCK_K"]
+    grids = [(batch, triton.cdiv(num, pairs_m)),
+             (triton.cdiv(num, pairs_m), triton.cdiv(size, pairs_k))]
+    if torch.are_deterministic_algorithms_enabled():
+        grids.append((batch * height * width, triton.cdiv(dim, PIXELS.kwargs["BLOCK_D"])))
+    for grid in grids:
+        launch.check_grid(grid, "min_distance_backward", x, prototypes)
     acc_dtype, acc = launch.accumulator(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     grad_p = torch.zeros(num, size, dtype=acc_dtype, device=x.device)
