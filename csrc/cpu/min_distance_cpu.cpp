@@ -38,10 +38,13 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototy
 }
 
 FeatureMap describe(const at::Tensor& x, const at::Tensor& prototypes) {
-  // The kernel stores positions within one image as int32 in its shortlist.
-  TORCH_CHECK((x.size(2) - prototypes.size(2) + 1) * (x.size(3) - prototypes.size(3) + 1) <
-                  std::numeric_limits<int32_t>::max(),
-              "protokern_cpu: more than 2^31 window positions per image (x ", x.sizes(), ")");
+  // The kernel stores positions within one image as int32 in its shortlist. A ValueError,
+  // like every other limit, raised before anything is allocated.
+  const int64_t positions =
+      (x.size(2) - prototypes.size(2) + 1) * (x.size(3) - prototypes.size(3) + 1);
+  TORCH_CHECK_VALUE(positions < std::numeric_limits<int32_t>::max(),
+                    "protokern_cpu: at most 2^31 - 2 window positions per image are supported, "
+                    "got ", positions, " (x ", x.sizes(), ", prototypes ", prototypes.sizes(), ")");
   return FeatureMap{x.size(0),   x.size(1),   x.size(2),   x.size(3),
                     x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                     prototypes.size(2), prototypes.size(3)};
