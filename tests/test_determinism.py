@@ -131,3 +131,32 @@ def test_deterministic_setting_is_restored(backend):
     with _deterministic(1):
         _run(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.skipif("triton" not in pk.available_backends(), reason="triton unavailable")
+def test_autotuned_triton_kernels_launch_their_first_config_when_deterministic():
+    """On a GPU the forward and distance_map kernels are autotuned, and the timings may pick
+    another configuration in another process (other block sizes, other rounding, another winner
+    among near-ties); under deterministic algorithms `launch.Tuned` always runs the first."""
+    import triton
+    import triton.language as tl
+
+    from protokern.triton import launch
+
+    @triton.jit
+    def block_of(out_ptr, n, BLOCK: tl.constexpr):
+        tl.store(out_ptr + tl.program_id(0), BLOCK + n * 0)
+
+    kernel = launch.Tuned(block_of, [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
+                          key=["n"])
+    out = torch.zeros(2, dtype=torch.int32)
+    with _deterministic(1):
+        kernel[(2,)](out, 5)
+        assert out.tolist() == [16, 16]
+        kernel.configs = kernel.configs[::-1]  # what tests narrowing the configs do
+        kernel[(2,)](out, 5)
+        assert out.tolist() == [32, 32]
+    # otherwise the autotuner runs (one configuration: timing several needs a GPU driver)
+    kernel.configs = [triton.Config({"BLOCK": 64})]
+    kernel[(2,)](out, 7)
+    assert out.tolist() == [64, 64]

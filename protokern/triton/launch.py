@@ -29,14 +29,39 @@ def fixed_config(gpu: dict, interpreted: dict, num_warps: int = 4) -> triton.Con
     return triton.Config(interpreted if INTERPRET else gpu, num_warps=num_warps)
 
 
+class Tuned:
+    """An autotuned kernel that, under ``torch.use_deterministic_algorithms(True)``, always
+    launches its first configuration instead: which configuration the autotuner's timings pick
+    can differ from one process to the next, and with the block sizes the order of the GEMM's
+    sums, hence which of two near-tied positions wins and the bits of a distance map.
+
+    ``configs`` and ``cache`` are the autotuner's (tests narrow them to one configuration).
+    """
+
+    def __init__(self, kernel, configs: list[triton.Config], key: list[str]):
+        self.kernel = kernel
+        self.autotuner = triton.autotune(configs, key=key)(kernel)
+
+    configs = property(lambda self: self.autotuner.configs,
+                       lambda self, value: setattr(self.autotuner, "configs", value))
+    cache = property(lambda self: self.autotuner.cache,
+                     lambda self, value: setattr(self.autotuner, "cache", value))
+
+    def __getitem__(self, grid):
+        if torch.are_deterministic_algorithms_enabled():
+            return Fixed(self.kernel, self.configs[0])[grid]
+        return self.autotuner[grid]
+
+
 def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
-    """Decorator: autotune over ``configs`` keyed on the arguments named in ``key``; in the
-    interpreter, run ``interpreted`` only (autotuning there would run every config)."""
+    """Decorator: autotune over ``configs`` keyed on the arguments named in ``key`` (`Tuned`:
+    not under deterministic algorithms); in the interpreter, run ``interpreted`` only
+    (autotuning there would run every config)."""
 
     def wrap(kernel):
         if INTERPRET:
             return Fixed(kernel, interpreted)
-        return triton.autotune(configs, key=key)(kernel)
+        return Tuned(kernel, configs, key)
 
     return wrap
 
