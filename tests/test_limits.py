@@ -171,7 +171,7 @@ def test_triton_refuses_grids_past_cuda_limits():
 
 
 @big
-@pytest.mark.parametrize("backend_name", FUSED)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_more_than_2_31_elements_of_x(backend_name):
     """A real float16 x of B L D = 2**31 + 2**15 elements (4 GB): the last images, addressed
     past 2**31, give what they give alone."""
