@@ -22,9 +22,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <vector>
 
 // Element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
@@ -60,6 +62,27 @@ template <typename acc_t>
 acc_t huge_norm() {
   return std::numeric_limits<acc_t>::max() / 8;
 }
+
+// A zeroed array of n values starting on a 64-byte boundary in every thread. The vectorised
+// loops then split their elements between vector and scalar steps the same way whichever
+// thread runs them, so sums round alike and results do not depend on the thread count.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n)
+      : data_(static_cast<T*>(std::aligned_alloc(64, rounded_bytes(n)))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+    std::memset(data_.get(), 0, rounded_bytes(n));
+  }
+  T* data() { return data_.get(); }
+
+ private:
+  static size_t rounded_bytes(int64_t n) { return (n * sizeof(T) + 63) / 64 * 64; }
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Packing and norms
@@ -555,36 +578,39 @@ struct BackwardInputs {
   Metric metric;
 };
 
-// The gradient of `count` images' windows ((count, L, K) from image `first`, whose packed windows
-// are `rows`), each summed over prototypes in index order. Prototypes are walked in blocks, each block used for all the
-// images, so the prototypes stream from memory once per call, not once per image.
+// Turns image b's packed windows `rows` (L, K) into their gradients, in place: each window's
+// prototypes (grouped by a counting sort into `order`, `starts`) are summed into `sum` in
+// prototype order, reading the window, then the sum overwrites it. In place, so the backward
+// needs one (L, K) buffer per thread, not two.
 template <typename acc_t>
-PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t first,
-                                          int64_t count, const acc_t* rows, acc_t* grad_rows) {
-  std::fill(grad_rows, grad_rows + count * in.positions * in.size, acc_t(0));
-  for (int64_t m0 = 0; m0 < in.num; m0 += kPrototypeBlock) {
-    const int64_t m1 = std::min(m0 + kPrototypeBlock, in.num);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t b = first + i;
-      const acc_t* image_rows = rows + i * in.positions * in.size;
-      acc_t* image_grad = grad_rows + i * in.positions * in.size;
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t pair = b * in.num + m;
-        const int64_t position = in.indices[pair];
-        acc_t* out = image_grad + position * in.size;
-        const acc_t* a = image_rows + position * in.size;
-        const acc_t* p = in.prototypes + m * in.size;
-        if (in.metric == Metric::SquaredEuclidean) {
-          add_scaled_difference(out, static_cast<acc_t>(2.0 * in.grad_values[pair]), a, p,
-                                in.size);
-        } else {
-          const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
-                                                    in.a_squared[pair], in.p_squared[m]);
-          add_combination(out, static_cast<acc_t>(cg.a_term), a, static_cast<acc_t>(-cg.scale),
-                          p, in.size);
-        }
+PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t b,
+                                          acc_t* rows, int64_t* order, int64_t* starts,
+                                          acc_t* sum) {
+  const int64_t* image_indices = in.indices + b * in.num;
+  std::fill(starts, starts + in.positions + 1, int64_t(0));
+  for (int64_t m = 0; m < in.num; ++m) ++starts[image_indices[m] + 1];
+  for (int64_t l = 0; l < in.positions; ++l) starts[l + 1] += starts[l];
+  for (int64_t m = 0; m < in.num; ++m) order[starts[image_indices[m]]++] = m;
+  // starts[l] now ends window l's run; window l's run starts at starts[l - 1] (0 for l = 0)
+  int64_t run = 0;
+  for (int64_t l = 0; l < in.positions; ++l) {
+    acc_t* window = rows + l * in.size;
+    std::fill(sum, sum + in.size, acc_t(0));
+    for (; run < starts[l]; ++run) {
+      const int64_t m = order[run];
+      const int64_t pair = b * in.num + m;
+      const acc_t* p = in.prototypes + m * in.size;
+      if (in.metric == Metric::SquaredEuclidean) {
+        add_scaled_difference(sum, static_cast<acc_t>(2.0 * in.grad_values[pair]), window, p,
+                              in.size);
+      } else {
+        const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                  in.a_squared[pair], in.p_squared[m]);
+        add_combination(sum, static_cast<acc_t>(cg.a_term), window,
+                        static_cast<acc_t>(-cg.scale), p, in.size);
       }
     }
+    std::copy(sum, sum + in.size, window);
   }
 }
 
@@ -657,7 +683,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
         exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(image_elements);
+      AlignedBuffer<acc_t> rows(image_elements);
       for (int64_t b = begin; b < end; ++b) {
         pack_rows(x, map, b, 1, rows.data());
         for (int64_t m = 0; m < num; ++m) {
@@ -670,28 +696,21 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   const BackwardInputs<acc_t> in{grad_values, prototypes, indices, dots.data(),
                                  a_squared.data(), p_squared.data(), num, positions, size,
                                  metric};
-  // grad_x, a few images per step: their window gradients stay in cache while the prototypes
-  // stream.
-  const int64_t images_per_step =
-      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, 16);
-  const int64_t steps = (batch + images_per_step - 1) / images_per_step;
-  at::parallel_for(0, steps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows(images_per_step * image_elements);
-    std::vector<acc_t> grad_rows(images_per_step * image_elements);
-    for (int64_t step = begin; step < end; ++step) {
-      const int64_t first = step * images_per_step;
-      const int64_t count = std::min(images_per_step, batch - first);
-      pack_rows(x, map, first, count, rows.data());
-      image_row_gradients(in, first, count, rows.data(), grad_rows.data());
-      for (int64_t i = 0; i < count; ++i)
-        fold_rows(grad_rows.data() + i * image_elements, map,
-                  grad_x + (first + i) * map.channels * map.height * map.width);
+  // grad_x, one image per step: its windows are packed, turned into their gradients in place
+  // and folded back into the image's (D, H, W) gradient.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<acc_t> rows(image_elements), sum(size);
+    std::vector<int64_t> order(num), starts(positions + 1);
+    for (int64_t b = begin; b < end; ++b) {
+      pack_rows(x, map, b, 1, rows.data());
+      image_row_gradients(in, b, rows.data(), order.data(), starts.data(), sum.data());
+      fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
     }
   });
   // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
   // image once (x is read once per thread, which costs far less than the gather itself).
   at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows(image_elements);
+    AlignedBuffer<acc_t> rows(image_elements);
     std::vector<double> p_coef(end - begin, 0.0);
     std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
     for (int64_t b = 0; b < batch; ++b) {
