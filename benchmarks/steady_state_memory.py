@@ -15,7 +15,7 @@ import gc
 import torch
 
 from protokern.bench.contenders import contender_named
-from protokern.bench.measure import make_inputs, rss_bytes
+from protokern.bench.measure import fix_malloc_threshold, make_inputs, rss_bytes
 from protokern.bench.shapes import SHAPES
 
 
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--pass", dest="pass_name", default="forward+backward")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    fix_malloc_threshold()  # as the suite does: see protokern/bench/measure.py
     torch.set_num_threads(args.threads)
     x, prototypes, grad = make_inputs(SHAPES[args.shape], torch.float32, "cpu", 0)
     step = contender_named("cpu", args.contender).make_step(x, prototypes, grad, args.pass_name)

@@ -136,6 +136,7 @@ def test_min_distance(benchmark, memory_runner, shape, pass_name, contender):
     if MEASURE_MEMORY:
         spec = CaseSpec(shape, DTYPE, DEVICE, contender.name, pass_name, repeats=1, warmup=1,
                         threads=THREADS, tf32=TF32)
-        measured = memory_runner.run(spec) if memory_runner else run_case(spec)
+        measured = (memory_runner.run(spec, "memory") if memory_runner
+                    else run_case(spec, "memory"))
         info["peak_memory_bytes"] = measured.get("peak_bytes")
         info["memory_method"] = measured.get("memory_method", measured.get("reason"))

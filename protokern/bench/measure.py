@@ -9,14 +9,24 @@ Peak memory, beyond the inputs:
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` once the inputs
   exist, after ``reset_peak_memory_stats()``.
 - CPU: ATen allocates with malloc, which PyTorch's own counters do not see, so the case runs in
-  a fresh process (`IsolatedRunner`) and reads the kernel's resident-set high-water mark
+  a fresh process of its own, a new interpreter (`IsolatedRunner`; its timing runs in another),
+  and reads the kernel's resident-set high-water mark
   (``VmHWM`` of ``/proc/self/status``). Once the inputs exist the mark is reset to the current
   RSS (writing ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0), the case runs, and the peak
   is ``VmHWM`` minus that baseline. Without ``clear_refs``, ``ru_maxrss`` of `resource` minus
   the baseline is used, which can only over-state. Pages allocated but never written are not
   resident and not counted; every contender writes what it allocates.
+
+  First the case fixes glibc's mmap threshold at 128 KiB (`fix_malloc_threshold`). glibc
+  otherwise raises it to the size of each large block freed (up to 32 MiB), after which blocks
+  of that size come from the heap and stay resident when freed: the peak then depends on the
+  order of earlier frees and varied by a third between runs of one case. With the threshold
+  fixed every block over 128 KiB is its own mapping, returned when freed, so the peak is the
+  live memory at the worst moment (plus first-call library buffers), for every contender alike.
 """
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import resource
@@ -27,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -93,6 +104,19 @@ def reset_rss_peak() -> bool:
         return False
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+
+
+def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """Make glibc map every block over ``threshold`` bytes on its own and unmap it when freed,
+    with no dynamic adjustment (see the module docstring); False where libc is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
+
+
 def max_rss_bytes() -> int:
     """Peak RSS by `resource` (kB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -102,12 +126,14 @@ def max_rss_bytes() -> int:
 class _CpuMemory:
     """Peak RSS beyond the state at construction (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, malloc_fixed: bool) -> None:
         self.procfs = os.path.exists("/proc/self/status")
         self.baseline = rss_bytes("VmRSS") if self.procfs else max_rss_bytes()
         self.method = ("VmHWM after clear_refs reset, minus VmRSS baseline"
                        if self.procfs and reset_rss_peak()
                        else "ru_maxrss minus baseline (no clear_refs: may over-state)")
+        if malloc_fixed:
+            self.method += "; glibc mmap threshold fixed at 128 KiB"
 
     def peak(self) -> int:
         usage = rss_bytes("VmHWM") if "VmHWM" in self.method else max_rss_bytes()
@@ -164,12 +190,24 @@ def summarize(times: list[float]) -> dict[str, float]:
             "q1_s": q1, "q3_s": q3}
 
 
-def run_case(spec: CaseSpec) -> dict:
-    """Run one case here, in this process; returns its raw times, summary and peak memory.
+PARTS = ("time", "memory", "time and memory")
+
+
+def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
+    """Run one case here, in this process; returns its raw times and summary, its peak memory,
+    or both (``part``).
+
+    ``"memory"`` fixes glibc's mmap threshold first (CPU; see the module docstring) and runs
+    ``spec.warmup`` calls and one more. The threshold makes every large allocation a fresh
+    mapping, page faults included, so CPU timings are taken in another process without it
+    (`IsolatedRunner` does both).
 
     Failures become results (``status`` ``"out of memory"`` or ``"error"`` with the reason):
     one broken contender must not lose a whole run, and the table shows why it is missing.
     """
+    if part not in PARTS:
+        raise ValueError(f"run_case: part must be one of {PARTS}, got {part!r}")
+    malloc_fixed = part == "memory" and spec.device == "cpu" and fix_malloc_threshold()
     if spec.device == "cpu" and spec.threads:
         torch.set_num_threads(spec.threads)
     set_precision(spec.device, spec.tf32)
@@ -178,11 +216,17 @@ def run_case(spec: CaseSpec) -> dict:
         contender = contender_named(spec.device, spec.contender)
         x, prototypes, grad = make_inputs(spec.shape, DTYPES[spec.dtype], spec.device, spec.seed)
         step = contender.make_step(x, prototypes, grad, spec.pass_name)
-        memory = _CudaMemory() if spec.device == "cuda" else _CpuMemory()
+        memory = (None if part == "time" else _CudaMemory() if spec.device == "cuda"
+                  else _CpuMemory(malloc_fixed))
         for _ in range(spec.warmup):
             step()
-        times = time_calls(step, spec.repeats, spec.device)
-        peak = memory.peak()
+        if part == "memory":
+            step()
+        else:
+            times = time_calls(step, spec.repeats, spec.device)
+            result.update({"times_s": times, **summarize(times)})
+        if memory is not None:
+            result.update({"peak_bytes": memory.peak(), "memory_method": memory.method})
     except torch.OutOfMemoryError as error:
         return {**result, "status": "out of memory", "reason": str(error).split("\n")[0]}
     except Exception as error:  # noqa: BLE001 -- recorded in the results, never hidden
@@ -190,8 +234,7 @@ def run_case(spec: CaseSpec) -> dict:
     finally:
         if spec.device == "cuda":
             torch.cuda.empty_cache()
-    return {**result, "times_s": times, **summarize(times), "peak_bytes": peak,
-            "memory_method": memory.method}
+    return result
 
 
 class IsolatedRunner:
@@ -199,33 +242,55 @@ class IsolatedRunner:
     case starts in milliseconds, not seconds, and sees no allocation of an earlier case).
 
     Use as a context manager; ``run(spec)`` returns `run_case`'s result, or an ``"error"``
-    result if the process died (e.g. killed for memory).
+    result if the process died (e.g. killed for memory). A CPU case runs twice, each time in a
+    fresh process: once timed, once for its peak memory (see `run_case`).
     """
 
     def __init__(self) -> None:
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["torch", "protokern.bench.measure"])
-        self._pool: ProcessPoolExecutor | None = None
+        forkserver = multiprocessing.get_context("forkserver")
+        forkserver.set_forkserver_preload(["torch", "protokern.bench.measure"])
+        # Timed runs fork from a server that has imported torch (milliseconds to start). Memory
+        # runs start a new interpreter, as a user's script does: a forked child's peak carried
+        # about 5 MiB more for every contender (27.0 vs 22.3 MiB for protokern:cpu, 229.1 vs
+        # 223.7 MiB for naive_conv at cub14 forward+backward), which is the harness, not them.
+        self._contexts = {"time": forkserver, "memory": multiprocessing.get_context("spawn")}
+        self._pools: dict[str, ProcessPoolExecutor] = {}
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=self._context, max_tasks_per_child=1)
-        return self._pool
+    def _executor(self, part: str) -> ProcessPoolExecutor:
+        kind = "memory" if part == "memory" else "time"
+        if kind not in self._pools:
+            self._pools[kind] = ProcessPoolExecutor(1, mp_context=self._contexts[kind],
+                                                    max_tasks_per_child=1)
+        return self._pools[kind]
 
-    def run(self, spec: CaseSpec) -> dict:
+    def run(self, spec: CaseSpec, part: str | None = None) -> dict:
+        """`run_case`'s result for ``part``; by default time and memory, on CPU from two
+        processes."""
+        if part is not None or spec.device != "cpu":
+            return self._run_part(spec, part or "time and memory")
+        timed = self._run_part(spec, "time")
+        if timed["status"] != "ok":
+            return timed
+        memory = self._run_part(spec, "memory")
+        if memory["status"] != "ok":
+            return memory
+        return {**timed, "peak_bytes": memory["peak_bytes"],
+                "memory_method": memory["memory_method"]}
+
+    def _run_part(self, spec: CaseSpec, part: str) -> dict:
         try:
-            return self._executor().submit(run_case, spec).result()
+            return self._executor(part).submit(run_case, spec, part).result()
         except BrokenProcessPool as error:
             self.close()
             return {"status": "error", "reason": f"worker process died ({error}); "
                     "likely killed for memory"}
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+        self._pools.clear()
 
-    def __enter__(self) -> "IsolatedRunner":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
