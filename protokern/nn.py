@@ -25,7 +25,28 @@ def _check_layer_args(where: str, num_prototypes: int, dim: int, patch: int | tu
     return ph, pw
 
 
-class PrototypeLayer(nn.Module):
+class _PrototypeBank(nn.Module):
+    """What both prototype layers hold: ``prototype_vectors`` ``(M or a shard of it, D, ph, pw)``
+    and a metric."""
+
+    prototype_vectors: nn.Parameter
+    metric: str
+
+    @property
+    def dim(self) -> int:
+        return self.prototype_vectors.shape[1]
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        return tuple(self.prototype_vectors.shape[2:])
+
+    def extra_repr(self) -> str:
+        ph, pw = self.patch
+        return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
+                f"metric={self.metric!r}")
+
+
+class PrototypeLayer(_PrototypeBank):
     """A ProtoPNet prototype layer: min distance from every prototype to the patches of a map.
 
     Holds ``prototype_vectors`` ``(M, D, ph, pw)``, initialised uniform in [0, 1) as ProtoPNet
@@ -60,13 +81,6 @@ class PrototypeLayer(nn.Module):
     def num_prototypes(self) -> int:
         return self.prototype_vectors.shape[0]
 
-    @property
-    def dim(self) -> int:
-        return self.prototype_vectors.shape[1]
-
-    @property
-    def patch(self) -> tuple[int, int]:
-        return tuple(self.prototype_vectors.shape[2:])
 
     def forward(self, x: Tensor) -> MinDistance:
         return min_distance(x, self.prototype_vectors, self.metric)
@@ -75,13 +89,9 @@ class PrototypeLayer(nn.Module):
         """All distances ``(B, M, H', W')`` (tokens: ``(B, M, L)``), for explanations."""
         return distance_map(x, self.prototype_vectors, self.metric)
 
-    def extra_repr(self) -> str:
-        ph, pw = self.patch
-        return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
-                f"metric={self.metric!r}")
 
 
-class ShardedPrototypeLayer(nn.Module):
+class ShardedPrototypeLayer(_PrototypeBank):
     """A `PrototypeLayer` whose bank is split over the ranks of a process group, for banks too
     big for one device.
 
@@ -188,13 +198,6 @@ class ShardedPrototypeLayer(nn.Module):
         """M, the size of the global bank."""
         return sum(self.shard_sizes)
 
-    @property
-    def dim(self) -> int:
-        return self.prototype_vectors.shape[1]
-
-    @property
-    def patch(self) -> tuple[int, int]:
-        return tuple(self.prototype_vectors.shape[2:])
 
     def forward(self, x: Tensor) -> MinDistance:
         """``x`` ``(B, D, H, W)`` or ``(B, L, D)`` -> `MinDistance` ``(values, indices)``, both
@@ -256,9 +259,7 @@ class ShardedPrototypeLayer(nn.Module):
         return shapes[:, 1].tolist()
 
     def extra_repr(self) -> str:
-        ph, pw = self.patch
-        return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, patch=({ph}, {pw}), "
-                f"metric={self.metric!r}, shard=[{self.shard.start}:{self.shard.stop}] of "
+        return (f"{super().extra_repr()}, shard=[{self.shard.start}:{self.shard.stop}] of "
                 f"{len(self.shard_sizes)} ranks, data_parallel={self.data_parallel}")
 
 
