@@ -3,7 +3,7 @@
 Two ways to start N processes that train one model together::
 
     protokern train --nproc 2 --data planted-parts ...                 # N local processes
-    torchrun --standalone --nproc-per-node 2 -m protokern.cli train --data planted-parts ...
+    torchrun --standalone --nproc-per-node 2 -m protokern train --data planted-parts ...
 
 The first spawns the processes itself; the second lets ``torchrun`` do it (it sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, which `process_group`

@@ -8,7 +8,7 @@ continues there.
 Data parallel on several processes (`protokern.distributed`): ``--nproc N`` spawns N local
 processes (gloo on CPU, NCCL with one GPU each on CUDA); or let torchrun start them::
 
-    torchrun --standalone --nproc-per-node 2 -m protokern.cli train --data DIR ...
+    torchrun --standalone --nproc-per-node 2 -m protokern train --data DIR ...
 
 Both give the result of one process on the same ``--batch-size`` (the global batch, split
 between the processes), up to float rounding.
