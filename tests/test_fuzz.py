@@ -57,6 +57,9 @@ PROTOTYPE_LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 SPECIALS = ("none", "none", "none", "ties", "duplicates", "copy", "nan", "inf", "tiny", "huge")
 
 
+BRUTE_FORCE_ELEMENTS = 2**24
+
+
 @dataclass
 class Limits:
     batch: int
@@ -150,6 +153,9 @@ def problems(draw, interpreted: bool) -> Problem:
         x_shape = (batch, dim, height, width)
         layout = draw(st.sampled_from(MAP_LAYOUTS))
         four_d = (ph, pw) != (1, 1) or draw(st.booleans())
+    # the brute force holds (B, M, D, L') float64 temporaries: keep them to ~128 MB
+    positions = x_shape[1] if tokens else (x_shape[2] - ph + 1) * (x_shape[3] - pw + 1)
+    num = max(1, min(num, BRUTE_FORCE_ELEMENTS // (batch * dim * positions)))
     p_layout = draw(st.sampled_from(PROTOTYPE_LAYOUTS))
     metric = draw(st.sampled_from(METRICS))
     dtype = draw(st.sampled_from(DTYPES))
