@@ -2,9 +2,8 @@
 before any kernel runs; never a wrong answer or a crash.
 
 - ``B M L > 2**31`` (distances per call): the fused cpu kernel never holds them; it runs such a
-  call in CI (a few seconds, a few MB). The reference and triton backends run it only with
-  ``PROTOKERN_BIG_TESTS=1`` (minutes: the reference loops over one prototype at a time, Triton's
-  interpreter is slow).
+  call in CI (a few seconds, a few MB). The reference runs it only with
+  ``PROTOKERN_BIG_TESTS=1`` (9 minutes: it loops over a few prototypes at a time).
 - Offsets past 2**31 elements (``B L D``, ``M D`` and every stride product): a view with huge
   strides into a large allocation that is never touched except where the view's elements lie,
   so it costs a few pages of memory, not 4-8 GB; every backend must give bit for bit what it
@@ -67,8 +66,10 @@ def test_cpu_more_than_2_31_distances_in_one_call():
 
 
 @big
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "cpu"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in ("cpu", "triton")])
 def test_more_than_2_31_distances_in_one_call(backend):
+    """The reference: 9 minutes on 2 cores. (Triton's interpreter would take about an hour:
+    its B M L products are covered by the offset tests below; none of its offsets is one.)"""
     _check_lattice_answer(backend, 2, 256, 2**14 + 1)
 
 
