@@ -68,8 +68,8 @@ def test_cpu_more_than_2_31_distances_in_one_call():
 @big
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in ("cpu", "triton")])
 def test_more_than_2_31_distances_in_one_call(backend):
-    """The reference: 9 minutes on 2 cores. (Triton's interpreter would take about an hour:
-    its B M L products are covered by the offset tests below; none of its offsets is one.)"""
+    """The reference: 9 minutes on 2 cores. (Triton's interpreter would take about an hour;
+    its one B M L offset, into distance_map's output, is computed in int64.)"""
     _check_lattice_answer(backend, 2, 256, 2**14 + 1)
 
 
