@@ -173,6 +173,14 @@ def distance_at_grad(
     if metric == "sqeuclidean":
         grad_selected = 2 * grad[..., None] * (selected - protos)
         return grad_selected, -grad_selected
+    # In float64: in float32, |v|^2 overflows past |v| ~ 1.8e19 (NaN gradients) and the
+    # coefficients ~ grad / |v|^2 underflow; the forward handles such magnitudes, so must this.
+    dtype = selected.dtype
+    grad_selected, grad_protos = _cosine_grad(selected.double(), protos.double(), grad.double())
+    return grad_selected.to(dtype), grad_protos.to(dtype)
+
+
+def _cosine_grad(selected: Tensor, protos: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     dots = (selected * protos).sum(-1)
     selected_norm = selected.norm(dim=-1)
     proto_norm = protos.norm(dim=-1)
