@@ -239,10 +239,13 @@ def check_against_brute_force(problem: Problem) -> None:
         # exact ties and the lowest position must win
         assert torch.equal(indices, first_min(d)[1])
 
-    # (cosine of one-element windows is piecewise constant: its gradient is rounding noise)
+    # (cosine of one-element windows is piecewise constant: its gradient is rounding noise;
+    # huge cosine gradients are a known failure of the fused backends, see below)
     window = p[0].numel() if p.shape[0] else 0
+    known_failure = (metric == "cosine" and problem.special == "huge"
+                     and pk.backends.select_backend(x.device).name in HUGE_COSINE_GRAD_FAILS)
     if (problem.check_grads and not poisoned.any() and torch.equal(indices, first_min(d)[1])
-            and not (metric == "cosine" and window == 1)):
+            and not (metric == "cosine" and window == 1) and not known_failure):
         weights = torch.randn(values.shape, dtype=x.dtype)
         want_x, want_p = brute_force_grads(x, p, metric, weights)
         if want_x.isfinite().all() and want_p.isfinite().all():  # e.g. cosine at a zero vector
@@ -266,6 +269,32 @@ def test_min_distance_matches_brute_force(name):
 
     with pk.use_backend(name):
         check()
+
+
+HUGE_COSINE_GRAD_FAILS = {
+    "cpu": "coefficients ~ grad / |v|^2 are cast to float32 and underflow: relative error ~1e-4",
+    "triton": "|v|^2 and the coefficients are accumulated in float32 and overflow: NaN",
+}
+"""Backends whose cosine gradients are wrong for float32 inputs with norms past ~1e19 (the
+fuzzer found it; the reference was fixed). Not fixed yet: see test_cosine_gradients_of_huge_inputs
+"""
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_cosine_gradients_of_huge_inputs(name, request):
+    """Norms past sqrt(float32 max) ~ 1.8e19: the forward is right (test_ops), the gradient
+    must be too (float64 brute force: ~1e-21 here, well inside float32's range)."""
+    if name in HUGE_COSINE_GRAD_FAILS:
+        request.applymarker(pytest.mark.xfail(reason=HUGE_COSINE_GRAD_FAILS[name], strict=True))
+    x = 1e20 * torch.randn(2, 5, 16)
+    p = 1e20 * torch.randn(3, 16)
+    weights = torch.randn(2, 3)
+    want_x, want_p = brute_force_grads(x, p, "cosine", weights)
+    xg, pg = x.clone().requires_grad_(), p.clone().requires_grad_()
+    with pk.use_backend(name):
+        (pk.min_distance(xg, pg, "cosine").values * weights).sum().backward()
+    assert relative_error(xg.grad, want_x) <= TOLERANCE[torch.float32]
+    assert relative_error(pg.grad, want_p) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("layout", MAP_LAYOUTS)
