@@ -1,10 +1,12 @@
 """Issue 10, part 6: under ``torch.use_deterministic_algorithms(True)`` two runs give bitwise-equal
 values, indices and gradients on every backend that runs on CPU tensors here.
 
-The GPU paths cannot run here; what they do under deterministic mode is described in README's
-backends section (triton: the bucketed-gather backward instead of atomics; cuda: the sorted
-backward). The cpu kernel's forward and its backward with more than one position are also
-independent of the thread count (documented in protokern/cpu_backend.py), which is checked too.
+The GPU paths cannot run here; read, under deterministic mode they are: triton, the
+bucketed-gather backward instead of atomics and the first configuration of autotuned kernels
+(`launch.Tuned`, tested below); cuda, an order-independent 64-bit atomicMin of packed
+(distance, position) keys forward and the counting-sort backward instead of atomics. The cpu
+kernel's forward and its backward with more than one position are also independent of the
+thread count (documented in protokern/cpu_backend.py), which is checked too.
 """
 
 import contextlib
