@@ -20,6 +20,7 @@ derandomized, so CI is reproducible and the file runs in well under a minute on 
 ``.hypothesis`` database).
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -189,6 +190,12 @@ def problems(draw, interpreted: bool) -> Problem:
     elif special == "huge":  # sqeuclidean: big but finite distances; cosine: overflowing norms
         scale = 1e17 if metric == "sqeuclidean" else 1e20
         x, p = x * scale, p * scale
+    if dtype == torch.float16:
+        # keep squared distances (~2 K, ties: up to 4 K) well inside float16's range (65504):
+        # past it the right answer is inf, which the brute force in float64 does not give. A
+        # power of two, so that integer ties stay exact.
+        shrink = 2.0 ** -max(0, math.ceil(math.log2(dim * ph * pw / 2000) / 2))
+        x, p = x * shrink, p * shrink
     x, p = x.to(dtype), p.to(dtype)
     x = _token_layout(x, layout) if tokens else _map_layout(x, layout)
     p = _prototype_layout(p if four_d else p.reshape(num, dim), p_layout)
