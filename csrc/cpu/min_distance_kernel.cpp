@@ -552,17 +552,18 @@ PK_INLINE void add_scaled_difference(acc_t* y, acc_t alpha, const acc_t* a, cons
   for (int64_t k = 0; k < size; ++k) y[k] += alpha * (a[k] - p[k]);
 }
 
-// y += alpha * v
+// y += alpha * v, the products in double: cosine's coefficients (~ grad / |v|^2) underflow
+// float32 for inputs with norms past ~1e19 while the products stay in range.
 template <typename acc_t>
-PK_INLINE void add_scaled(acc_t* y, acc_t alpha, const acc_t* v, int64_t size) {
-  for (int64_t k = 0; k < size; ++k) y[k] += alpha * v[k];
+PK_INLINE void add_scaled(acc_t* y, double alpha, const acc_t* v, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += static_cast<acc_t>(alpha * v[k]);
 }
 
-// y += alpha * a + beta * p
+// y += alpha * a + beta * p, the products in double (as add_scaled)
 template <typename acc_t>
-PK_INLINE void add_combination(acc_t* y, acc_t alpha, const acc_t* a, acc_t beta,
+PK_INLINE void add_combination(acc_t* y, double alpha, const acc_t* a, double beta,
                                const acc_t* p, int64_t size) {
-  for (int64_t k = 0; k < size; ++k) y[k] += alpha * a[k] + beta * p[k];
+  for (int64_t k = 0; k < size; ++k) y[k] += static_cast<acc_t>(alpha * a[k] + beta * p[k]);
 }
 
 // What both backward passes read.
@@ -606,8 +607,7 @@ PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64
       } else {
         const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
                                                   in.a_squared[pair], in.p_squared[m]);
-        add_combination(sum, static_cast<acc_t>(cg.a_term), window,
-                        static_cast<acc_t>(-cg.scale), p, in.size);
+        add_combination(sum, cg.a_term, window, -cg.scale, p, in.size);
       }
     }
     std::copy(sum, sum + in.size, window);
@@ -633,7 +633,7 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
       const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
                                                 in.a_squared[pair], in.p_squared[m]);
       p_coef[m - begin] += cg.p_term;
-      add_scaled(out, static_cast<acc_t>(-cg.scale), a, in.size);
+      add_scaled(out, -cg.scale, a, in.size);
     }
   }
 }
@@ -720,7 +720,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
     }
     if (metric == Metric::Cosine)
       for (int64_t m = begin; m < end; ++m)
-        add_scaled(grad_prototypes + m * size, static_cast<acc_t>(p_coef[m - begin]),
+        add_scaled(grad_prototypes + m * size, p_coef[m - begin],
                    prototypes + m * size, size);
   });
 }
