@@ -86,11 +86,7 @@ CONTENDERS = (exclude_contenders(DEVICE, all_contenders(DEVICE),
 @pytest.fixture(scope="module")
 def memory_runner():
     """Fresh processes for CPU peak-memory measurement (in-process on CUDA)."""
-    if DEVICE == "cpu" and MEASURE_MEMORY:
-        with IsolatedRunner() as runner:
-            yield runner
-    else:
-        yield None
+    return IsolatedRunner() if DEVICE == "cpu" and MEASURE_MEMORY else None
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")

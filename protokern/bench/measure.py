@@ -34,10 +34,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Self
+from multiprocessing.connection import Connection
 
 import torch
 from torch import Tensor
@@ -237,31 +235,28 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
     return result
 
 
-class IsolatedRunner:
-    """Runs each case in a fresh process forked from a server that has imported torch (so a
-    case starts in milliseconds, not seconds, and sees no allocation of an earlier case).
+def _send_result(connection: Connection, spec: CaseSpec, part: str) -> None:
+    connection.send(run_case(spec, part))
+    connection.close()
 
-    Use as a context manager; ``run(spec)`` returns `run_case`'s result, or an ``"error"``
-    result if the process died (e.g. killed for memory). A CPU case runs twice, each time in a
-    fresh process: once timed, once for its peak memory (see `run_case`).
+
+class IsolatedRunner:
+    """Runs each case in a process of its own, started for it and gone when it returns, so a
+    case sees no allocation of an earlier one.
+
+    ``run(spec)`` returns `run_case`'s result, or an ``"error"`` result if the process died
+    (e.g. killed for memory). A CPU case runs twice: once timed, in a process forked from a
+    server that has imported torch (milliseconds to start), once for its peak memory, in a new
+    interpreter, as a user's script runs: a forked child's peak carried about 5 MiB more for
+    every contender (27.0 vs 22.3 MiB for protokern:cpu, 229.1 vs 223.7 MiB for naive_conv at
+    cub14 forward+backward), which is the harness, not them. No process is started ahead of
+    its case: an interpreter importing torch next to a timed case slowed it twofold.
     """
 
     def __init__(self) -> None:
-        forkserver = multiprocessing.get_context("forkserver")
-        forkserver.set_forkserver_preload(["torch", "protokern.bench.measure"])
-        # Timed runs fork from a server that has imported torch (milliseconds to start). Memory
-        # runs start a new interpreter, as a user's script does: a forked child's peak carried
-        # about 5 MiB more for every contender (27.0 vs 22.3 MiB for protokern:cpu, 229.1 vs
-        # 223.7 MiB for naive_conv at cub14 forward+backward), which is the harness, not them.
-        self._contexts = {"time": forkserver, "memory": multiprocessing.get_context("spawn")}
-        self._pools: dict[str, ProcessPoolExecutor] = {}
-
-    def _executor(self, part: str) -> ProcessPoolExecutor:
-        kind = "memory" if part == "memory" else "time"
-        if kind not in self._pools:
-            self._pools[kind] = ProcessPoolExecutor(1, mp_context=self._contexts[kind],
-                                                    max_tasks_per_child=1)
-        return self._pools[kind]
+        self._forkserver = multiprocessing.get_context("forkserver")
+        self._forkserver.set_forkserver_preload(["torch", "protokern.bench.measure"])
+        self._spawn = multiprocessing.get_context("spawn")
 
     def run(self, spec: CaseSpec, part: str | None = None) -> dict:
         """`run_case`'s result for ``part``; by default time and memory, on CPU from two
@@ -278,21 +273,17 @@ class IsolatedRunner:
                 "memory_method": memory["memory_method"]}
 
     def _run_part(self, spec: CaseSpec, part: str) -> dict:
+        context = self._spawn if part == "memory" else self._forkserver
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_send_result, args=(sender, spec, part))
+        process.start()
+        sender.close()  # so that recv sees the end if the child dies without sending
         try:
-            return self._executor(part).submit(run_case, spec, part).result()
-        except BrokenProcessPool as error:
-            self.close()
-            return {"status": "error", "reason": f"worker process died ({error}); "
-                    "likely killed for memory"}
-
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=True)
-        self._pools.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
+            result = receiver.recv()
+        except EOFError:
+            result = None
+        process.join()
+        if result is None:
+            return {"status": "error", "reason": f"worker process died (exit code "
+                    f"{process.exitcode}); likely killed for memory"}
+        return result

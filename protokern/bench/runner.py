@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -100,30 +99,29 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     contenders = config.selected_contenders()
     plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes for c in contenders]
     results = []
-    isolated = config.isolate and config.device == "cpu"
-    with IsolatedRunner() if isolated else nullcontext() as runner:
-        progress = tqdm(plan, desc=description, unit="case", dynamic_ncols=True)
-        for shape, dtype, pass_name, contender in progress:
-            progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}")
-            record = case_record(shape, dtype, config.device, contender, pass_name)
-            estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
-            record["estimated_bytes"] = estimate
-            if estimate > config.memory_cap_bytes:
-                record.update(status="skipped", reason=(
-                    f"estimated peak {estimate / 2**30:.1f} GiB > memory cap "
-                    f"{config.memory_cap_bytes / 2**30:.1f} GiB"))
-                results.append(record)
-                continue
-            spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
-                            config.repeats, config.warmup, config.threads, config.tf32,
-                            config.seed)
-            record.update(runner.run(spec) if isolated else run_case(spec))
-            if record["status"] == "ok":
-                record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
+    runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
+    progress = tqdm(plan, desc=description, unit="case", dynamic_ncols=True)
+    for shape, dtype, pass_name, contender in progress:
+        progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}")
+        record = case_record(shape, dtype, config.device, contender, pass_name)
+        estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
+        record["estimated_bytes"] = estimate
+        if estimate > config.memory_cap_bytes:
+            record.update(status="skipped", reason=(
+                f"estimated peak {estimate / 2**30:.1f} GiB > memory cap "
+                f"{config.memory_cap_bytes / 2**30:.1f} GiB"))
             results.append(record)
-            if checkpoint is not None:
-                add_comparisons(results)
-                checkpoint(results)
+            continue
+        spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
+                        config.repeats, config.warmup, config.threads, config.tf32,
+                        config.seed)
+        record.update(runner.run(spec) if runner else run_case(spec))
+        if record["status"] == "ok":
+            record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
+        results.append(record)
+        if checkpoint is not None:
+            add_comparisons(results)
+            checkpoint(results)
     add_comparisons(results)
     return results
 
