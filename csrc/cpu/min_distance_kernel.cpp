@@ -669,7 +669,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
     std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
     return;
   }
-  // The selected windows are gathered from windows packed a few images at a time (never a
+  // The selected windows are gathered from windows packed one image at a time per thread (never a
   // packed copy of all of x, which would cost as much memory as the gradient of x).
   const int64_t image_elements = positions * size;
   // Cosine needs every pair's a.p, |a|^2 and |p|^2; computed once, read by both passes.
