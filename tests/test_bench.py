@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import protokern as pk
-from protokern import cli
-from protokern import reference
+from protokern import cli, reference
 from protokern.backends import Backend, _registry
 from protokern.bench import contenders as bench_contenders
 from protokern.bench.contenders import PASSES, Contender, all_contenders, select_contenders
