@@ -35,7 +35,8 @@ def _pair_gradient(u, v, a, c, METRIC: tl.constexpr):
     onto a patch), where ``a u - c v`` would cancel."""
     if METRIC == "sqeuclidean":
         return c[:, None] * (u - v)
-    return a[:, None] * u - c[:, None] * v
+    # cosine's a, c are float64 (see min_distance_backward); the products fit u's dtype
+    return (a[:, None] * u - c[:, None] * v).to(u.dtype)
 
 
 @triton.jit
@@ -191,9 +192,11 @@ def min_distance_backward(
         if metric == "sqeuclidean":
             a = c = e = 2 * grad
         else:
-            a, c, e = (torch.empty_like(grad) for _ in range(3))
+            # In float64: for float32 inputs with norms past ~1e19, |v|^2 overflows float32 and
+            # the coefficients (~ g / |v|^2) underflow it, though the gradients are in range.
+            a, c, e = (torch.empty_like(grad, dtype=torch.float64) for _ in range(3))
             launch.Fixed(_cosine_coefficients_kernel, PAIRS)[(batch, pair_blocks)](
-                x, prototypes, indices, grad, a, c, e, num, size, *addressing, ACC=acc)
+                x, prototypes, indices, grad, a, c, e, num, size, *addressing, ACC=tl.float64)
         launch.Fixed(_prototype_gather_kernel, PAIRS)[
             (pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
         ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing, METRIC=metric,
