@@ -10,12 +10,11 @@ runs. Linux only (``/proc/self/clear_refs``).
 """
 
 import argparse
-import gc
 
 import torch
 
 from protokern.bench.contenders import contender_named
-from protokern.bench.measure import fix_malloc_threshold, make_inputs, rss_bytes
+from protokern.bench.measure import fix_malloc_threshold, make_inputs, peak_of_next_call
 from protokern.bench.shapes import SHAPES
 
 
@@ -32,12 +31,7 @@ def main() -> None:
     step = contender_named("cpu", args.contender).make_step(x, prototypes, grad, args.pass_name)
     step()
     step()
-    gc.collect()
-    baseline = rss_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := current RSS
-    step()
-    extra = rss_bytes("VmHWM") - baseline
+    extra, _ = peak_of_next_call(step)
     print(f"{args.shape} {args.contender} {args.pass_name}: steady-state peak extra "
           f"{extra / 2**20:.1f} MiB")
 

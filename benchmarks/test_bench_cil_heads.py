@@ -16,8 +16,8 @@ which builds its inputs, runs the case once to warm up, then resets the kernel's
 (``VmHWM``) to the current RSS by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0),
 runs the case again and reports ``VmHWM - VmRSS before``: the extra resident memory the call
 needed, ATen allocations included (tracemalloc would not see them). glibc is told to serve
-allocations above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to
-the kernel and a reused heap cannot hide a peak. Reported in ``extra_info["peak_mib"]``.
+allocations above 64 KiB with mmap (`protokern.bench.measure.fix_malloc_threshold`), so freed
+tensors go back to the kernel and a reused heap cannot hide a peak. Reported in ``extra_info["peak_mib"]``.
 
     pytest benchmarks/test_bench_cil_heads.py --benchmark-only
 """
@@ -39,28 +39,17 @@ METRICS = ("cosine", "sqeuclidean")
 
 # Runs in the subprocess: builds the inputs, then one named case (see _case below).
 _MEMORY_SCRIPT = r"""
-import json, sys, gc
+import json, sys
 sys.path.insert(0, {bench_dir!r})
-import torch
+from protokern.bench.measure import fix_malloc_threshold, peak_of_next_call
+fix_malloc_threshold(64 * 1024)
 import test_bench_cil_heads as bench
 
-def rss(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field + " not in /proc/self/status")
-
 run = bench._case({contender!r}, {metric!r}, {backend!r})
-run(); gc.collect()
-before = rss("VmRSS")
-with open("/proc/self/clear_refs", "w") as clear_refs:
-    clear_refs.write("5")
-out = run()
-peak = rss("VmHWM") - before
+run()
+peak, out = peak_of_next_call(run)
 print(json.dumps({{"peak_bytes": peak, "output_bytes": out.numel() * out.element_size()}}))
 """
-
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
@@ -103,9 +92,8 @@ def _case(contender: str, metric: str, backend: str | None):
 def _peak_mib(contender: str, metric: str, backend: str | None) -> float:
     script = _MEMORY_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)),
                                    contender=contender, metric=metric, backend=backend)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, check=True)
+                          check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 

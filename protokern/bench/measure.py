@@ -27,6 +27,7 @@ Peak memory, beyond the inputs:
 
 import ctypes
 import ctypes.util
+import gc
 import multiprocessing
 import os
 import resource
@@ -113,6 +114,18 @@ def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
         return False
     mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
+
+
+def peak_of_next_call(step: Callable[[], object]) -> tuple[int, object]:
+    """``(bytes, result)``: the resident-set peak one more call of ``step`` reaches beyond the
+    current RSS, and what it returned (call ``step`` before to leave first-call costs out).
+    Linux only (``/proc/self/clear_refs``)."""
+    gc.collect()
+    baseline = rss_bytes("VmRSS")
+    if not reset_rss_peak():
+        raise RuntimeError("peak_of_next_call: /proc/self/clear_refs cannot be written here")
+    result = step()
+    return rss_bytes("VmHWM") - baseline, result
 
 
 def max_rss_bytes() -> int:
