@@ -31,10 +31,11 @@ import pytest
 import torch
 
 import protokern as pk
+from protokern import env
 from protokern.heads import PrototypeHead
 
 QUERIES, DIM, CLASSES = 1024, 768, 10_000
-THREADS = int(os.environ.get("PROTOKERN_BENCH_THREADS", "2"))
+THREADS = env.integer("PROTOKERN_BENCH_THREADS", 2)
 METRICS = ("cosine", "sqeuclidean")
 
 # Runs in the subprocess: builds the inputs, then one named case (see _case below).

@@ -15,60 +15,48 @@ Timing on CUDA. pytest-benchmark's own statistics (its table, ``stats`` in
 round's duration being the difference of the two numbers. A CUDA event is not such a clock: its
 time is known only after the GPU has passed it, as an interval between two events
 (``Event.elapsed_time``), so it cannot be that timer. Hence, on CUDA, each round is timed both
-ways: the round calls `protokern.bench.measure.cuda_event_seconds` (the helper ``protokern
+ways: the round calls `protokern.timing.cuda_event_seconds` (the helper ``protokern
 bench`` times with: synchronize, event, step, event, wait for it), so pytest-benchmark's host
 time includes launch overhead and that wait, while the same rounds' event times (warm-up round
 dropped) go to ``extra_info``: ``cuda_event_times_s`` and their summary (``cuda_event_median_s``,
 ``_min_s``, ``_max_s``, ``_q1_s``, ``_q3_s``); ``tflops`` uses the event median on CUDA, the
 pytest-benchmark median on CPU (where ops are synchronous and the host clock is the time).
 
-Environment variables (defaults sized for a CPU):
-
-- ``PROTOKERN_BENCH_SHAPES``: comma-separated named shapes (cpu: ``cub``; cuda:
-  ``cub,imagenet,large_bank,cil_vectors``),
-- ``PROTOKERN_BENCH_EXCLUDE``: contender names or kinds (``protokern``, ``naive``, ``keops``,
-  ``floor``) to leave out, e.g. ``protokern:reference`` (the float64-exact oracle recomputes
-  every pair when L' = 1, so on a CPU it takes minutes per call on ``cil_vectors``); a name
-  that matches no available contender is an error, so a typo does not go unnoticed,
-- ``PROTOKERN_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda if available),
-- ``PROTOKERN_BENCH_DTYPE``: ``float32``, ``bfloat16`` or ``float16`` (default float32),
-- ``PROTOKERN_BENCH_TF32=1``: CUDA float32 may use TF32 (default: forbidden),
-- ``PROTOKERN_BENCH_THREADS``: CPU threads (default 2),
-- ``PROTOKERN_BENCH_ROUNDS``: timed rounds (default 5 cpu, 20 cuda),
-- ``PROTOKERN_BENCH_MEMORY=0``: skip the peak-memory measurement,
-- ``PROTOKERN_BENCH_MEMORY_CAP_GB``: skip cases estimated to need more (default 4 cpu,
-  90% of the GPU).
+Configured by the ``PROTOKERN_BENCH_*`` environment variables (`protokern.env.VARIABLES`, the
+README's table; defaults sized for a CPU: shape ``cub``, 2 threads, 5 rounds, a 4 GiB memory
+cap). ``PROTOKERN_BENCH_EXCLUDE=protokern:reference`` leaves out the float64-exact oracle,
+which recomputes every pair when L' = 1 (minutes per call on ``cil_vectors`` on a CPU); a name
+that matches no available contender is an error, so a typo does not go unnoticed.
 """
-
-import os
 
 import pytest
 import torch
+
+from protokern import env
 
 from protokern.bench.contenders import PASSES, all_contenders, exclude_contenders
 from protokern.bench.measure import (
     DTYPES,
     CaseSpec,
     IsolatedRunner,
-    cuda_event_seconds,
     make_inputs,
     run_case,
     set_precision,
     summarize,
 )
 from protokern.bench.shapes import GPU_SHAPES, parse_shapes
+from protokern.timing import cuda_event_seconds
 
-DEVICE = os.environ.get("PROTOKERN_BENCH_DEVICE",
-                        "cuda" if torch.cuda.is_available() else "cpu")
-SHAPES = parse_shapes(os.environ.get("PROTOKERN_BENCH_SHAPES", ",".join(GPU_SHAPES)
-                                     if DEVICE == "cuda" else "cub"))
-DTYPE = os.environ.get("PROTOKERN_BENCH_DTYPE", "float32")
-TF32 = os.environ.get("PROTOKERN_BENCH_TF32", "0") == "1"
-THREADS = int(os.environ.get("PROTOKERN_BENCH_THREADS", "2"))
-ROUNDS = int(os.environ.get("PROTOKERN_BENCH_ROUNDS", "20" if DEVICE == "cuda" else "5"))
-MEASURE_MEMORY = os.environ.get("PROTOKERN_BENCH_MEMORY", "1") != "0"
-if "PROTOKERN_BENCH_MEMORY_CAP_GB" in os.environ:
-    MEMORY_CAP = int(float(os.environ["PROTOKERN_BENCH_MEMORY_CAP_GB"]) * 2**30)
+DEVICE = env.text("PROTOKERN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = parse_shapes(env.text("PROTOKERN_BENCH_SHAPES", ",".join(GPU_SHAPES)
+                               if DEVICE == "cuda" else "cub"))
+DTYPE = env.text("PROTOKERN_BENCH_DTYPE", "float32")
+TF32 = env.flag("PROTOKERN_BENCH_TF32")
+THREADS = env.integer("PROTOKERN_BENCH_THREADS", 2)
+ROUNDS = env.integer("PROTOKERN_BENCH_ROUNDS", 20 if DEVICE == "cuda" else 5)
+MEASURE_MEMORY = env.flag("PROTOKERN_BENCH_MEMORY", default=True)
+if env.number("PROTOKERN_BENCH_MEMORY_CAP_GB") is not None:
+    MEMORY_CAP = int(env.number("PROTOKERN_BENCH_MEMORY_CAP_GB") * 2**30)
 elif DEVICE == "cuda" and torch.cuda.is_available():
     MEMORY_CAP = int(0.9 * torch.cuda.get_device_properties(0).total_memory)
 else:
@@ -79,7 +67,7 @@ if DTYPE not in DTYPES:
 WARMUP_ROUNDS = 1
 ON_DEVICE = DEVICE == "cpu" or torch.cuda.is_available()
 CONTENDERS = (exclude_contenders(DEVICE, all_contenders(DEVICE),
-                                 os.environ.get("PROTOKERN_BENCH_EXCLUDE", ""))
+                                 env.text("PROTOKERN_BENCH_EXCLUDE"))
               if ON_DEVICE else [])
 
 

@@ -5,14 +5,12 @@
     dmap = pk.distance_map(x, prototypes)
 """
 
-# Importing a backend module registers it (available only where it can run).
-from protokern import cpu_backend as _cpu_backend  # noqa: F401
-from protokern import cuda_backend as _cuda_backend  # noqa: F401
-from protokern import triton as _triton_backend  # noqa: F401  (imports no triton until used)
 from protokern import nn
 from protokern.backends import (
+    Backend,
     available_backends,
     get_backend,
+    recording,
     register_backend,
     set_backend,
     use_backend,
@@ -23,12 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRICS",
+    "Backend",
     "MinDistance",
     "available_backends",
     "distance_map",
     "get_backend",
     "min_distance",
     "nn",
+    "recording",
     "register_backend",
     "set_backend",
     "use_backend",

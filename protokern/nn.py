@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from protokern.ops import MinDistance, check_metric, distance_map, min_distance
-from protokern.sharding import all_gather_uneven, gather, shard_sizes, sum_gradients
+from protokern.distributed.collectives import all_gather_uneven, gather, shard_sizes, sum_gradients
 
 
 def _check_layer_args(where: str, num_prototypes: int, dim: int, patch: int | tuple[int, int],

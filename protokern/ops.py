@@ -1,21 +1,26 @@
 """protokern's operators: validation, `torch.library` registration, autograd and dispatch.
 
-Public functions (`min_distance`, `distance_map`) validate the user's shapes, reshape them
-(views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
+Public functions (`min_distance`, `distance_map`) validate the user's shapes, apply autocast,
+reshape them (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
 ``(M, D, ph, pw)``, and call the custom ops
 
-- ``protokern::min_distance(x, prototypes, metric, backend) -> (values, indices)``
-- ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric, backend)
-  -> (grad_x, grad_prototypes)``
-- ``protokern::distance_map(x, prototypes, metric, backend) -> (B, M, H', W')``
-- ``protokern::distance_map_backward(grad_map, x, prototypes, metric, backend)
-  -> (grad_x, grad_prototypes)``
+- ``protokern::min_distance(x, prototypes, metric, choice) -> (values, indices)``
+- ``protokern::min_distance_backward(grad_values, x, prototypes, indices, metric, choice,
+  needs_x, needs_prototypes) -> (grad_x, grad_prototypes)``
+- ``protokern::distance_map(x, prototypes, metric, choice) -> (B, M, H', W')``
+- ``protokern::distance_map_backward(grad_map, x, prototypes, metric, choice, needs_x,
+  needs_prototypes) -> (grad_x, grad_prototypes)``
 
-The public functions choose the backend (`protokern.backends.select_backend`) and pass its name
-to the forward op, whose autograd passes it on to the backward op, so both passes run on one
-backend. Under `torch.compile` the choice is a compile-time constant: a compiled function keeps
-the backend it was compiled with (`torch.compiler.reset()` to choose again). The ops have fake
+``choice`` is the backend the user chose (`protokern.backends.explicit_choice`), or ``""`` for
+the automatic one. Every op resolves its backend from the choice and its actual inputs
+(`protokern.backends.resolve`) when it runs, so the backward pass, which sees the same inputs,
+runs on its forward pass's backend, and a compiled graph asks each call's inputs. Under
+`torch.compile` the explicit choice is a compile-time constant: a compiled function keeps the
+choice it was compiled under (`torch.compiler.reset()` to choose again). The ops have fake
 implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
+
+A backward op computes only the gradients autograd needs (``ctx.needs_input_grad``); one it
+skips comes back as an empty ``(0,)`` tensor and autograd gets None.
 """
 
 from typing import NamedTuple
@@ -23,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern.backends import backend_named, select_backend
+from protokern.backends import explicit_choice, record_call, resolve
 
 METRICS = ("sqeuclidean", "cosine")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,16 +138,38 @@ def canonicalize(
 # strides of the inputs: a layout that depends on shapes only cannot differ between the two.
 
 
+def run_kernel(op: str, kernel: str, choice: str, x: Tensor, prototypes: Tensor,
+               options: dict, *args):
+    """``kernel(*args)`` (``kernel`` is ``op`` or its backward) of the backend that ``choice``
+    and the canonical inputs ``x``, ``prototypes`` with ``options`` (the op's, e.g.
+    ``{"metric": ...}``) resolve to (`protokern.backends.resolve`), recording which one ran.
+    Autocast is off inside: the public functions have already cast the inputs, and a kernel's
+    own float32 GEMMs must not be lowered."""
+    backend = resolve(op, choice, x, prototypes, **options)
+    record_call(kernel, backend.name)
+    with torch.autocast(x.device.type, enabled=False):
+        return backend.kernel(kernel)(*args)
+
+
+def _gradient_or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if grad is None else grad.contiguous()
+
+
+def _fake_gradient(like: Tensor, needed: bool) -> Tensor:
+    return like.new_empty(like.shape if needed else (0,))
+
+
 @torch.library.custom_op("protokern::min_distance", mutates_args=())
 def _min_distance_op(
-    x: Tensor, prototypes: Tensor, metric: str, backend: str
+    x: Tensor, prototypes: Tensor, metric: str, choice: str
 ) -> tuple[Tensor, Tensor]:
-    values, indices = backend_named(backend).min_distance(x, prototypes, metric)
+    values, indices = run_kernel("min_distance", "min_distance", choice, x, prototypes,
+                                 {"metric": metric}, x, prototypes, metric)
     return values.contiguous(), indices.contiguous()
 
 
 @_min_distance_op.register_fake
-def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> tuple[Tensor, Tensor]:
     torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
     shape = (x.shape[0], prototypes.shape[0])
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
@@ -151,29 +178,30 @@ def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> tuple[Tensor,
 @torch.library.custom_op("protokern::min_distance_backward", mutates_args=())
 def _min_distance_backward_op(
     grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
-    backend: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad_x, grad_prototypes = backend_named(backend).min_distance_backward(
-        grad_values, x, prototypes, indices, metric
-    )
-    return grad_x.contiguous(), grad_prototypes.contiguous()
+    grad_x, grad_prototypes = run_kernel(
+        "min_distance", "min_distance_backward", choice, x, prototypes, {"metric": metric},
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+    return _gradient_or_empty(grad_x, x), _gradient_or_empty(grad_prototypes, prototypes)
 
 
 @_min_distance_backward_op.register_fake
 def _(
     grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
-    backend: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
 ) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
+    return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
 
 
 @torch.library.custom_op("protokern::distance_map", mutates_args=())
-def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> Tensor:
-    return backend_named(backend).distance_map(x, prototypes, metric).contiguous()
+def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
+    return run_kernel("distance_map", "distance_map", choice, x, prototypes,
+                      {"metric": metric}, x, prototypes, metric).contiguous()
 
 
 @_distance_map_op.register_fake
-def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> Tensor:
+def _(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
     torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
     out_h = x.shape[2] - prototypes.shape[2] + 1
     out_w = x.shape[3] - prototypes.shape[3] + 1
@@ -185,19 +213,21 @@ def _(x: Tensor, prototypes: Tensor, metric: str, backend: str) -> Tensor:
 # optimisation (tests/test_compile.py catches it). As an op, a backend can also fuse it.
 @torch.library.custom_op("protokern::distance_map_backward", mutates_args=())
 def _distance_map_backward_op(
-    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, backend: str
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, choice: str, needs_x: bool,
+    needs_prototypes: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad_x, grad_prototypes = backend_named(backend).distance_map_backward(
-        grad_map, x, prototypes, metric
-    )
-    return grad_x.contiguous(), grad_prototypes.contiguous()
+    grad_x, grad_prototypes = run_kernel(
+        "distance_map", "distance_map_backward", choice, x, prototypes, {"metric": metric},
+        grad_map, x, prototypes, metric, needs_x, needs_prototypes)
+    return _gradient_or_empty(grad_x, x), _gradient_or_empty(grad_prototypes, prototypes)
 
 
 @_distance_map_backward_op.register_fake
 def _(
-    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, backend: str
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str, choice: str, needs_x: bool,
+    needs_prototypes: bool,
 ) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), prototypes.new_empty(prototypes.shape)
+    return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,29 +235,36 @@ def _(
 
 
 def _save_for_min_distance(ctx, inputs: tuple, output: tuple) -> None:
-    x, prototypes, ctx.metric, ctx.backend = inputs
+    x, prototypes, ctx.metric, ctx.choice = inputs
     ctx.save_for_backward(x, prototypes, output[1])  # the chosen positions
 
 
 def _save_for_distance_map(ctx, inputs: tuple, output: Tensor) -> None:
-    x, prototypes, ctx.metric, ctx.backend = inputs
+    x, prototypes, ctx.metric, ctx.choice = inputs
     ctx.save_for_backward(x, prototypes)
+
+
+def _needed(ctx, grad_x: Tensor, grad_prototypes: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients autograd asked for (the others were skipped: None)."""
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    return (grad_x if needs_x else None, grad_prototypes if needs_prototypes else None,
+            None, None)
 
 
 def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
     x, prototypes, indices = ctx.saved_tensors
-    grad_x, grad_prototypes = torch.ops.protokern.min_distance_backward(
-        grad_values, x, prototypes, indices, ctx.metric, ctx.backend
-    )
-    return grad_x, grad_prototypes, None, None
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    grads = torch.ops.protokern.min_distance_backward(
+        grad_values, x, prototypes, indices, ctx.metric, ctx.choice, needs_x, needs_prototypes)
+    return _needed(ctx, *grads)
 
 
 def _distance_map_grad(ctx, grad_map: Tensor):
     x, prototypes = ctx.saved_tensors
-    grad_x, grad_prototypes = torch.ops.protokern.distance_map_backward(
-        grad_map, x, prototypes, ctx.metric, ctx.backend
-    )
-    return grad_x, grad_prototypes, None, None
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    grads = torch.ops.protokern.distance_map_backward(
+        grad_map, x, prototypes, ctx.metric, ctx.choice, needs_x, needs_prototypes)
+    return _needed(ctx, *grads)
 
 
 def _no_double_backward(ctx, *grads):
@@ -253,8 +290,25 @@ for _backward_op in (_min_distance_backward_op, _distance_map_backward_op):
 
 
 @torch.compiler.assume_constant_result  # Dynamo cannot trace the ContextVar lookup
-def _backend_for(device_type: str) -> str:
-    return select_backend(torch.device(device_type)).name
+def _choice() -> str:
+    return explicit_choice()
+
+
+def autocast_inputs(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    """Under `torch.autocast` for the inputs' device, both cast to the autocast dtype, as
+    ``torch.matmul`` casts its inputs (float64 stays float64); otherwise unchanged."""
+    if not (isinstance(x, Tensor) and isinstance(prototypes, Tensor)):
+        return x, prototypes  # canonicalize names the culprit
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return x, prototypes
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor) -> Tensor:
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(prototypes)
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> MinDistance:
@@ -278,9 +332,9 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     Gradients flow to ``x`` and ``prototypes`` through the selected position only; double
     backward raises RuntimeError. Computed in float32 for float16/bfloat16 inputs.
     """
+    x, prototypes = autocast_inputs(x, prototypes)
     x4, p4, _ = canonicalize(x, prototypes, metric, "protokern.min_distance")
-    backend = _backend_for(x.device.type)
-    values, indices = torch.ops.protokern.min_distance(x4, p4, metric, backend)
+    values, indices = torch.ops.protokern.min_distance(x4, p4, metric, _choice())
     return MinDistance(values, indices)
 
 
@@ -291,6 +345,7 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     ``(B, M, L)`` for tokens, in the input dtype. Differentiable once (double backward raises
     RuntimeError).
     """
+    x, prototypes = autocast_inputs(x, prototypes)
     x4, p4, tokens = canonicalize(x, prototypes, metric, "protokern.distance_map")
-    dmap = torch.ops.protokern.distance_map(x4, p4, metric, _backend_for(x.device.type))
+    dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
     return dmap.flatten(2) if tokens else dmap

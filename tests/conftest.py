@@ -22,9 +22,12 @@ CPU_BACKENDS = pk.available_backends("cpu")
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
-    """Runs the test once per backend this install can run on CPU tensors."""
-    with pk.use_backend(request.param):
+    """Runs the test once per backend this install can run on CPU tensors, and checks that
+    every protokern kernel the test ran inside the choice ran on that backend."""
+    with pk.recording() as calls, pk.use_backend(request.param):
         yield request.param
+    ran_elsewhere = {name for _, name in calls} - {request.param, "reference"}
+    assert not ran_elsewhere, f"chose {request.param!r}, but {ran_elsewhere} ran kernels"
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ Speed is never asserted here; what is checked is that the numbers the bench repo
 numbers of the right computation, measured by a probe that sees real allocations.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 import protokern as pk
-from protokern import cli, reference
-from protokern.backends import Backend, _registry
+from protokern import backends, cli
+from protokern.backends import reference, registry
 from protokern.bench import contenders as bench_contenders
 from protokern.bench.contenders import PASSES, Contender, all_contenders, select_contenders
 from protokern.bench.measure import CaseSpec, IsolatedRunner, make_inputs
@@ -130,10 +131,9 @@ def test_cases_over_the_memory_cap_are_skipped_with_the_reason():
 
 
 def test_a_backend_registered_later_is_a_contender(monkeypatch):
-    late = Backend(name="bench_test_late", min_distance=reference.min_distance,
-                   min_distance_backward=reference.min_distance_backward,
-                   distance_map=reference.distance_map, device_types=frozenset({"cpu"}))
-    monkeypatch.setitem(_registry, late.name, late)
+    late = dataclasses.replace(backends.registered_backend("reference"), name="bench_test_late",
+                               device_types=frozenset({"cpu"}))
+    monkeypatch.setitem(registry._registry, late.name, late)
     names = [c.name for c in all_contenders("cpu")]
     assert "protokern:bench_test_late" in names
     contender = next(c for c in all_contenders("cpu") if c.name == "protokern:bench_test_late")

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_matches_brute_force
 
 import protokern as pk
-from protokern import reference
+from protokern.backends import reference
 from protokern.ops import METRICS, canonicalize
 from protokern.testing import TOLERANCE, relative_error
 
@@ -143,16 +143,17 @@ def test_kernel_refuses_out_of_range_indices():
     grad = torch.ones(2, 5)
     bad = torch.full((2, 5), 9, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 9\)"):
-        torch.ops.protokern_cpu.min_distance_backward(grad, x, prototypes, bad, 0)
+        torch.ops.protokern_cpu.min_distance_backward(grad, x, prototypes, bad, "sqeuclidean",
+                                                      True, True)
 
 
 def test_kernel_checks_its_arguments():
     with pytest.raises(RuntimeError, match="x has 4 channels but prototypes have 3"):
         torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 3, 1, 1),
-                                             0, 0.0)
-    with pytest.raises(RuntimeError, match="metric code must be 0"):
+                                             "sqeuclidean", 0.0)
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
         torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1),
-                                             7, 0.0)
+                                             "manhattan", 0.0)
 
 
 def test_cpu_is_the_default_for_cpu_tensors():

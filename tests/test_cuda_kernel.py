@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (csrc/cuda/, protokern/cuda_backend.py) against the float64 brute force.
+"""The ``cuda`` backend (csrc/cuda/, protokern/backends/cuda.py) against the float64 brute force.
 
 Tests marked ``cuda`` need a GPU and a build of ``protokern._C`` with its CUDA kernels; they skip
 without a GPU (tests/conftest.py) and fail, with the reason, on a GPU machine where the kernels
@@ -17,7 +17,8 @@ from helpers import assert_matches_brute_force
 from torch.library import opcheck
 
 import protokern as pk
-from protokern import backends, cuda_backend
+from protokern import backends
+from protokern.backends import cuda as cuda_backend
 from protokern.ops import canonicalize
 from protokern.testing import TF32_TOLERANCE, TOLERANCE, relative_error
 
@@ -98,10 +99,10 @@ def test_kernels_compile_with_nvcc_for_sm80():
 
 
 def test_registered_as_the_cuda_default_above_triton():
-    cuda = backends._registry["cuda"]
+    cuda = backends.registered_backend("cuda")
     assert cuda.device_types == frozenset({"cuda"})
     # DESIGN §3: CUDA tensors go to `cuda` if built, else `triton`
-    assert cuda.priority > backends._registry["triton"].priority
+    assert cuda.priority > backends.registered_backend("triton").priority
     if not torch.cuda.is_available():
         assert "cuda" not in pk.available_backends()
         assert cuda.unavailable_reason()
@@ -109,22 +110,19 @@ def test_registered_as_the_cuda_default_above_triton():
             pk.set_backend("cuda")
 
 
-def test_float64_runs_on_the_reference():
-    x, p = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 1, 1,
-                                                                      dtype=torch.float64)
-    assert cuda_backend._fallback(x, p).name == "reference"
-    assert cuda_backend._fallback(x.float(), p.float()) is None  # 1x1: the kernels
-
-
-def test_patches_fall_back_to_triton_or_say_why_not(monkeypatch):
-    x, p = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 2, 3)
-    if backends._registry["triton"].unavailable_reason() is None:
-        assert cuda_backend._fallback(x, p).name == "triton"
-    monkeypatch.setitem(backends._registry, "triton", backends.Backend(
-        name="triton", min_distance=None, min_distance_backward=None, distance_map=None,
-        unavailable_reason=lambda: "triton is not importable (test)"))
-    with pytest.raises(RuntimeError, match=r"\(5, 3, 2, 3\).*2x3 window.*triton.*not importable"):
-        cuda_backend.min_distance(x, p, "sqeuclidean")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("window", [(1, 1), (2, 3)])
+def test_says_what_it_runs(dtype, window):
+    """1x1 prototypes in float32/16/bf16 run on the kernels; float64 and ph x pw windows are
+    refused with the reason (the automatic choice then takes the next backend)."""
+    x, p = torch.randn(2, 3, 4, 4, dtype=dtype), torch.randn(5, 3, *window, dtype=dtype)
+    reason = cuda_backend.unsupported_reason(x, p, metric="sqeuclidean")
+    if dtype == torch.float64:
+        assert reason == "the CUDA kernels take float32, float16 and bfloat16, not float64"
+    elif window != (1, 1):
+        assert reason == "the CUDA kernels take 1x1 prototypes, not a 2x3 window"
+    else:
+        assert reason is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,21 +302,37 @@ def test_opcheck(on_cuda_backend, metric):
 
 
 @pytest.mark.cuda
-def test_patches_and_float64_give_the_contract(on_cuda_backend):
+def test_patches_and_float64_are_refused_with_the_reason(on_cuda_backend):
     x = torch.randn(2, 6, 5, 6, device="cuda", dtype=torch.float64)
     p = torch.randn(9, 6, device="cuda", dtype=torch.float64)
-    values, indices = pk.min_distance(x, p)  # float64: the reference
-    assert_matches_brute_force(x, p, "sqeuclidean", values, indices)
+    with pytest.raises(ValueError, match="'cuda' cannot run this call.*not float64"):
+        pk.min_distance(x, p)
     patches = torch.randn(9, 6, 2, 3, device="cuda")
-    values, indices = pk.min_distance(x.float(), patches)  # 2x3 windows: triton
-    assert_matches_brute_force(x.float(), patches, "sqeuclidean", values, indices)
+    with pytest.raises(ValueError, match="'cuda' cannot run this call.*not a 2x3 window"):
+        pk.min_distance(x.float(), patches)
+
+
+@pytest.mark.cuda
+def test_the_automatic_choice_runs_what_cuda_refuses_elsewhere():
+    x = torch.randn(2, 6, 5, 6, device="cuda", dtype=torch.float64)
+    p = torch.randn(9, 6, device="cuda", dtype=torch.float64)
+    patches = torch.randn(9, 6, 2, 3, device="cuda")
+    with pk.recording() as calls:
+        values, indices = pk.min_distance(x, p)
+        assert_matches_brute_force(x, p, "sqeuclidean", values, indices)
+        values, indices = pk.min_distance(x.float(), patches)
+        assert_matches_brute_force(x.float(), patches, "sqeuclidean", values, indices)
+        values, indices = pk.min_distance(x.float(), p.float())
+    # the next backend in priority order that supports the call: triton where installed
+    runner_up = "triton" if "triton" in pk.available_backends("cuda") else "reference"
+    assert [name for _, name in calls] == [runner_up, runner_up, "cuda"]
 
 
 @pytest.mark.cuda
 def test_kernel_glue_errors_name_the_problem_and_the_shapes():
     import protokern._C  # noqa: F401
 
-    op = torch.ops.protokern_cuda.min_distance_forward
+    op = torch.ops.protokern_cuda.min_distance
     x = torch.randn(2, 4, 3, 3, device="cuda")
     with pytest.raises(ValueError, match=r"1x1 prototypes.*\[5, 4, 2, 2\]"):
         op(x, torch.randn(5, 4, 2, 2, device="cuda"), "sqeuclidean", False)

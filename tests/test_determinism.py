@@ -6,7 +6,7 @@ bucketed-gather backward instead of atomics and the first configuration of autot
 (`launch.Tuned`, tested below); cuda, an order-independent 64-bit atomicMin of packed
 (distance, position) keys forward and the counting-sort backward instead of atomics. The cpu
 kernel's forward and its backward with more than one position are also independent of the
-thread count (documented in protokern/cpu_backend.py), which is checked too.
+thread count (documented in protokern/backends/cpu.py), which is checked too.
 """
 
 import contextlib
@@ -114,7 +114,7 @@ def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
 def test_cpu_kernel_does_not_depend_on_the_thread_count(case, metric):
     """The cpu forward is exact (a fixed-order recompute) and its backward with more than one
     position sums in a fixed order whatever the thread count; its single-position backward is
-    two BLAS products, deterministic for a given thread count only (cpu_backend.py says so)."""
+    two BLAS products, deterministic for a given thread count only (protokern/backends/cpu.py says so)."""
     x, prototypes = CASES[case]()
     x = x.repeat(9, *[1] * (x.dim() - 1))  # enough images for several tasks per thread
     weights = torch.randn(x.shape[0], prototypes.shape[0])
@@ -143,7 +143,7 @@ def test_autotuned_triton_kernels_launch_their_first_config_when_deterministic()
     import triton
     import triton.language as tl
 
-    from protokern.triton import launch
+    from protokern.backends.triton import launch
 
     @triton.jit
     def block_of(out_ptr, n, BLOCK: tl.constexpr):

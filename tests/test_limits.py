@@ -158,7 +158,7 @@ def test_too_many_positions_per_image_is_a_value_error(backend_name):
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
 def test_triton_refuses_grids_past_cuda_limits():
     """M past 65535 blocks of prototypes: a ValueError naming the limit, before any launch."""
-    if not pk.triton.INTERPRET:
+    if not pk.backends.triton.INTERPRET:
         pytest.skip("CPU tensors run on triton only in its interpreter")
     num = 65536 * 256  # past 65535 blocks of the largest BLOCK_M of any configuration
     prototypes = torch.randn(1, 2).expand(num, 2)  # stride 0: no memory
@@ -169,7 +169,7 @@ def test_triton_refuses_grids_past_cuda_limits():
         with pytest.raises(ValueError, match="65535"):
             pk.distance_map(x, prototypes)
         x4, p4, _ = canonicalize(x, prototypes, "sqeuclidean", "test")
-        from protokern.triton.min_distance_backward import min_distance_backward
+        from protokern.backends.triton.min_distance_backward import min_distance_backward
         with pytest.raises(ValueError, match="65535"):
             min_distance_backward(torch.ones(1, num), x4, p4,
                                   torch.zeros(1, num, dtype=torch.int64), "sqeuclidean")

@@ -13,7 +13,7 @@ from helpers import (
 from torch.library import opcheck
 
 import protokern as pk
-from protokern import reference
+from protokern.backends import reference
 from protokern.ops import canonicalize
 
 METRICS = ["sqeuclidean", "cosine"]
@@ -352,8 +352,10 @@ def test_opcheck(backend, case, metric):
     opcheck(torch.ops.protokern.min_distance.default, (x4, p4, metric, backend))
     opcheck(torch.ops.protokern.distance_map.default, (x4, p4, metric, backend))
     values, indices = torch.ops.protokern.min_distance(x4, p4, metric, backend)
-    opcheck(torch.ops.protokern.min_distance_backward.default,
-            (torch.randn_like(values), x4.detach(), p4.detach(), indices, metric, backend))
     dmap = torch.ops.protokern.distance_map(x4, p4, metric, backend)
-    opcheck(torch.ops.protokern.distance_map_backward.default,
-            (torch.randn_like(dmap), x4.detach(), p4.detach(), metric, backend))
+    for needs in [(True, True), (True, False), (False, True)]:
+        opcheck(torch.ops.protokern.min_distance_backward.default,
+                (torch.randn_like(values), x4.detach(), p4.detach(), indices, metric, backend,
+                 *needs))
+        opcheck(torch.ops.protokern.distance_map_backward.default,
+                (torch.randn_like(dmap), x4.detach(), p4.detach(), metric, backend, *needs))

@@ -9,7 +9,7 @@ from brute_force import distances, first_min
 from helpers import pushed_prototypes
 
 import protokern as pk
-from protokern import reference
+from protokern.backends import reference
 
 
 @pytest.fixture(autouse=True)

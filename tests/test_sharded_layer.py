@@ -14,7 +14,7 @@ import torch
 from gloo import run_on_gloo
 
 import protokern as pk
-from protokern.sharding import shard_sizes
+from protokern.distributed.collectives import shard_sizes
 
 WORLD_SIZE = 2
 DIM = 5

@@ -5,7 +5,8 @@ import json
 import torch
 
 from protokern.data import PlantedParts
-from protokern.models.checkpoint import build_protopnet, load_checkpoint
+from protokern.models.checkpoint import load_checkpoint
+from protokern.models.protopnet import build_protopnet
 from protokern.models.training import TrainingConfig, evaluate, train_protopnet
 
 

@@ -16,21 +16,22 @@ from brute_force import distances
 from helpers import assert_matches_brute_force, brute_force_grads
 
 import protokern as pk
-from protokern import backends, reference
+from protokern import backends
+from protokern.backends import reference
 from protokern.ops import canonicalize
 from protokern.testing import TF32_TOLERANCE, TOLERANCE, near_tie_ok, relative_error
 
 if "triton" not in pk.available_backends():
-    pytest.skip(f"triton backend unavailable: {backends._registry['triton'].unavailable_reason()}",
+    pytest.skip(f"triton backend unavailable: {backends.registered_backend('triton').unavailable_reason()}",
                 allow_module_level=True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from protokern.triton import INTERPRET, launch, tiles  # noqa: E402
-from protokern.triton import distance_map as distance_map_module  # noqa: E402
-from protokern.triton import min_distance as min_distance_module  # noqa: E402
-from protokern.triton import min_distance_backward as backward_module  # noqa: E402
+from protokern.backends.triton import INTERPRET, launch, tiles  # noqa: E402
+from protokern.backends.triton import distance_map as distance_map_module  # noqa: E402
+from protokern.backends.triton import min_distance as min_distance_module  # noqa: E402
+from protokern.backends.triton import min_distance_backward as backward_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ["sqeuclidean", "cosine"]
@@ -221,7 +222,7 @@ def test_tiles_pack_several_images_when_windows_are_few():
 
 
 def test_registration():
-    backend = backends._registry["triton"]
+    backend = backends.registered_backend("triton")
     assert backend.unavailable_reason() is None
     if INTERPRET:  # interpreted: on CPU tensors too, but never the default
         assert backend.device_types == {"cuda", "cpu"} and backend.priority < 0
@@ -233,29 +234,15 @@ def test_registration():
 def test_a_missing_triton_leaves_protokern_importable():
     code = ("import sys; sys.modules['triton'] = None; import protokern as pk; "
             "assert 'triton' not in pk.available_backends(); "
-            "print(pk.backends._registry['triton'].unavailable_reason())")
+            "print(pk.backends.registered_backend('triton').unavailable_reason())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.startswith("triton is not importable")
 
 
-def test_compiled_fullgraph_runs_the_triton_kernels(monkeypatch):
+def test_compiled_fullgraph_runs_the_triton_kernels():
     """The ops stay opaque custom ops under torch.compile: the graph calls the backend's
-    functions (no graph break) and matches eager."""
-    calls = []
-    triton_backend = backends._registry["triton"]
-
-    def spy(name):
-        function = getattr(triton_backend, name)
-
-        def run(*args):
-            calls.append(name)
-            return function(*args)
-        return run
-
-    monkeypatch.setitem(backends._registry, "triton", dataclasses.replace(
-        triton_backend, **{n: spy(n) for n in ("min_distance", "min_distance_backward",
-                                               "distance_map")}))
+    kernels (no graph break) and matches eager."""
     torch._dynamo.reset()
     p = torch.randn(9, 4, 2, 2, device=DEVICE, requires_grad=True)
 
@@ -265,9 +252,11 @@ def test_compiled_fullgraph_runs_the_triton_kernels(monkeypatch):
 
     compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 4, 5, 5, device=DEVICE, requires_grad=True)
-    loss, indices = compiled(x)
-    loss.backward()
-    assert sorted(set(calls)) == ["distance_map", "min_distance", "min_distance_backward"]
+    with pk.recording() as calls:
+        loss, indices = compiled(x)
+        loss.backward()
+    assert sorted(set(calls)) == [("distance_map", "triton"), ("distance_map_backward", "triton"),
+                                  ("min_distance", "triton"), ("min_distance_backward", "triton")]
     grads = x.grad.clone(), p.grad.clone()
     x.grad = p.grad = None
     eager_loss, eager_indices = head(x)

@@ -7,6 +7,7 @@ import torch
 
 import protokern as pk
 from protokern import backends
+from protokern.backends import registry
 
 OPS = [pk.min_distance, pk.distance_map]
 
@@ -16,14 +17,15 @@ def _spy_backend(calls: list):
         calls.append(args)
         raise AssertionError("a backend ran on invalid input")
 
-    return backends.Backend("spy", record, record, record)
+    return backends.Backend("spy", {name: record for name in (
+        "min_distance", "min_distance_backward", "distance_map", "distance_map_backward")})
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Select a backend that fails the test if any op reaches it."""
     calls: list = []
-    monkeypatch.setitem(backends._registry, "spy", _spy_backend(calls))
+    monkeypatch.setitem(registry._registry, "spy", _spy_backend(calls))
     with pk.use_backend("spy"):
         yield calls
     assert calls == []

@@ -13,10 +13,11 @@
 namespace protokern::cpu {
 namespace {
 
-Metric metric_from(int64_t code) {
-  TORCH_CHECK(code == 0 || code == 1, "protokern_cpu: metric code must be 0 (sqeuclidean) or ",
-              "1 (cosine), got ", code);
-  return static_cast<Metric>(code);
+Metric metric_from(c10::string_view name) {
+  TORCH_CHECK_VALUE(name == "sqeuclidean" || name == "cosine",
+                    "protokern_cpu: unknown metric '", name,
+                    "'; expected 'sqeuclidean' or 'cosine'");
+  return name == "sqeuclidean" ? Metric::SquaredEuclidean : Metric::Cosine;
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
@@ -63,7 +64,8 @@ at::Tensor flat_prototypes(const at::Tensor& prototypes) {
 }
 
 std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
-                                                   const at::Tensor& prototypes, int64_t metric,
+                                                   const at::Tensor& prototypes,
+                                                   c10::string_view metric,
                                                    double input_rounding) {
   check_inputs("protokern_cpu::min_distance", x, prototypes);
   const FeatureMap map = describe(x, prototypes);
@@ -93,11 +95,14 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> single_position_backward(const at::Tensor& grad,
                                                             const at::Tensor& rows,
                                                             const at::Tensor& protos,
-                                                            Metric metric) {
+                                                            Metric metric, bool needs_rows,
+                                                            bool needs_protos) {
+  at::Tensor grad_rows, grad_protos;  // undefined where not needed
   if (metric == Metric::SquaredEuclidean) {
-    at::Tensor grad_rows = grad.sum(1, true) * rows - at::mm(grad, protos);
-    at::Tensor grad_protos = grad.sum(0).unsqueeze(1) * protos - at::mm(grad.t(), rows);
-    return {grad_rows.mul_(2), grad_protos.mul_(2)};
+    if (needs_rows) grad_rows = (grad.sum(1, true) * rows - at::mm(grad, protos)).mul_(2);
+    if (needs_protos)
+      grad_protos = (grad.sum(0).unsqueeze(1) * protos - at::mm(grad.t(), rows)).mul_(2);
+    return {grad_rows, grad_protos};
   }
   constexpr double kNormFloor = 1e-8;  // as reference.EPS
   const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
@@ -106,18 +111,29 @@ std::tuple<at::Tensor, at::Tensor> single_position_backward(const at::Tensor& gr
   const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
   const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
   const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
-  const at::Tensor row_coef =
-      at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
-  const at::Tensor proto_coef = at::where(
-      proto_norm.t() >= kNormFloor, (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
-  return {row_coef * rows - at::mm(scale, protos), proto_coef * protos - at::mm(scale.t(), rows)};
+  if (needs_rows) {
+    const at::Tensor row_coef =
+        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
+    grad_rows = row_coef * rows - at::mm(scale, protos);
+  }
+  if (needs_protos) {
+    const at::Tensor proto_coef =
+        at::where(proto_norm.t() >= kNormFloor,
+                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
+    grad_protos = proto_coef * protos - at::mm(scale.t(), rows);
+  }
+  return {grad_rows, grad_protos};
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(const at::Tensor& grad_values,
-                                                            const at::Tensor& x,
-                                                            const at::Tensor& prototypes,
-                                                            const at::Tensor& indices,
-                                                            int64_t metric) {
+// An empty tensor stands for a gradient nobody asked for (protokern.ops maps it to None).
+at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.defined() ? grad.reshape(like.sizes()).to(like.scalar_type())
+                        : at::empty({0}, like.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
+    const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& prototypes,
+    const at::Tensor& indices, c10::string_view metric, bool needs_x, bool needs_prototypes) {
   check_inputs("protokern_cpu::min_distance_backward", x, prototypes);
   const FeatureMap map = describe(x, prototypes);
   const int64_t num = prototypes.size(0);
@@ -140,35 +156,39 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(const at::Tensor& gr
   const at::Tensor protos = flat_prototypes(prototypes);
   const at::ScalarType acc = protos.scalar_type();
   const at::Tensor grad = grad_values.to(acc).contiguous();
-  if (map.positions() == 1 && map.batch > 0) {
-    auto [grad_rows, grad_p] = single_position_backward(grad, x.reshape({map.batch, -1}).to(acc),
-                                                        protos, metric_from(metric));
-    return {grad_rows.reshape(x.sizes()).to(x.scalar_type()),
-            grad_p.reshape(prototypes.sizes()).to(prototypes.scalar_type())};
+  if (!needs_x && !needs_prototypes) {
+    return {gradient_or_empty({}, x), gradient_or_empty({}, prototypes)};
   }
-  at::Tensor grad_x = at::empty({map.batch, map.channels, map.height, map.width},
-                                x.options().dtype(acc));
-  at::Tensor grad_protos = at::empty_like(protos);
+  if (map.positions() == 1 && map.batch > 0) {
+    auto [grad_rows, grad_p] =
+        single_position_backward(grad, x.reshape({map.batch, -1}).to(acc), protos,
+                                 metric_from(metric), needs_x, needs_prototypes);
+    return {gradient_or_empty(grad_rows, x), gradient_or_empty(grad_p, prototypes)};
+  }
+  at::Tensor grad_x, grad_protos;
+  if (needs_x)
+    grad_x = at::empty({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
+  if (needs_prototypes) grad_protos = at::empty_like(protos);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "protokern_cpu::min_distance_backward", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         min_distance_backward<scalar_t, acc_t>(
             grad.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), map,
             protos.const_data_ptr<acc_t>(), num, index.const_data_ptr<int64_t>(),
-            metric_from(metric), grad_x.mutable_data_ptr<acc_t>(),
-            grad_protos.mutable_data_ptr<acc_t>());
+            metric_from(metric), needs_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr,
+            needs_prototypes ? grad_protos.mutable_data_ptr<acc_t>() : nullptr);
       });
-  return {grad_x.to(x.scalar_type()),
-          grad_protos.reshape(prototypes.sizes()).to(prototypes.scalar_type())};
+  return {gradient_or_empty(grad_x, x), gradient_or_empty(grad_protos, prototypes)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(protokern_cpu, m) {
-  m.def("min_distance(Tensor x, Tensor prototypes, int metric, float input_rounding) "
-        "-> (Tensor, Tensor)");
+  m.def("min_distance(Tensor x, Tensor prototypes, str metric, float input_rounding) "
+        "-> (Tensor values, Tensor indices)");
   m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, "
-        "Tensor indices, int metric) -> (Tensor, Tensor)");
+        "Tensor indices, str metric, bool needs_x, bool needs_prototypes) "
+        "-> (Tensor grad_x, Tensor grad_prototypes)");
 }
 
 TORCH_LIBRARY_IMPL(protokern_cpu, CPU, m) {

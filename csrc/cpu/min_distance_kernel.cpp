@@ -666,7 +666,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
   const int64_t num = num_prototypes;
   if (batch == 0) {
-    std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
+    if (grad_prototypes != nullptr) std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
     return;
   }
   // The selected windows are gathered from windows packed one image at a time per thread (never a
@@ -698,7 +698,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
                                  metric};
   // grad_x, one image per step: its windows are packed, turned into their gradients in place
   // and folded back into the image's (D, H, W) gradient.
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  if (grad_x != nullptr) at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<acc_t> rows(image_elements), sum(size);
     std::vector<int64_t> order(num), starts(positions + 1);
     for (int64_t b = begin; b < end; ++b) {
@@ -709,6 +709,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   });
   // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
   // image once (x is read once per thread, which costs far less than the gather itself).
+  if (grad_prototypes == nullptr) return;
   at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
     AlignedBuffer<acc_t> rows(image_elements);
     std::vector<double> p_coef(end - begin, 0.0);

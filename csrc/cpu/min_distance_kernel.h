@@ -35,8 +35,8 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           acc_t* values, int64_t* indices);
 
 // Gradients of sum(grad_values * values) through the selected positions only.
-// grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K) contiguous, both acc_t; both are
-// fully written. Deterministic: every sum runs in a fixed order whatever the thread count.
+// grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K) contiguous, both acc_t; each is
+// fully written, or skipped when null (a gradient nobody asked for). Deterministic: every sum runs in a fixed order whatever the thread count.
 template <typename in_t, typename acc_t>
 void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
                            const acc_t* prototypes, int64_t num_prototypes,

@@ -1,11 +1,11 @@
 // PyTorch glue of protokern's CUDA min_distance kernels (compiled only in CUDA builds).
 //
 // Registers, in the library fragment `protokern_cuda` of the extension protokern._C:
-//   min_distance_forward(x, prototypes, metric, allow_tf32) -> (values, indices)
-//   min_distance_backward(grad_values, x, prototypes, indices, metric, deterministic)
-//       -> (grad_x, grad_prototypes)
+//   min_distance(x, prototypes, metric, allow_tf32) -> (values, indices)
+//   min_distance_backward(grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes,
+//                         deterministic) -> (grad_x, grad_prototypes)
 // for canonical inputs (x (B, D, H, W), prototypes (M, D, 1, 1); protokern/cuda_backend.py
-// validates the user's shapes and routes other windows elsewhere). This file reads and checks the
+// validates the user's shapes and refuses other windows). This file reads and checks the
 // tensors, lays x out as rows with contiguous channels, picks the kernels and launches them on
 // PyTorch's current stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA error
 // raises a Python RuntimeError naming the kernel and the shapes.
@@ -40,7 +40,7 @@ void check_cuda(cudaError_t error, const char* kernel, const std::string& shapes
               cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
 }
 
-Metric parse_metric(std::string_view metric, const char* op) {
+Metric parse_metric(c10::string_view metric, const char* op) {
   TORCH_CHECK_VALUE(metric == "sqeuclidean" || metric == "cosine", "protokern cuda ", op,
                     ": unknown metric '", metric, "'; expected 'sqeuclidean' or 'cosine'");
   return metric == "sqeuclidean" ? Metric::kSqEuclidean : Metric::kCosine;
@@ -102,13 +102,12 @@ Rows rows_of_prototypes(const at::Tensor& prototypes) {
       prototypes.reshape({1, prototypes.size(0), prototypes.size(1)}));
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distance_forward(const at::Tensor& x,
-                                                        const at::Tensor& prototypes,
-                                                        std::string_view metric_name,
-                                                        bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor> min_distance(const at::Tensor& x,
+                                                const at::Tensor& prototypes,
+                                                c10::string_view metric_name, bool allow_tf32) {
   const std::string shapes = describe(x, prototypes);
-  const Metric metric = parse_metric(metric_name, "min_distance_forward");
-  check_inputs(x, prototypes, "min_distance_forward", shapes);
+  const Metric metric = parse_metric(metric_name, "min_distance");
+  check_inputs(x, prototypes, "min_distance", shapes);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t num_protos = prototypes.size(0);
@@ -151,12 +150,10 @@ std::tuple<at::Tensor, at::Tensor> min_distance_forward(const at::Tensor& x,
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distance_backward(const at::Tensor& grad_values,
-                                                         const at::Tensor& x,
-                                                         const at::Tensor& prototypes,
-                                                         const at::Tensor& indices,
-                                                         std::string_view metric_name,
-                                                         bool deterministic) {
+std::tuple<at::Tensor, at::Tensor> min_distance_backward(
+    const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& prototypes,
+    const at::Tensor& indices, c10::string_view metric_name, bool needs_x, bool needs_prototypes,
+    bool deterministic) {
   const std::string shapes = describe(x, prototypes);
   const Metric metric = parse_metric(metric_name, "min_distance_backward");
   check_inputs(x, prototypes, "min_distance_backward", shapes);
@@ -189,10 +186,11 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(const at::Tensor& grad_
   const at::Tensor indices_c = indices.contiguous();
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor coeffs = at::empty({batch, num_protos, 4}, float_options);
-  at::Tensor grad_protos = at::empty({num_protos, dim}, float_options);
-  at::Tensor grad_rows = at::empty({batch, height * width, dim}, float_options);
+  // A gradient nobody asked for is not computed: an empty tensor stands for it.
+  at::Tensor grad_protos = at::empty({needs_prototypes ? num_protos : 0, dim}, float_options);
+  at::Tensor grad_rows = at::empty({needs_x ? batch : 0, height * width, dim}, float_options);
   at::Tensor workspace;
-  if (deterministic) {
+  if (deterministic && needs_x) {
     workspace = at::empty({row_gradient_workspace_elements(batch, height * width, num_protos)},
                           x.options().dtype(at::kInt));
   }
@@ -204,21 +202,29 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(const at::Tensor& grad_
                                                grad_values_c.data_ptr(),
                                                coeffs.data_ptr<float>(), stream),
              "selected_pair_coefficients_kernel", shapes);
-  check_cuda(launch_prototype_gradient(kind, x_rows.view, proto_rows.view,
-                                       indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
-                                       grad_protos.data_ptr<float>(), stream),
-             "prototype_gradient_kernel", shapes);
-  check_cuda(launch_row_gradient(kind, deterministic, x_rows.view, proto_rows.view,
-                                 indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
-                                 deterministic ? workspace.data_ptr<int32_t>() : nullptr,
-                                 grad_rows.data_ptr<float>(), stream),
-             deterministic ? "sort_prototypes_by_position_kernel/gather_row_gradient_kernel"
-                           : "scatter_row_gradient_atomic_kernel",
-             shapes);
-  at::Tensor grad_x =
-      grad_rows.view({batch, height, width, dim}).permute({0, 3, 1, 2}).to(x.scalar_type());
-  at::Tensor grad_prototypes =
-      grad_protos.view({num_protos, dim, 1, 1}).to(prototypes.scalar_type());
+  if (needs_prototypes) {
+    check_cuda(launch_prototype_gradient(kind, x_rows.view, proto_rows.view,
+                                         indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+                                         grad_protos.data_ptr<float>(), stream),
+               "prototype_gradient_kernel", shapes);
+  }
+  if (needs_x) {
+    check_cuda(launch_row_gradient(kind, deterministic, x_rows.view, proto_rows.view,
+                                   indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+                                   deterministic ? workspace.data_ptr<int32_t>() : nullptr,
+                                   grad_rows.data_ptr<float>(), stream),
+               deterministic ? "sort_prototypes_by_position_kernel/gather_row_gradient_kernel"
+                             : "scatter_row_gradient_atomic_kernel",
+               shapes);
+  }
+  at::Tensor grad_x = needs_x ? grad_rows.view({batch, height, width, dim})
+                                    .permute({0, 3, 1, 2})
+                                    .to(x.scalar_type())
+                              : at::empty({0}, x.options());
+  at::Tensor grad_prototypes = needs_prototypes
+                                   ? grad_protos.view({num_protos, dim, 1, 1})
+                                         .to(prototypes.scalar_type())
+                                   : at::empty({0}, prototypes.options());
   return {grad_x, grad_prototypes};
 }
 
@@ -226,13 +232,14 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(const at::Tensor& grad_
 }  // namespace protokern_cuda
 
 TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
-  m.def("min_distance_forward(Tensor x, Tensor prototypes, str metric, bool allow_tf32) "
+  m.def("min_distance(Tensor x, Tensor prototypes, str metric, bool allow_tf32) "
         "-> (Tensor values, Tensor indices)");
   m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, Tensor indices, "
-        "str metric, bool deterministic) -> (Tensor grad_x, Tensor grad_prototypes)");
+        "str metric, bool needs_x, bool needs_prototypes, bool deterministic) "
+        "-> (Tensor grad_x, Tensor grad_prototypes)");
 }
 
 TORCH_LIBRARY_IMPL(protokern_cuda, CUDA, m) {
-  m.impl("min_distance_forward", &protokern_cuda::min_distance_forward);
+  m.impl("min_distance", &protokern_cuda::min_distance);
   m.impl("min_distance_backward", &protokern_cuda::min_distance_backward);
 }

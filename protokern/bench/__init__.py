@@ -5,5 +5,5 @@
 - `protokern.bench.measure`: timing and peak memory of one case (fresh process on CPU),
 - `protokern.bench.runner`: planning, skipping what cannot fit, progress, environment,
 - `protokern.bench.report` and `protokern.bench.plot`: the table, the JSON, the scaling plot,
-- `protokern.bench.cli`: the ``protokern bench`` command.
+- `protokern.commands.bench`: the ``protokern bench`` command.
 """

@@ -6,12 +6,8 @@ one ProtoPNet uses) and return ``values`` ``(B, M)`` and ``indices`` ``(B, M)`` 
 
 - ``protokern:<backend>``: every backend `protokern.available_backends(device)` lists when the
   bench runs, so a backend added later is benchmarked without editing this file;
-- ``naive_conv``: ProtoPNet's ``_l2_convolution`` verbatim (a conv of ``x^2`` with a ones
-  kernel of the prototypes' shape, a conv of ``x`` with the prototypes, add, relu) then its
-  min-pool (``-max_pool2d(-d)``), with the pool's indices as argmin;
-- ``naive_cdist``: ``torch.cdist(patches, prototypes) ** 2`` then ``min`` over positions;
-- ``naive_loop``: per image, ``torch.mm`` then ``min`` over positions, with a hand-written
-  backward that gathers the chosen patch and scatters its gradient (``index_add_``);
+- ``naive_conv``, ``naive_cdist``, ``naive_loop``: `protokern.baselines` (ProtoPNet's
+  convolutions and min-pool, ``torch.cdist`` then ``min``, a per-image ``torch.mm`` loop);
 - ``keops``: a pykeops ``LazyTensor`` ``min_argmin`` reduction, when pykeops is importable (its
   own kind ``keops``: a fused library, not naive PyTorch, so never the "best naive" baseline);
 - ``floor_mm``: a bare ``torch.mm`` ``(B L') x K @ K x M`` of the same FLOPs: the floor.
@@ -26,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import protokern as pk
 from protokern.bench.shapes import NamedShape
-from protokern.reference import CHUNK_ELEMENTS, patches
+from protokern.backends.reference import CHUNK_ELEMENTS, patches
+from protokern.baselines import cdist_min, loop_mm_min, protopnet_min_distance
 
 KINDS = ("protokern", "naive", "keops", "floor")
 """Contender kinds; ``--contenders`` and ``--exclude`` accept a kind for all its contenders."""
@@ -41,72 +37,6 @@ FORWARD_BACKWARD = "forward+backward"
 PASSES = (FORWARD, FORWARD_BACKWARD)
 
 MinDistanceFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Naive PyTorch formulations
-
-
-def protopnet_conv(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-    """ProtoPNet's ``_l2_convolution`` and min-pool: ``(B, D, H, W)``, ``(M, D, ph, pw)`` ->
-    values, indices ``(B, M)``. Materialises several ``(B, M, H', W')`` tensors."""
-    # ProtoPNet keeps `ones` as a frozen parameter of the prototypes' full shape, so its x^2
-    # conv has M identical output channels; that is the formulation users run.
-    ones = torch.ones_like(prototypes, requires_grad=False)
-    x2_patch_sum = F.conv2d(x**2, ones)
-    p2 = torch.sum(prototypes**2, dim=(1, 2, 3)).view(-1, 1, 1)
-    xp = F.conv2d(x, prototypes)
-    distances = F.relu(x2_patch_sum + (-2 * xp + p2))
-    size = distances.shape[-2:]
-    negated, indices = F.max_pool2d(-distances, kernel_size=size, return_indices=True)
-    return -negated.flatten(1), indices.flatten(1)
-
-
-def cdist_min(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.cdist(patches, prototypes) ** 2`` ``(B L', M)``, then min over positions."""
-    rows = patches(x, prototypes.shape[2], prototypes.shape[3])
-    batch, positions, size = rows.shape
-    # 2-d cdist: a batched one with broadcast prototypes would copy them for every image
-    dist = torch.cdist(rows.reshape(batch * positions, size), prototypes.flatten(1)) ** 2
-    return dist.view(batch, positions, -1).min(1)
-
-
-class _LoopMinDistance(torch.autograd.Function):
-    """Per image ``torch.mm`` then ``min``; backward through the argmin by gather/scatter."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, protos: Tensor) -> tuple[Tensor, Tensor]:
-        # rows (B, L', K), protos (M, K)
-        batch, num = rows.shape[0], protos.shape[0]
-        proto_sq = protos.square().sum(1)[:, None]
-        values = rows.new_empty(batch, num)
-        indices = torch.empty(batch, num, dtype=torch.int64, device=rows.device)
-        for b in range(batch):
-            dots = torch.mm(protos, rows[b].t())  # (M, L')
-            dist = (rows[b].square().sum(1)[None] + proto_sq - 2 * dots).clamp_min_(0)
-            torch.min(dist, 1, out=(values[b], indices[b]))
-        ctx.save_for_backward(rows, protos, indices)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
-
-    @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices: Tensor) -> tuple[Tensor, Tensor]:
-        rows, protos, indices = ctx.saved_tensors
-        grad_rows = torch.zeros_like(rows, memory_format=torch.contiguous_format)
-        grad_protos = torch.zeros_like(protos)
-        for b in range(rows.shape[0]):
-            # d(|r - p|^2) = 2 (r - p) dr - 2 (r - p) dp, at the chosen row only
-            chosen = rows[b].index_select(0, indices[b])  # (M, K)
-            grad = 2 * grad_values[b, :, None] * (chosen - protos)
-            grad_rows[b].index_add_(0, indices[b], grad)
-            grad_protos -= grad
-        return grad_rows, grad_protos
-
-
-def loop_mm_min(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-    """The plain loop: per image ``mm`` ``(M, K) @ (K, L')`` and min over ``L'``."""
-    rows = patches(x, prototypes.shape[2], prototypes.shape[3])
-    return _LoopMinDistance.apply(rows, prototypes.flatten(1))
 
 
 def keops_min(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,7 +201,7 @@ def _keops_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> in
 
 NAIVE_CONTENDERS = (
     Contender("naive_conv", "naive", "ProtoPNet: conv(x^2, ones) + conv(x, p), relu, min-pool",
-              protopnet_conv, _distance_tensors(forward=5, backward=6)),
+              protopnet_min_distance, _distance_tensors(forward=5, backward=6)),
     Contender("naive_cdist", "naive", "torch.cdist(patches, p) ** 2, then min",
               cdist_min, _distance_tensors(forward=3, backward=6)),
     Contender("naive_loop", "naive", "per image torch.mm then min; gather/scatter backward",

@@ -33,7 +33,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from protokern.bench.contenders import contender_named
 from protokern.bench.shapes import NamedShape
+from protokern.timing import time_calls
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -162,32 +162,6 @@ class _CudaMemory:
     def peak(self) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - self.baseline
-
-
-def cuda_event_seconds(step: Callable[[], object]) -> float:
-    """Seconds the GPU spent on one call of ``step``, between two CUDA events recorded on the
-    current stream; the device is idle first (no earlier work counted) and the call has
-    finished when this returns. Also what benchmarks/test_bench_min_distance.py times with."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def time_calls(step: Callable[[], object], repeats: int, device: str) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``step``: CUDA events on ``cuda``, else
-    ``time.perf_counter`` (CPU ops are synchronous)."""
-    if device == "cuda":
-        return [cuda_event_seconds(step) for _ in range(repeats)]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def summarize(times: list[float]) -> dict[str, float]:

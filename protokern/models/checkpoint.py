@@ -13,18 +13,7 @@ from typing import Any
 
 import torch
 
-from protokern.models.backbones import build_backbone
-from protokern.models.protopnet import ProtoPNet
-
-
-def build_protopnet(num_classes: int, image_size: int, backbone: str = "small_cnn",
-                    weights: str | None = None, **options: Any) -> ProtoPNet:
-    """A ProtoPNet from its recipe (the ``model_config`` stored in a checkpoint).
-
-    ``options`` go to `ProtoPNet`: prototypes_per_class, prototype_dim, prototype_patch,
-    metric.
-    """
-    return ProtoPNet(build_backbone(backbone, weights), num_classes, image_size, **options)
+from protokern.models.protopnet import ProtoPNet, build_protopnet
 
 
 class CheckpointError(ValueError):

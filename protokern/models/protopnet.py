@@ -8,12 +8,17 @@
 distance tensor is never stored for training; `distance_map` exists for explanations.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from protokern.models.backbones import ReceptiveField, feature_shape, receptive_field
+from protokern.models.backbones import (
+    ReceptiveField,
+    build_backbone,
+    feature_shape,
+    receptive_field,
+)
 from protokern.nn import PrototypeLayer
 
 LOG_ACTIVATION_EPSILON = 1e-4
@@ -134,3 +139,13 @@ class ProtoPNet(nn.Module):
         """``(B, M, H', W')`` similarity of every prototype at every position (explanations)."""
         distances = self.prototype_layer.distance_map(self.conv_features(images))
         return distance_to_similarity(distances, self.metric)
+
+
+def build_protopnet(num_classes: int, image_size: int, backbone: str = "small_cnn",
+                    weights: str | None = None, **options: Any) -> ProtoPNet:
+    """A ProtoPNet from its recipe (the ``model_config`` stored in a checkpoint).
+
+    ``options`` go to `ProtoPNet`: prototypes_per_class, prototype_dim, prototype_patch,
+    metric.
+    """
+    return ProtoPNet(build_backbone(backbone, weights), num_classes, image_size, **options)

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from protokern.distributed import gather_from_processes, is_distributed, world
+from protokern.distributed.collectives import gather_from_processes
+from protokern.distributed.processes import is_distributed, world
 from protokern.models.protopnet import ProtoPNet
 from protokern.ops import min_distance
 
@@ -52,7 +53,7 @@ def push_prototypes(model: ProtoPNet, dataset: Dataset, batch_size: int = 64,
     the lowest position (`min_distance`'s rule). The model is put in eval mode for the pass and
     its mode restored.
 
-    With several processes (`protokern.distributed`), each searches a contiguous run of whole
+    With several processes (`protokern.distributed.processes`), each searches a contiguous run of whole
     batches of the dataset, the same batches one process would read, so its distances are the
     ones a single process computes; per prototype the smallest distance over the processes
     wins, ties going to the lowest image index, and every process sets the winning patch. The

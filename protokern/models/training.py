@@ -16,7 +16,7 @@ bit, as a run never interrupted: the checkpoint holds everything later epochs de
 record, the global RNG state), and each epoch's data order comes from the seed and the epoch
 number alone. Work done in the interrupted epoch is redone.
 
-Under a process group of several processes (`protokern.distributed`; ``protokern train
+Under a process group of several processes (`protokern.distributed.processes`; ``protokern train
 --nproc N`` or ``torchrun``) training is data parallel: each global batch of the one-process
 run is split between the processes, the model is wrapped in
 `~torch.nn.parallel.DistributedDataParallel` with batch norm synchronised, and the loss is
@@ -46,14 +46,9 @@ from torch.utils.data import (
 )
 from tqdm import tqdm
 
-from protokern.distributed import (
-    barrier,
-    is_distributed,
-    is_main_process,
-    sum_across_processes,
-    synchronize_batch_norm,
-    world,
-)
+from protokern.distributed.batch_norm import synchronize_batch_norm
+from protokern.distributed.collectives import sum_across_processes
+from protokern.distributed.processes import barrier, is_distributed, is_main_process, world
 from protokern.models.checkpoint import read_checkpoint, save_checkpoint
 from protokern.models.losses import LossCoefficients, protopnet_loss
 from protokern.models.protopnet import ProtoPNet, distance_to_similarity
@@ -308,7 +303,7 @@ def train_protopnet(model: ProtoPNet, train_set: Dataset, test_set: Dataset,
         extra_state: stored in the checkpoint as is (e.g. class names; tensors, containers and
             primitives only).
 
-    With several processes (`protokern.distributed`) every process calls this with the same
+    With several processes (`protokern.distributed.processes`) every process calls this with the same
     arguments and data; ``model``'s batch norm is synchronised in place. Only rank 0 writes.
 
     Raises:

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern import reference
-from protokern.triton import INTERPRET
+from protokern.backends import reference
+from protokern.backends.triton import INTERPRET
 
 
 class Fixed:

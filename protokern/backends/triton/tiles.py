@@ -11,8 +11,8 @@ and nothing is unfolded in memory. Offsets are int64: ``B L D`` and ``B M`` may 
 import triton
 import triton.language as tl
 
-from protokern import reference
-from protokern.triton import INTERPRET
+from protokern.backends import reference
+from protokern.backends.triton import INTERPRET
 
 EPS = tl.constexpr(reference.EPS)
 

@@ -1,20 +1,24 @@
-"""`protokern demo` until the ProtoPNet demo exists: every backend checked against the oracle.
+"""`protokern selfcheck`: every backend checked against the float64 reference.
 
 For a few prototype-model shapes, runs min_distance forward and backward on each available
 backend and compares values, indices and gradients with the float64 reference; times each
-backend side by side with a naive PyTorch formulation (`torch.cdist` then `min`).
+backend side by side with a naive PyTorch formulation (`torch.cdist` then `min`). Each line
+says which backend actually ran the calls (`protokern.backends.recording`): a backend that
+cannot run a case says so with its reason instead of passing it to another.
 """
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from protokern import backends, reference
+from protokern import backends
+from protokern.backends import reference
+from protokern.baselines import cdist_min
 from protokern.ops import canonicalize, min_distance
 from protokern.testing import TOLERANCE, near_tie_ok, relative_error
+from protokern.timing import median_milliseconds
 
 
 @dataclass(frozen=True)
@@ -43,23 +47,8 @@ class CheckResult:
     milliseconds: float
     naive_milliseconds: float
     passed: bool
-
-
-def _timed(fn, repeats: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
-def _naive_min_distance(x: Tensor, prototypes: Tensor) -> Tensor:
-    """1x1 sqeuclidean by `torch.cdist` + min: what a user writes without protokern."""
-    rows = x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
-    return torch.cdist(rows, prototypes.flatten(1)).square().amin(1)
+    ran_on: str = ""
+    """The backends that ran the calls (the checked one, or a refusal's reason)."""
 
 
 def check_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> CheckResult:
@@ -83,22 +72,32 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> Che
         (out.values * weights.to(dtype)).sum().backward()
         return out
 
-    with backends.use_backend(backend):
+    x4, p4, _ = canonicalize(xb, pb, case.metric, "selfcheck")
+    refusal = backends.backend_named(backend).supports("min_distance", x4, p4,
+                                                       metric=case.metric)
+    if refusal is not None:
+        return CheckResult(case.name, backend, dtype, math.nan, math.nan, math.nan, math.nan,
+                           math.nan, True, f"refused: {refusal}")
+    with backends.use_backend(backend), backends.recording() as calls:
         out = forward_backward()
-        milliseconds = _timed(forward_backward)
+        milliseconds = median_milliseconds(forward_backward, repeats=3)
+    ran_on = ", ".join(sorted({name for _, name in calls}))
 
     naive_ms = float("nan")
     if case.metric == "sqeuclidean" and len(case.prototype_shape) == 2:
         xn, pn = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
-        naive_ms = _timed(lambda: _naive_min_distance(xn, pn).sum().backward())
+        x4n, p4n, _ = canonicalize(xn, pn, case.metric, "selfcheck")
+        naive_ms = median_milliseconds(lambda: cdist_min(x4n, p4n)[0].sum().backward(),
+                                       repeats=3)
 
     tol = TOLERANCE[dtype]
     value_error = relative_error(out.values, ref.values)
     agreement = near_tie_ok(out.indices, ref_distances, tol).double().mean().item()
     grad_error = max(relative_error(xb.grad, x64.grad), relative_error(pb.grad, p64.grad))
+    passed = (value_error <= tol and agreement == 1.0 and grad_error <= tol
+              and ran_on == backend)
     return CheckResult(case.name, backend, dtype, value_error, agreement, grad_error,
-                       milliseconds, naive_ms,
-                       value_error <= tol and agreement == 1.0 and grad_error <= tol)
+                       milliseconds, naive_ms, passed, ran_on)
 
 
 def run_selfcheck(device: str = "cpu", seed: int = 0,
@@ -116,22 +115,27 @@ def run_selfcheck(device: str = "cpu", seed: int = 0,
 
 def format_table(results: list[CheckResult]) -> str:
     header = (f"{'case':<28} {'backend':<10} {'dtype':<9} {'value err':>9} {'indices':>8} "
-              f"{'grad err':>9} {'fwd+bwd ms':>10} {'cdist ms':>9}  check")
+              f"{'grad err':>9} {'fwd+bwd ms':>10} {'cdist ms':>9} {'ran on':<10} check")
     lines = [header, "-" * len(header)]
     for r in results:
+        dtype = str(r.dtype).removeprefix('torch.')
+        if r.ran_on.startswith("refused"):
+            lines.append(f"{r.case:<28} {r.backend:<10} {dtype:<9} {r.ran_on}")
+            continue
         naive = "-" if math.isnan(r.naive_milliseconds) else f"{r.naive_milliseconds:9.2f}"
         lines.append(
-            f"{r.case:<28} {r.backend:<10} {str(r.dtype).removeprefix('torch.'):<9} "
+            f"{r.case:<28} {r.backend:<10} {dtype:<9} "
             f"{r.value_error:9.1e} {100 * r.index_agreement:7.1f}% {r.grad_error:9.1e} "
-            f"{r.milliseconds:10.2f} {naive:>9}  {'ok' if r.passed else 'FAILED'}"
+            f"{r.milliseconds:10.2f} {naive:>9} {r.ran_on:<10} {'ok' if r.passed else 'FAILED'}"
         )
     return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:
     """Arguments of ``protokern selfcheck``."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the checked tensors")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
                         help="backends to check (default: every one available for the device)")
 

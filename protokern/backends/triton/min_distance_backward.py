@@ -3,7 +3,7 @@
 With ``r`` the chosen window of image ``b`` for prototype ``m`` and ``g`` its incoming
 gradient, the window gets ``a r - c p`` and the prototype ``e p - c r``, where ``(a, c, e)`` are
 per-pair coefficients (sqeuclidean: all ``2 g``, and the differences are taken first; cosine:
-`_cosine_coefficients_kernel`, the formulas of `protokern.reference.distance_at_grad`). Then:
+`_cosine_coefficients_kernel`, the formulas of `protokern.backends.reference.distance_at_grad`). Then:
 
 - ``grad_prototypes``: `_prototype_gather_kernel`, each program sums over images in order, so it
   is deterministic;
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern.triton import launch, tiles
+from protokern.backends.triton import launch, tiles
 
 # gathers and scatters, memory-bound: one configuration each
 PAIRS = launch.fixed_config({"BLOCK_M": 32, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 128})
@@ -164,9 +164,11 @@ def _bucketed_gather_kernel(
 
 
 def min_distance_backward(
-    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
-) -> tuple[Tensor, Tensor]:
-    """`protokern.reference.min_distance_backward` on canonical inputs (see the module doc)."""
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """`protokern.backends.reference.min_distance_backward` on canonical inputs (see the module
+    doc); a gradient not asked for is None and its kernel does not run."""
     batch, dim, height, width = x.shape
     num, _, ph, pw = prototypes.shape
     out_h, out_w = height - ph + 1, width - pw + 1
@@ -180,11 +182,22 @@ def min_distance_backward(
     for grid in grids:
         launch.check_grid(grid, "min_distance_backward", x, prototypes)
     acc_dtype, acc = launch.accumulator(x.dtype)
-    grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
-    grad_p = torch.zeros(num, size, dtype=acc_dtype, device=x.device)
-    if batch == 0 or num == 0 or size == 0:
-        return grad_x.to(x.dtype), grad_p.reshape(prototypes.shape).to(prototypes.dtype)
-    grad = grad_values.to(acc_dtype).contiguous()
+    grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if needs_x else None
+    grad_p = torch.zeros(num, size, dtype=acc_dtype, device=x.device) if needs_prototypes else None
+    if batch > 0 and num > 0 and size > 0 and (needs_x or needs_prototypes):
+        _launch_backward(grad_values, x, prototypes, indices, metric, grad_x, grad_p, acc)
+    return (None if grad_x is None else grad_x.to(x.dtype),
+            None if grad_p is None else grad_p.reshape(prototypes.shape).to(prototypes.dtype))
+
+
+def _launch_backward(grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor,
+                     metric: str, grad_x: Tensor | None, grad_p: Tensor | None, acc) -> None:
+    """Fills ``grad_x`` and ``grad_p`` (each None when not wanted) for non-empty inputs."""
+    batch, dim, height, width = x.shape
+    num, _, ph, pw = prototypes.shape
+    out_h, out_w = height - ph + 1, width - pw + 1
+    size = dim * ph * pw
+    grad = grad_values.to(grad_p.dtype if grad_p is not None else grad_x.dtype).contiguous()
     indices = indices.contiguous()
     addressing = (out_w, ph, pw, *x.stride(), *prototypes.stride())
     pair_blocks = triton.cdiv(num, PAIRS.kwargs["BLOCK_M"])
@@ -197,10 +210,13 @@ def min_distance_backward(
             a, c, e = (torch.empty_like(grad, dtype=torch.float64) for _ in range(3))
             launch.Fixed(_cosine_coefficients_kernel, PAIRS)[(batch, pair_blocks)](
                 x, prototypes, indices, grad, a, c, e, num, size, *addressing, ACC=tl.float64)
-        launch.Fixed(_prototype_gather_kernel, PAIRS)[
-            (pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
-        ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing, METRIC=metric,
-          ACC=acc)
+        if grad_p is not None:
+            launch.Fixed(_prototype_gather_kernel, PAIRS)[
+                (pair_blocks, triton.cdiv(size, PAIRS.kwargs["BLOCK_K"]))
+            ](x, prototypes, indices, c, e, grad_p, batch, num, size, *addressing,
+              METRIC=metric, ACC=acc)
+        if grad_x is None:
+            return
         if torch.are_deterministic_algorithms_enabled():
             order, starts = _buckets(indices, out_h * out_w)
             launch.Fixed(_bucketed_gather_kernel, PIXELS)[
@@ -211,7 +227,6 @@ def min_distance_backward(
             launch.Fixed(_window_scatter_kernel, PAIRS)[(batch, pair_blocks)](
                 x, prototypes, indices, a, c, grad_x, num, size, *addressing, *grad_x.stride(),
                 METRIC=metric, ACC=acc)
-    return grad_x.to(x.dtype), grad_p.reshape(prototypes.shape).to(prototypes.dtype)
 
 
 def _buckets(indices: Tensor, length: int) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern.triton import launch, tiles
+from protokern.backends.triton import launch, tiles
 
 
 def _config(rows, block_m, block_k, warps, stages):
@@ -125,7 +125,7 @@ def _exact_kernel(
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """`protokern.reference.min_distance` on canonical inputs, fused (see the module doc)."""
+    """`protokern.backends.reference.min_distance` on canonical inputs, fused (see the module doc)."""
     batch, dim, height, width = x.shape
     num, _, ph, pw = prototypes.shape
     out_w = width - pw + 1

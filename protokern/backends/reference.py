@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protokern.backends.registry import Backend, register_backend
+
 EPS = 1e-8
 """Lower bound of a norm in the cosine metric: ``max(|v|, EPS)``."""
 
@@ -195,9 +197,11 @@ def _cosine_grad(selected: Tensor, protos: Tensor, grad: Tensor) -> tuple[Tensor
 
 
 def min_distance_backward(
-    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad_values * values)`` w.r.t. ``x`` and ``prototypes``.
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad_values * values)`` w.r.t. ``x`` and ``prototypes`` (None for one
+    not asked for by ``needs_x``/``needs_prototypes``, which is then not computed).
 
     Only the position in ``indices`` contributes (a subgradient of the min). Deterministic:
     the scatter into ``x`` is an accumulating ``index_put_``, which PyTorch runs
@@ -205,26 +209,36 @@ def min_distance_backward(
     """
     rows, protos = _rows_and_protos(x, prototypes)
     batch, length, size = rows.shape
-    grad_rows = torch.zeros(batch, length, size, dtype=rows.dtype, device=rows.device)
-    grad_protos = torch.empty_like(protos)
+    grad_rows = grad_protos = None
+    if needs_x:
+        grad_rows = torch.zeros(batch, length, size, dtype=rows.dtype, device=rows.device)
+    if needs_prototypes:
+        grad_protos = torch.empty_like(protos)
     image = torch.arange(batch, device=x.device)[:, None]
     for block in prototype_blocks(protos.shape[0], batch * size):
         chosen = indices[:, block]
         grad_selected, grad_block = distance_at_grad(
             rows[image, chosen], protos[block], grad_values[:, block].to(rows.dtype), metric
         )
-        grad_rows.index_put_((image.expand_as(chosen), chosen), grad_selected, accumulate=True)
-        grad_protos[block] = grad_block.sum(0)
+        if needs_x:
+            grad_rows.index_put_((image.expand_as(chosen), chosen), grad_selected,
+                                 accumulate=True)
+        if needs_prototypes:
+            grad_protos[block] = grad_block.sum(0)
     return _fold_grads(grad_rows, grad_protos, x, prototypes)
 
 
 def _fold_grads(
-    grad_rows: Tensor, grad_protos: Tensor, x: Tensor, prototypes: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Row and flat-prototype gradients back to the shapes and dtypes of the inputs."""
+    grad_rows: Tensor | None, grad_protos: Tensor | None, x: Tensor, prototypes: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Row and flat-prototype gradients (or None) back to the shapes and dtypes of the inputs."""
     _, _, ph, pw = prototypes.shape
-    grad_x = fold_patches(grad_rows, x.shape[-2], x.shape[-1], ph, pw)
-    return grad_x.to(x.dtype), grad_protos.reshape(prototypes.shape).to(prototypes.dtype)
+    grad_x = None
+    if grad_rows is not None:
+        grad_x = fold_patches(grad_rows, x.shape[-2], x.shape[-1], ph, pw).to(x.dtype)
+    if grad_protos is not None:
+        grad_protos = grad_protos.reshape(prototypes.shape).to(prototypes.dtype)
+    return grad_x, grad_protos
 
 
 def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
@@ -241,17 +255,22 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
 
 
 def distance_map_backward(
-    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad_map * distance_map(x, prototypes))`` w.r.t. both inputs.
+    grad_map: Tensor, x: Tensor, prototypes: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad_map * distance_map(x, prototypes))`` w.r.t. both inputs (None for
+    one not asked for, which is then not computed).
 
     GEMMs over one block of prototypes at a time (of the unclamped formulas: where a clamp
     bites, the true gradient is zero up to rounding anyway).
     """
     rows, protos = _rows_and_protos(x, prototypes)
     batch, length, _ = rows.shape
-    grad_rows = torch.zeros_like(rows, memory_format=torch.contiguous_format)
-    grad_protos = torch.empty_like(protos)
+    grad_rows = grad_protos = None
+    if needs_x:
+        grad_rows = torch.zeros_like(rows, memory_format=torch.contiguous_format)
+    if needs_prototypes:
+        grad_protos = torch.empty_like(protos)
     if metric == "cosine":
         row_norm = rows.norm(dim=-1)
         row_bound = row_norm.clamp_min(EPS)
@@ -260,9 +279,12 @@ def distance_map_backward(
         block_protos = protos[block]
         if metric == "sqeuclidean":
             # d = |r|^2 - 2 p.r + |p|^2  =>  dd/dr = 2 (r - p), dd/dp = 2 (p - r)
-            grad_rows += 2 * (grad.sum(1)[..., None] * rows - grad.transpose(1, 2) @ block_protos)
-            grad_protos[block] = 2 * (grad.sum((0, 2))[:, None] * block_protos
-                                      - (grad @ rows).sum(0))
+            if needs_x:
+                grad_rows += 2 * (grad.sum(1)[..., None] * rows
+                                  - grad.transpose(1, 2) @ block_protos)
+            if needs_prototypes:
+                grad_protos[block] = 2 * (grad.sum((0, 2))[:, None] * block_protos
+                                          - (grad @ rows).sum(0))
             continue
         # d = 1 - s / (a b), s = p.r, a = max(|r|, EPS), b = max(|p|, EPS)
         proto_norm = block_protos.norm(dim=-1)
@@ -270,8 +292,22 @@ def distance_map_backward(
         dots = torch.matmul(block_protos, rows.transpose(1, 2))
         scaled = grad / (proto_bound[None, :, None] * row_bound[:, None, :])
         weighted = scaled * dots
-        row_term = torch.where(row_norm >= EPS, weighted.sum(1) / row_bound.square(), 0)
-        proto_term = torch.where(proto_norm >= EPS, weighted.sum((0, 2)) / proto_bound.square(), 0)
-        grad_rows += row_term[..., None] * rows - scaled.transpose(1, 2) @ block_protos
-        grad_protos[block] = proto_term[:, None] * block_protos - (scaled @ rows).sum(0)
+        if needs_x:
+            row_term = torch.where(row_norm >= EPS, weighted.sum(1) / row_bound.square(), 0)
+            grad_rows += row_term[..., None] * rows - scaled.transpose(1, 2) @ block_protos
+        if needs_prototypes:
+            proto_term = torch.where(proto_norm >= EPS,
+                                     weighted.sum((0, 2)) / proto_bound.square(), 0)
+            grad_protos[block] = proto_term[:, None] * block_protos - (scaled @ rows).sum(0)
     return _fold_grads(grad_rows, grad_protos, x, prototypes)
+
+
+register_backend(Backend(
+    name="reference",
+    kernels={
+        "min_distance": min_distance,
+        "min_distance_backward": min_distance_backward,
+        "distance_map": distance_map,
+        "distance_map_backward": distance_map_backward,
+    },
+))

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from protokern import backends
+from protokern.baselines import protopnet_min_distance
 from protokern.data import PlantedParts
-from protokern.models.checkpoint import build_protopnet
+from protokern.models.protopnet import build_protopnet
 from protokern.models.explain import explain_image, render_explanation, top_prototype_positions
-from protokern.models.naive import naive_min_distance
 from protokern.models.training import TrainingConfig, train_protopnet
 from protokern.ops import min_distance
+from protokern.timing import median_milliseconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,17 +86,11 @@ def time_prototype_layer(model, images: torch.Tensor, repeats: int = 10
         return min_distance(x, p, metric).values
 
     def naive(x, p):
-        return naive_min_distance(x, p, metric)
+        return protopnet_min_distance(x, p, metric)[0]
 
     difference = float((run(fused) - run(naive)).abs().max())
-    times = {}
-    for name, fn in (("fused", fused), ("naive", naive)):
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(fn)
-            samples.append(time.perf_counter() - start)
-        times[name] = 1e3 * sorted(samples)[len(samples) // 2]
+    times = {name: median_milliseconds(lambda fn=fn: run(fn), repeats=repeats, warmup=0)
+             for name, fn in (("fused", fused), ("naive", naive))}
     return times["fused"], times["naive"], difference
 
 
@@ -114,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     model_config = dict(num_classes=args.classes, image_size=args.image_size,
                         metric=args.metric)
     model = build_protopnet(**model_config)
-    backend = backends.select_backend(torch.device("cpu")).name
+    backend = backends.resolve("min_distance", backends.explicit_choice(),
+                               torch.empty(1, model.prototype_layer.dim, *model.feature_size),
+                               model.prototype_layer.prototype_vectors,
+                               metric=args.metric).name
     print(f"ProtoPNet: small CNN backbone, {model.num_prototypes} prototypes "
           f"{tuple(model.prototype_layer.prototype_vectors.shape)}, feature map "
           f"{model.feature_size}, protokern backend {backend!r}")

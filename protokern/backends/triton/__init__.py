@@ -9,18 +9,19 @@ first use.
 - `min_distance`: the fused forward (GEMM expansion, running min/argmin, exact value).
 - `min_distance_backward`: gradients from the saved positions (gather; scatter with a
   deterministic path).
-- `distance_map`: every distance, no reduction.
+- `distance_map`: every distance, no reduction; its backward is the reference's GEMM code (one
+  PyTorch GEMM per block of prototypes, on the GPU: explanations, not a training hot path).
 """
 
 import functools
 import importlib
-import os
-
 import torch
 
-from protokern.backends import Backend, register_backend
+from protokern import env
+from protokern.backends import reference
+from protokern.backends.registry import Backend, register_backend
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = env.flag("TRITON_INTERPRET")
 """Whether Triton runs kernels in its interpreter (on CPU tensors), as of import."""
 
 
@@ -44,7 +45,7 @@ def unavailable_reason() -> str | None:
 
 
 def _kernel_function(module: str, name: str):
-    """``protokern.triton.<module>.<name>``, imported on its first call."""
+    """``protokern.backends.triton.<module>.<name>``, imported on its first call."""
 
     def call(*args):
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
@@ -56,11 +57,15 @@ def _kernel_function(module: str, name: str):
 register_backend(
     Backend(
         name="triton",
-        min_distance=_kernel_function("min_distance", "min_distance"),
-        min_distance_backward=_kernel_function("min_distance_backward", "min_distance_backward"),
-        distance_map=_kernel_function("distance_map", "distance_map"),
+        kernels={
+            "min_distance": _kernel_function("min_distance", "min_distance"),
+            "min_distance_backward": _kernel_function("min_distance_backward",
+                                                      "min_distance_backward"),
+            "distance_map": _kernel_function("distance_map", "distance_map"),
+            "distance_map_backward": reference.distance_map_backward,
+        },
         device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
-        # the CUDA default until a validated CUDA C++ backend exists; interpreted, never a default
+        # below cuda (15) on CUDA tensors; interpreted, below reference: never a CPU default
         priority=-10 if INTERPRET else 10,
         unavailable_reason=unavailable_reason,
     )

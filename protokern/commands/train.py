@@ -5,7 +5,7 @@ CUB-200 crops ProtoPNet trains on); ``--data planted-parts`` generates the demo'
 Writes ``checkpoint.pt``, ``log.jsonl`` and ``log.csv`` to ``--output``; ``--resume``
 continues there.
 
-Data parallel on several processes (`protokern.distributed`): ``--nproc N`` spawns N local
+Data parallel on several processes (`protokern.distributed.processes`): ``--nproc N`` spawns N local
 processes (gloo on CPU, NCCL with one GPU each on CUDA); or let torchrun start them::
 
     torchrun --standalone --nproc-per-node 2 -m protokern train --data DIR ...
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from protokern.data import ImageFolder, PlantedParts
-from protokern.distributed import is_main_process, launch, process_group
-from protokern.models.checkpoint import build_protopnet
+from protokern.distributed.processes import is_main_process, launch, process_group
+from protokern.models.protopnet import build_protopnet
 from protokern.models.losses import LossCoefficients
 from protokern.models.training import TrainingConfig, train_protopnet
 

@@ -1,5 +1,10 @@
-"""Collectives with gradients for a prototype bank sharded over a process group
-(`protokern.nn.ShardedPrototypeLayer`).
+"""Collectives over a process group, with the gradient rule each use needs.
+
+- `sum_across_processes`, `gather_from_processes`: plain sums and stacks for data-parallel
+  training and push (no gradient);
+- `differentiable_sum`: a sum whose gradient is summed back (batch-norm statistics);
+- `all_gather_uneven`, `gather`, `sum_gradients`, `shard_sizes`: a prototype bank sharded over a
+  process group (`protokern.nn.ShardedPrototypeLayer`).
 
 `torch.distributed.nn.functional.all_gather` is not used: its backward always sums the
 gradients of every rank, which is right only when each rank's loss is its own (data-parallel
@@ -7,10 +12,14 @@ inputs). When every rank computes the same loss from the same gathered output, t
 the loss ``world_size`` times; `gather` lets the caller say which of the two it is.
 """
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+
+from protokern.distributed.processes import is_distributed, world
 
 
 def shard_sizes(total: int, world_size: int) -> list[int]:
@@ -83,3 +92,44 @@ def sum_gradients(tensor: Tensor, group: ProcessGroup) -> Tensor:
     each rank's gradient is then a partial sum of the full one.
     """
     return _SumGradients.apply(tensor, group)
+
+
+def sum_across_processes(values: Tensor) -> Tensor:
+    """``values`` summed over the processes (a new tensor; ``values`` itself without a group).
+
+    Not differentiable; `SyncedBatchNorm` uses a differentiable sum.
+    """
+    if not is_distributed():
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def gather_from_processes(values: Tensor) -> Tensor:
+    """``(world size, *values.shape)``: every process's ``values`` (same shape and dtype on
+    all), stacked in rank order. No gradient."""
+    if not is_distributed():
+        return values[None]
+    return all_gather_uneven(values[None], [1] * world()[1], 0, group=None)
+
+
+class _DifferentiableSum(torch.autograd.Function):
+    """Sum over processes whose gradient is the sum of every process's upstream gradient: each
+    process's output depends on every process's input."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor) -> Tensor:
+        total = values.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _DifferentiableSum.apply(grad)
+
+
+def differentiable_sum(values: Tensor) -> Tensor:
+    """``values`` summed over the processes; its gradient is every process's upstream gradient
+    summed (each process's output depends on every process's input)."""
+    return _DifferentiableSum.apply(values)

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from protokern.triton import launch, tiles
-from protokern.triton.min_distance import CONFIGS, INTERPRETED
+from protokern.backends.triton import launch, tiles
+from protokern.backends.triton.min_distance import CONFIGS, INTERPRETED
 
 
 @launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
@@ -45,7 +45,7 @@ def _distance_map_kernel(
 
 
 def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
-    """`protokern.reference.distance_map` on canonical inputs: ``(B, M, H', W')``."""
+    """`protokern.backends.reference.distance_map` on canonical inputs: ``(B, M, H', W')``."""
     batch, dim, height, width = x.shape
     num, _, ph, pw = prototypes.shape
     out_h, out_w = height - ph + 1, width - pw + 1

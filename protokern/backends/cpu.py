@@ -1,0 +1,66 @@
+"""The ``cpu`` backend: protokern's fused C++ kernels (``csrc/cpu/``) for CPU tensors.
+
+`min_distance` never holds more than a tile of distances: per thread, the windows of a few
+images against a block of prototypes, one BLAS GEMM per tile, the min over positions reduced
+right after it, and the chosen value recomputed exactly (see ``csrc/cpu/``). Its backward reads
+only the saved indices, computes only the gradients asked for, and is deterministic whatever
+the thread count (with one position per image, where every pair is selected, it is two BLAS
+products instead: deterministic for a given thread count). Parallel over
+``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
+upcast to float32 while packing.
+
+`distance_map` and its backward (explanations, not a training hot path) are the reference's
+blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would be on a CPU.
+
+Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
+the default for CPU tensors.
+"""
+
+import torch
+from torch import Tensor
+
+from protokern.backends import reference
+from protokern.backends.registry import Backend, native_ops_error, register_backend
+
+_LOAD_ERROR = native_ops_error("protokern_cpu", "min_distance",
+                               "where a C++ compiler is available")
+
+
+def _gemm_rounding(x: Tensor) -> float:
+    """Rounding the float32 GEMM may apply to its inputs (half inputs are upcast to float32)."""
+    return reference.input_rounding(torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                    x.device)
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """``(values (B, M), indices (B, M) int64)``; canonical inputs as `protokern.backends.reference`."""
+    values, indices = torch.ops.protokern_cpu.min_distance(x, prototypes, metric,
+                                                           _gemm_rounding(x))
+    return values, indices
+
+
+def min_distance_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_x (B, D, H, W), grad_prototypes (M, D, ph, pw))`` through the saved indices; a
+    gradient not asked for is None and is not computed."""
+    grad_x, grad_prototypes = torch.ops.protokern_cpu.min_distance_backward(
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+    return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
+
+
+register_backend(
+    Backend(
+        name="cpu",
+        kernels={
+            "min_distance": min_distance,
+            "min_distance_backward": min_distance_backward,
+            "distance_map": reference.distance_map,
+            "distance_map_backward": reference.distance_map_backward,
+        },
+        device_types=frozenset({"cpu"}),
+        priority=20,
+        unavailable_reason=lambda: _LOAD_ERROR,
+    )
+)

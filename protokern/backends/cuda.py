@@ -1,0 +1,110 @@
+"""The ``cuda`` backend: protokern's fused CUDA C++ kernels (``csrc/cuda/``) for CUDA tensors.
+
+The default for CUDA tensors once built (priority 15, above ``triton``'s 10), as DESIGN §3
+says. Not yet run on a GPU: what has been checked without one, and how, is in
+``benchmarks/NOTES.md``.
+
+What it runs (inputs in the canonical forms of `protokern.backends.reference`), through
+``torch.ops.protokern_cuda`` (registered by ``csrc/cuda/min_distance_cuda.cpp`` when
+``protokern._C`` loads), for 1x1 prototypes (and ``(B, L, D)`` tokens) in float32, float16 or
+bfloat16:
+
+- forward: float32 squared norms, then one kernel that runs the GEMM ``prototypes . x^T``
+  tile by tile (WMMA tensor cores for float16/bfloat16; for float32 TF32 tensor cores when
+  PyTorch's float32 matmul precision allows TF32, exact float32 FMAs otherwise), turns each
+  tile into distances with the norms and keeps the min/argmin over positions (lowest index on
+  ties, NaN first), and a last kernel that recomputes the distance at the chosen position
+  directly in float32. Pairs with an inf or NaN entry are computed directly, never by the
+  expansion. Deterministic.
+- backward, from the saved indices, only the gradients asked for: a gather over images for
+  ``grad_prototypes``; for ``grad_x`` a scatter, deterministic (a stable counting sort of each
+  image's prototypes by position, then fixed-order sums) when
+  ``torch.are_deterministic_algorithms_enabled()``, float atomics otherwise.
+- `distance_map` and its backward (explanations, not the training hot path): the reference's
+  blocked GEMM code, on the GPU.
+
+It refuses (`Backend.supports`) ``ph x pw`` windows and float64: the automatic choice then
+takes the next backend (``triton``, then ``reference``), and an explicit choice of ``cuda`` is a
+ValueError with that reason.
+
+Known limits: where every distance of an (image, prototype) pair exceeds the float32 range, the
+value is inf (as the float64 truth cast to float32 is) but the index is the first position, not
+the float64 argmin; and, as in the reference's float32 backward, cosine gradients lose the
+``x`` term where ``|x|^2`` overflows float32.
+
+Available when ``protokern._C`` was built with its CUDA kernels (a CUDA PyTorch and nvcc at
+install time, ``pip install --no-build-isolation -e .``) and a GPU is visible.
+"""
+
+import functools
+
+import torch
+from torch import Tensor
+
+from protokern.backends import reference
+from protokern.backends.registry import Backend, native_ops_error, register_backend
+
+
+@functools.cache
+def _build_error() -> str | None:
+    return native_ops_error("protokern_cuda", "min_distance",
+                            "where PyTorch has CUDA and nvcc exists")
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None."""
+    error = _build_error()
+    if error is None and not torch.cuda.is_available():
+        error = "no CUDA GPU is visible"
+    return error
+
+
+def unsupported_reason(x: Tensor, prototypes: Tensor, **options) -> str | None:
+    """Why the kernels cannot run ``min_distance`` on these canonical inputs, or None."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return (f"the CUDA kernels take float32, float16 and bfloat16, not "
+                f"{str(x.dtype).removeprefix('torch.')}")
+    ph, pw = prototypes.shape[-2:]
+    if (ph, pw) != (1, 1):
+        return f"the CUDA kernels take 1x1 prototypes, not a {ph}x{pw} window"
+    return None
+
+
+def tf32_allowed(device: torch.device) -> bool:
+    """Whether PyTorch's float32 matmul precision lets float32 GEMMs on ``device`` use TF32."""
+    return reference.input_rounding(torch.float32, device) > 0
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """``(values (B, M), indices (B, M) int64)`` for ``x`` ``(B, D, H, W)`` and
+    ``prototypes`` ``(M, D, 1, 1)``."""
+    return torch.ops.protokern_cuda.min_distance(x, prototypes, metric, tf32_allowed(x.device))
+
+
+def min_distance_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_x (B, D, H, W), grad_prototypes (M, D, 1, 1))`` through the saved indices; a
+    gradient not asked for is None and is not computed."""
+    grad_x, grad_prototypes = torch.ops.protokern_cuda.min_distance_backward(
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes,
+        torch.are_deterministic_algorithms_enabled())
+    return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
+
+
+register_backend(
+    Backend(
+        name="cuda",
+        kernels={
+            "min_distance": min_distance,
+            "min_distance_backward": min_distance_backward,
+            "distance_map": reference.distance_map,
+            "distance_map_backward": reference.distance_map_backward,
+        },
+        rules={"min_distance": unsupported_reason},
+        device_types=frozenset({"cuda"}),
+        priority=15,  # the CUDA default, above triton (10): DESIGN §3
+        unavailable_reason=unavailable_reason,
+    )
+)

@@ -1,0 +1,1 @@
+"""One module per ``protokern`` command, named after it (``protokern/cli.py`` dispatches)."""
