@@ -1,16 +1,20 @@
 """Fused forward of `protokern.ops.min_distance`: two kernels.
 
 1. `_choose_kernel`, per (block of images, block of prototypes): streams tiles of windows and
-   channels through ``tl.dot``, adds the norms (sqeuclidean) or divides by them (cosine), and keeps
-   a running min/argmin over positions in registers; it writes only the chosen position, or -1
-   for a pair the expansion cannot decide (a non-finite distance or norm: NaN, inf, overflow).
+   channels through ``tl.dot``, adds the norms (sqeuclidean) or divides by them (cosine), and
+   keeps in registers, per pair and over positions, the smallest lower bound of the true
+   distance (the expansion minus its rounding bound, the reference's), its position, the
+   runner-up lower bound and the smallest upper bound. It writes the position when the bounds
+   certify it (the runner-up is above every upper bound: no other position can be the minimum),
+   else -1: ties, near-ties within the rounding and non-finite distances or norms (NaN, inf,
+   overflow).
 2. `_exact_kernel`, per (image, block of prototypes): recomputes the value at the chosen
    position directly (no expansion, accumulated in float32, float64 for float64), and for pairs
-   marked -1 searches every position directly; NaN wins at its first position, as in `torch.min`.
+   marked -1 searches every position directly, the first exact minimum winning; NaN wins at its
+   first position, as in `torch.min`.
 
-Ties: the expansion of identical windows is bitwise identical (same data, same order), the
-running argmin keeps the lowest position among equal candidates, so exact ties go to the lowest
-index; near-ties within the expansion's rounding may move (the contract's near-tie allowance).
+So ties go to the lowest index and a prototype pushed onto a patch finds that patch, whatever
+the GEMM's rounding (which differs between rows in Triton's interpreter, and may on a GPU).
 """
 
 import torch
@@ -48,7 +52,7 @@ EXACT = launch.fixed_config({"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BL
 def _choose_kernel(
     x_ptr, p_ptr, indices_ptr,
     B, M, L, K, OUT_W, PH, PW,
-    sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    sxb, sxd, sxh, sxw, spm, spd, sph, spw, GROWTH, FLOOR,
     METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, IMAGES: tl.constexpr,
@@ -62,28 +66,48 @@ def _choose_kernel(
     # tile row r is position r % BLOCK_L (plus the chunk's start) of image r // BLOCK_L
     row = tl.arange(0, BLOCK_ROWS)
     row_image = first_image + row // BLOCK_L
-    best = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
-    best_at = tl.zeros((IMAGES, BLOCK_M), tl.int32)
+    slot = tl.arange(0, BLOCK_L)[None, :, None]
+    # Per (image, prototype): the smallest lower bound of the true distance over positions, its
+    # position, the smallest lower bound at any other position, the smallest upper bound.
+    lowest = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
+    lowest_at = tl.zeros((IMAGES, BLOCK_M), tl.int32)
+    runner_up = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
+    upper = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
     undecided = tl.zeros((IMAGES, BLOCK_M), tl.int32)
     for start in range(0, L, BLOCK_L):
-        position = start + row % BLOCK_L
+        position = tiles.chunk_positions(start, row, BLOCK_L)
         x_ok = (row_image < B) & (position < L)
         x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
-        dist, untrusted = tiles.expanded_distances(
+        dist, untrusted, x_sq = tiles.expanded_distances(
             x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
             sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
         untrusted = untrusted & x_ok[:, None]
-        dist = tl.where(untrusted | ~x_ok[:, None], float("inf"), dist)
-        chunk_best, chunk_at = tl.min(tl.reshape(dist, (IMAGES, BLOCK_L, BLOCK_M)), axis=1,
-                                      return_indices=True, return_indices_tie_break_left=True)
-        better = chunk_best < best  # strictly: on a tie the earlier chunk keeps its position
-        best = tl.where(better, chunk_best, best)
-        best_at = tl.where(better, start + chunk_at, best_at)
+        # the expansion's rounding, as protokern.backends.reference.expanded_distance bounds it
+        if METRIC == "sqeuclidean":
+            bound = GROWTH * (x_sq[:, None] + p_sq[None, :]) + FLOOR
+        else:
+            bound = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC) + GROWTH
+        skip = untrusted | ~x_ok[:, None]
+        low = tl.reshape(tl.where(skip, float("inf"), dist - bound), (IMAGES, BLOCK_L, BLOCK_M))
+        high = tl.reshape(tl.where(skip, float("inf"), dist + bound), (IMAGES, BLOCK_L, BLOCK_M))
+        chunk_low, chunk_at = tl.min(low, axis=1, return_indices=True,
+                                     return_indices_tie_break_left=True)
+        chunk_runner_up = tl.min(tl.where(slot == chunk_at[:, None, :], float("inf"), low), axis=1)
+        runner_up = tl.minimum(tl.minimum(runner_up, chunk_runner_up),
+                               tl.maximum(lowest, chunk_low))
+        better = chunk_low < lowest  # strictly: on a tie the earlier chunk keeps its position
+        lowest = tl.where(better, chunk_low, lowest)
+        lowest_at = tl.where(better, start + chunk_at, lowest_at)
+        upper = tl.minimum(upper, tl.min(high, axis=1))
         chunk_untrusted = tl.reshape(untrusted.to(tl.int32), (IMAGES, BLOCK_L, BLOCK_M))
         undecided = tl.maximum(undecided, tl.max(chunk_untrusted, axis=1))
+    # Certified: every other position's lower bound is above the smallest upper bound, so the
+    # true minimum can only be at `lowest_at`. Otherwise (ties, near-ties within the rounding,
+    # non-finite entries) -1 sends the pair to the direct search of _exact_kernel.
+    certified = (undecided == 0) & (runner_up > upper)
     image = first_image + tl.arange(0, IMAGES)
     out = image.to(tl.int64)[:, None] * M + m[None, :]
-    tl.store(indices_ptr + out, tl.where(undecided > 0, -1, best_at).to(tl.int64),
+    tl.store(indices_ptr + out, tl.where(certified, lowest_at, -1).to(tl.int64),
              mask=(image < B)[:, None] & p_ok[None, :])
 
 
@@ -124,6 +148,22 @@ def _exact_kernel(
     tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=ok)
 
 
+def rounding_bound(x: Tensor, size: int, metric: str) -> tuple[float, float]:
+    """``(growth, floor)``: the expansion of a pair of ``size``-entry vectors is within
+    ``growth * (|x|^2 + |p|^2) + floor`` of its exactly rounded inputs' truth (sqeuclidean;
+    cosine: within ``growth``), the summation bound of
+    `protokern.backends.reference.expanded_distance` plus a few eps for the kernel's own
+    rearrangements (its norms, the clamp).
+
+    TF32's rounding of the inputs is left out on purpose: it is the same for identical windows,
+    so exact ties are still caught, and the contract lets near-ties within TF32's tolerance
+    move; counting it would send most pairs to the slow direct search."""
+    finfo = torch.finfo(launch.accumulator(x.dtype)[0])
+    if metric == "sqeuclidean":
+        return (size + 12) * finfo.eps, 4 * (size + 1) * finfo.tiny
+    return (2 * size + 12) * finfo.eps, 0.0
+
+
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """`protokern.backends.reference.min_distance` on canonical inputs, fused (see the module doc)."""
     batch, dim, height, width = x.shape
@@ -142,13 +182,14 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
         return values, indices
     _, acc = launch.accumulator(x.dtype)
     shape = (length, dim * ph * pw, out_w, ph, pw, *x.stride(), *prototypes.stride())
+    growth, floor = rounding_bound(x, dim * ph * pw, metric)
 
     def grid(meta):
         return triton.cdiv(batch, meta["IMAGES"]), triton.cdiv(num, meta["BLOCK_M"])
 
     with launch.on_device(x):
-        _choose_kernel[grid](x, prototypes, indices, batch, num, *shape, METRIC=metric,
-                             PRECISION=launch.dot_precision(x), ACC=acc)
+        _choose_kernel[grid](x, prototypes, indices, batch, num, *shape, growth, floor,
+                             METRIC=metric, PRECISION=launch.dot_precision(x), ACC=acc)
         launch.Fixed(_exact_kernel, EXACT)[
             lambda meta: (batch, triton.cdiv(num, meta["BLOCK_M"]))
         ](x, prototypes, values, indices, num, *shape, METRIC=metric, ACC=acc)

@@ -32,6 +32,13 @@ def window_offsets(image, position, OUT_W, s_b, s_h, s_w):
 
 
 @triton.jit
+def chunk_positions(start, row, BLOCK_L: tl.constexpr):
+    """Position ``start + row % BLOCK_L`` of each tile row, in int64: near the 2**31 - 1
+    positions an image may have, the sum passes int32's range for the chunk's padding rows."""
+    return tl.cast(start, tl.int64) + (row % BLOCK_L).to(tl.int64)
+
+
+@triton.jit
 def entry_offsets(k, PH, PW, s_d, s_h, s_w):
     """Offset of flat window entry ``k = (d, i, j)`` from the window's top-left entry."""
     area = PH * PW
@@ -71,8 +78,9 @@ def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW
                        METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Distances ``(BLOCK_ROWS, BLOCK_M)`` between windows at ``x_rows`` and prototypes at
-    ``p_rows`` (squared norms ``p_sq``) by the GEMM expansion, and which of them are not to be
-    trusted: non-finite, or from a non-finite norm (an overflow, an inf or NaN input).
+    ``p_rows`` (squared norms ``p_sq``) by the GEMM expansion, which of them are not to be
+    trusted (non-finite, or from a non-finite norm: an overflow, an inf or NaN input), and the
+    windows' squared norms ``(BLOCK_ROWS,)``.
 
     Clamps are ``where``s, not min/max, so that NaN stays NaN.
     """
@@ -100,7 +108,7 @@ def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW
         dist = tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
     finite_norms = (tl.abs(x_sq) < float("inf"))[:, None] & (tl.abs(p_sq) < float("inf"))[None, :]
     untrusted = ~((tl.abs(dist) < float("inf")) & finite_norms)
-    return dist, untrusted
+    return dist, untrusted, x_sq
 
 
 @triton.jit
