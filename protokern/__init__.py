@@ -3,6 +3,7 @@
     import protokern as pk
     values, indices = pk.min_distance(x, prototypes, metric="sqeuclidean")
     dmap = pk.distance_map(x, prototypes)
+    values, indices = pk.nearest_prototypes(x, prototypes, k=1)
 """
 
 from protokern import nn
@@ -15,7 +16,14 @@ from protokern.backends import (
     set_backend,
     use_backend,
 )
-from protokern.ops import METRICS, MinDistance, distance_map, min_distance
+from protokern.ops import (
+    METRICS,
+    MinDistance,
+    NearestPrototypes,
+    distance_map,
+    min_distance,
+    nearest_prototypes,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +35,8 @@ __all__ = [
     "distance_map",
     "get_backend",
     "min_distance",
+    "nearest_prototypes",
+    "NearestPrototypes",
     "nn",
     "recording",
     "register_backend",

@@ -43,6 +43,17 @@ class MinDistance(NamedTuple):
     """int64 flat row-major index into ``H' x W'`` (or ``L``) of the first position attaining it."""
 
 
+class NearestPrototypes(NamedTuple):
+    """Result of `nearest_prototypes`, like `torch.topk`'s (smallest first): both
+    ``(..., k)``."""
+
+    values: Tensor
+    """The ``k`` smallest distances of each patch, token or vector, ascending, in the input
+    dtype (NaN first where a distance is NaN)."""
+    indices: Tensor
+    """int64 indices of the prototypes they belong to (ties: the lowest index)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 
@@ -53,17 +64,28 @@ def check_metric(metric: object, where: str) -> None:
         raise ValueError(f"{where}: unknown metric {metric!r}; expected one of {METRICS}")
 
 
+def check_k(k: object, num_prototypes: int, what: str, where: str) -> None:
+    """Raise TypeError unless ``k`` is an int, ValueError unless ``1 <= k <= num_prototypes``
+    (``what`` names what ``k`` counts and where the limit comes from)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{where}: k must be an int, got {type(k).__name__} {k!r}")
+    if not 1 <= k <= num_prototypes:
+        raise ValueError(f"{where}: k={k} must be between 1 and {what}")
+
+
 def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def canonicalize(
-    x: Tensor, prototypes: Tensor, metric: str, where: str
-) -> tuple[Tensor, Tensor, bool]:
+    x: Tensor, prototypes: Tensor, metric: str, where: str, vectors: bool = False
+) -> tuple[Tensor, Tensor, str]:
     """Check the public inputs and view them as ``x`` ``(B, D, H, W)``, ``p`` ``(M, D, ph, pw)``.
 
-    Returns ``(x4, p4, tokens)``, ``tokens`` telling whether ``x`` was ``(B, L, D)``, which
-    becomes ``(B, D, L, 1)``. Raises TypeError/ValueError naming the argument and the shapes.
+    Returns ``(x4, p4, layout)``, ``layout`` saying what ``x`` was: ``"map"`` ``(B, D, H, W)``,
+    ``"tokens"`` ``(B, L, D)`` (which becomes ``(B, D, L, 1)``) or, where ``vectors`` allows
+    them, ``"vectors"`` ``(N, D)`` (which becomes ``(N, D, 1, 1)``). Raises TypeError/ValueError
+    naming the argument and the shapes.
     """
     for name, t in (("x", x), ("prototypes", prototypes)):
         if not isinstance(t, Tensor):
@@ -85,15 +107,19 @@ def canonicalize(
             f"prototypes on {prototypes.device}"
         )
 
-    if x.dim() == 3:
-        tokens, x4, layout = True, x.transpose(1, 2).unsqueeze(-1), "(B, L, D)"
+    if x.dim() == 2 and vectors:
+        kind, x4, layout = "vectors", x[:, :, None, None], "(N, D)"
+    elif x.dim() == 3:
+        kind, x4, layout = "tokens", x.transpose(1, 2).unsqueeze(-1), "(B, L, D)"
     elif x.dim() == 4:
-        tokens, x4, layout = False, x, "(B, D, H, W)"
+        kind, x4, layout = "map", x, "(B, D, H, W)"
     else:
+        accepted = ("a (B, D, H, W) feature map, (B, L, D) tokens or (N, D) vectors" if vectors
+                    else "a (B, D, H, W) feature map or (B, L, D) tokens")
         raise ValueError(
-            f"{where}: x must be a (B, D, H, W) feature map or (B, L, D) tokens, "
-            f"got a {x.dim()}-d tensor of shape {_shape(x)}"
+            f"{where}: x must be {accepted}, got a {x.dim()}-d tensor of shape {_shape(x)}"
         )
+    tokens = kind != "map"
     if prototypes.dim() == 2:
         p4 = prototypes[:, :, None, None]
     elif prototypes.dim() == 4:
@@ -118,7 +144,7 @@ def canonicalize(
         )
     if tokens and (ph, pw) != (1, 1):
         raise ValueError(
-            f"{where}: tokens x {_shape(x)} as (B, L, D) take prototypes (M, D) or "
+            f"{where}: {kind} x {_shape(x)} as {layout} take prototypes (M, D) or "
             f"(M, D, 1, 1), got prototypes {_shape(prototypes)} with a {ph}x{pw} window"
         )
     if ph < 1 or pw < 1 or ph > height or pw > width:
@@ -127,7 +153,7 @@ def canonicalize(
             f"{where}: the prototype window {ph}x{pw} (prototypes {_shape(prototypes)}) does "
             f"not fit in {what} (x {_shape(x)} as {layout})"
         )
-    return x4, p4, tokens
+    return x4, p4, kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +256,46 @@ def _(
     return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
 
 
+@torch.library.custom_op("protokern::nearest_prototypes", mutates_args=())
+def _nearest_prototypes_op(
+    x: Tensor, prototypes: Tensor, metric: str, k: int, choice: str
+) -> tuple[Tensor, Tensor]:
+    values, indices = run_kernel("nearest_prototypes", "nearest_prototypes", choice, x,
+                                 prototypes, {"metric": metric, "k": k}, x, prototypes, metric, k)
+    return values.contiguous(), indices.contiguous()
+
+
+def _windows(x: Tensor, prototypes: Tensor) -> int:
+    return (x.shape[2] - prototypes.shape[2] + 1) * (x.shape[3] - prototypes.shape[3] + 1)
+
+
+@_nearest_prototypes_op.register_fake
+def _(x: Tensor, prototypes: Tensor, metric: str, k: int, choice: str) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
+    shape = (x.shape[0], _windows(x, prototypes), k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("protokern::nearest_prototypes_backward", mutates_args=())
+def _nearest_prototypes_backward_op(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_x, grad_prototypes = run_kernel(
+        "nearest_prototypes", "nearest_prototypes_backward", choice, x, prototypes,
+        {"metric": metric, "k": indices.shape[-1]},
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+    return _gradient_or_empty(grad_x, x), _gradient_or_empty(grad_prototypes, prototypes)
+
+
+@_nearest_prototypes_backward_op.register_fake
+def _(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 
@@ -239,16 +305,23 @@ def _save_for_min_distance(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(x, prototypes, output[1])  # the chosen positions
 
 
+def _save_for_nearest_prototypes(ctx, inputs: tuple, output: tuple) -> None:
+    x, prototypes, ctx.metric, _k, ctx.choice = inputs
+    ctx.save_for_backward(x, prototypes, output[1])  # the chosen prototypes
+
+
 def _save_for_distance_map(ctx, inputs: tuple, output: Tensor) -> None:
     x, prototypes, ctx.metric, ctx.choice = inputs
     ctx.save_for_backward(x, prototypes)
 
 
 def _needed(ctx, grad_x: Tensor, grad_prototypes: Tensor) -> tuple[Tensor | None, ...]:
-    """The gradients autograd asked for (the others were skipped: None)."""
+    """The gradients autograd asked for (the others were skipped: None), then None for every
+    non-tensor input of the op."""
     needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    options = (None,) * (len(ctx.needs_input_grad) - 2)
     return (grad_x if needs_x else None, grad_prototypes if needs_prototypes else None,
-            None, None)
+            *options)
 
 
 def _min_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
@@ -267,10 +340,19 @@ def _distance_map_grad(ctx, grad_map: Tensor):
     return _needed(ctx, *grads)
 
 
+def _nearest_prototypes_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
+    x, prototypes, indices = ctx.saved_tensors
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    grads = torch.ops.protokern.nearest_prototypes_backward(
+        grad_values, x, prototypes, indices, ctx.metric, ctx.choice, needs_x, needs_prototypes)
+    return _needed(ctx, *grads)
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "protokern ops do not support double backward (second-order gradients through "
-        "min_distance or distance_map); call torch.autograd.grad/backward with "
+        "min_distance, distance_map or nearest_prototypes); call torch.autograd.grad/backward "
+        "with "
         "create_graph=False."
     )
 
@@ -281,7 +363,10 @@ def _save_nothing(ctx, inputs: tuple, output) -> None:
 
 _min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_for_min_distance)
 _distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_for_distance_map)
-for _backward_op in (_min_distance_backward_op, _distance_map_backward_op):
+_nearest_prototypes_op.register_autograd(_nearest_prototypes_grad,
+                                         setup_context=_save_for_nearest_prototypes)
+for _backward_op in (_min_distance_backward_op, _distance_map_backward_op,
+                     _nearest_prototypes_backward_op):
     _backward_op.register_autograd(_no_double_backward, setup_context=_save_nothing)
 
 
@@ -346,6 +431,44 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     RuntimeError).
     """
     x, prototypes = autocast_inputs(x, prototypes)
-    x4, p4, tokens = canonicalize(x, prototypes, metric, "protokern.distance_map")
+    x4, p4, layout = canonicalize(x, prototypes, metric, "protokern.distance_map")
     dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
-    return dmap.flatten(2) if tokens else dmap
+    return dmap.flatten(2) if layout == "tokens" else dmap
+
+
+def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
+                       metric: str = "sqeuclidean") -> NearestPrototypes:
+    """The ``k`` nearest prototypes of every patch, token or vector of ``x``, without ever
+    holding the ``(N, M)`` distance matrix (the second reduction: over prototypes).
+
+    Args:
+        x: ``(B, D, H, W)`` feature map (any strides, channels_last included), ``(B, L, D)``
+            tokens or ``(N, D)`` vectors.
+        prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``; patches are the valid
+            stride-1 windows of a map, as in `min_distance`.
+        k: how many, ``1 <= k <= M``.
+        metric: as in `min_distance`.
+
+    Returns:
+        `NearestPrototypes` ``(values, indices)``: ``(B, H', W', k)`` for a map, ``(B, L, k)``
+        for tokens, ``(N, k)`` for vectors. Values ascend and are the exact distance at each
+        returned pair, in the input dtype; indices are int64, ties going to the lowest
+        prototype index. A NaN distance comes first (it is the minimum, as in `torch.min`), so
+        a NaN in a patch makes all its values NaN.
+
+    Gradients flow to ``x`` and ``prototypes`` through the chosen pairs; double backward
+    raises RuntimeError.
+    """
+    x, prototypes = autocast_inputs(x, prototypes)
+    where = "protokern.nearest_prototypes"
+    x4, p4, layout = canonicalize(x, prototypes, metric, where, vectors=True)
+    check_k(k, p4.shape[0], f"the number of prototypes M={p4.shape[0]} (prototypes "
+            f"{_shape(prototypes)})", where)
+    values, indices = torch.ops.protokern.nearest_prototypes(x4, p4, metric, k, _choice())
+    if layout == "vectors":
+        shape = (x4.shape[0], k)
+    elif layout == "tokens":
+        shape = (x4.shape[0], x4.shape[2], k)
+    else:
+        shape = (x4.shape[0], x4.shape[2] - p4.shape[2] + 1, x4.shape[3] - p4.shape[3] + 1, k)
+    return NearestPrototypes(values.view(shape), indices.view(shape))

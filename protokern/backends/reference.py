@@ -302,6 +302,92 @@ def distance_map_backward(
     return _fold_grads(grad_rows, grad_protos, x, prototypes)
 
 
+def nearest_candidates(rows: Tensor, protos: Tensor, metric: str, k: int) -> Tensor:
+    """Which prototypes may be among the ``k`` nearest of each row, ``(n, M)`` bool, for rows
+    ``(n, K)`` and ``protos`` ``(M, K)``: every prototype whose expanded distance's lower
+    bound is at most the ``k``-th smallest upper bound of its row (and every pair the expansion
+    cannot bound: NaN, inf, overflow). At least ``k`` per row, usually about ``k``."""
+    dist, bound = expanded_distance(rows[None], protos, metric)
+    dist, bound = dist[0].T, bound.expand_as(dist)[0].T  # (n, M)
+    suspect = dist.isnan() | bound.isinf()
+    upper = torch.where(suspect, float("inf"), dist + bound)
+    kth_upper = upper.kthvalue(k, dim=1, keepdim=True).values
+    return suspect | (dist - bound <= kth_upper)
+
+
+def first_k(exact: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest of each row of ``exact`` ``(n, M)`` and their columns, ascending; NaN
+    first (as `torch.min`, a NaN is the minimum), ties to the lowest column."""
+    key = torch.where(exact.isnan(), float("-inf"), exact)
+    order = key.argsort(dim=1, stable=True)[:, :k]
+    return exact.gather(1, order), order
+
+
+def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
+                       ) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest prototypes of every window: ``values`` ``(B, L', k)`` ascending in
+    ``x.dtype`` and ``indices`` ``(B, L', k)`` int64 into the prototypes.
+
+    Exact, as `min_distance`: the expansion only shortlists (`nearest_candidates`), the
+    candidates are recomputed directly in float64 and the first ``k`` by (exact distance,
+    index) win (`first_k`), so ties go to the lowest index and a NaN distance comes first.
+    """
+    rows, protos = _rows_and_protos(x, prototypes)
+    batch, length, size = rows.shape
+    flat = rows.reshape(batch * length, size)
+    num = protos.shape[0]
+    values = torch.empty(batch * length, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(batch * length, k, dtype=torch.int64, device=x.device)
+    # about six (block, M) tensors are alive at once, one of them float64
+    step = max(1, CHUNK_ELEMENTS // (6 * max(1, num)))
+    for start in range(0, flat.shape[0], step):
+        block = flat[start:start + step]
+        candidate_rows, candidate_protos = nearest_candidates(block, protos, metric, k).nonzero(
+            as_tuple=True)
+        exact = torch.full((block.shape[0], num), float("inf"), dtype=torch.float64,
+                           device=x.device)
+        pair_step = max(1, CHUNK_ELEMENTS // (8 * max(1, size)))
+        for s in range(0, candidate_rows.numel(), pair_step):
+            r, m = candidate_rows[s:s + pair_step], candidate_protos[s:s + pair_step]
+            exact[r, m] = distance_at(block[r].double(), protos[m].double(), metric)
+        block_values, indices[start:start + step] = first_k(exact, k)
+        values[start:start + step] = block_values.to(x.dtype)
+    return values.view(batch, length, k), indices.view(batch, length, k)
+
+
+def nearest_prototypes_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad_values * values)`` of `nearest_prototypes` w.r.t. ``x`` and
+    ``prototypes`` through the chosen pairs ``indices`` ``(B, L', k)`` (None for one not asked
+    for, which is then not computed). Deterministic: the prototypes' sums are an accumulating
+    ``index_put_``, deterministic on every device under deterministic algorithms."""
+    rows, protos = _rows_and_protos(x, prototypes)
+    batch, length, size = rows.shape
+    k = indices.shape[-1]
+    flat_rows = rows.reshape(batch * length, size)
+    flat_indices = indices.reshape(batch * length, k)
+    flat_grad = grad_values.reshape(batch * length, k).to(rows.dtype)
+    grad_rows = torch.zeros_like(flat_rows, memory_format=torch.contiguous_format) \
+        if needs_x else None
+    grad_protos = torch.zeros_like(protos) if needs_prototypes else None
+    step = max(1, CHUNK_ELEMENTS // (4 * max(1, k * size)))  # a few (block, k, K) tensors
+    for start in range(0, flat_rows.shape[0], step):
+        chosen = flat_indices[start:start + step]
+        block = flat_rows[start:start + step, None, :].expand(-1, k, -1)
+        grad_selected, grad_chosen = distance_at_grad(block, protos[chosen],
+                                                      flat_grad[start:start + step], metric)
+        if needs_x:
+            grad_rows[start:start + step] = grad_selected.sum(1)
+        if needs_prototypes:
+            grad_protos.index_put_((chosen.reshape(-1),), grad_chosen.reshape(-1, size),
+                                   accumulate=True)
+    if grad_rows is not None:
+        grad_rows = grad_rows.view(batch, length, size)
+    return _fold_grads(grad_rows, grad_protos, x, prototypes)
+
+
 register_backend(Backend(
     name="reference",
     kernels={
@@ -309,5 +395,7 @@ register_backend(Backend(
         "min_distance_backward": min_distance_backward,
         "distance_map": distance_map,
         "distance_map_backward": distance_map_backward,
+        "nearest_prototypes": nearest_prototypes,
+        "nearest_prototypes_backward": nearest_prototypes_backward,
     },
 ))

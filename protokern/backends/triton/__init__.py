@@ -11,6 +11,9 @@ first use.
   deterministic path).
 - `distance_map`: every distance, no reduction; its backward is the reference's GEMM code (one
   PyTorch GEMM per block of prototypes, on the GPU: explanations, not a training hot path).
+- `nearest_prototypes`: the k nearest prototypes of every window (certified by the expansion's
+  rounding bound, the candidates recomputed directly) and its deterministic backward; ``k`` up
+  to `nearest_prototypes.MAX_K`.
 """
 
 import functools
@@ -54,6 +57,17 @@ def _kernel_function(module: str, name: str):
     return call
 
 
+MAX_K = 64
+"""The largest ``k`` of `nearest_prototypes` (its per-row state lives in registers)."""
+
+
+def _nearest_prototypes_rule(x, prototypes, metric: str, k: int) -> str | None:
+    if k > MAX_K:
+        return (f"its nearest_prototypes kernel keeps at most k={MAX_K} candidates per row in "
+                f"registers, got k={k}")
+    return None
+
+
 register_backend(
     Backend(
         name="triton",
@@ -63,7 +77,11 @@ register_backend(
                                                       "min_distance_backward"),
             "distance_map": _kernel_function("distance_map", "distance_map"),
             "distance_map_backward": reference.distance_map_backward,
+            "nearest_prototypes": _kernel_function("nearest_prototypes", "nearest_prototypes"),
+            "nearest_prototypes_backward": _kernel_function("nearest_prototypes_backward",
+                                                            "nearest_prototypes_backward"),
         },
+        rules={"nearest_prototypes": _nearest_prototypes_rule},
         device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
         # below cuda (15) on CUDA tensors; interpreted, below reference: never a CPU default
         priority=-10 if INTERPRET else 10,
