@@ -146,7 +146,7 @@ def _floor_step(x: Tensor, prototypes: Tensor) -> Callable[[], object]:
 
 
 WORKSPACE_BYTES = 128 << 20
-"""Allowance for library workspaces and allocator slack (measured: up to ~100 MB on CPU)."""
+"""Allowance for library workspaces and allocator slack (what was measured: benchmarks/NOTES.md)."""
 
 
 def _outputs(shape: NamedShape, dtype: torch.dtype) -> int:
@@ -176,7 +176,8 @@ def _distance_tensors(forward: float, backward: float) -> Callable[[NamedShape, 
 
 def _loop_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
     per_image = 4 * shape.num_prototypes * shape.positions * max(4, _size(dtype))
-    # backward: the chosen rows, their difference and gradient, (M, K) each (measured ~5)
+    # backward: the chosen rows, their difference and gradient, (M, K) each: 5 such blocks, as
+    # measured (benchmarks/NOTES.md)
     per_image += 5 * shape.num_prototypes * shape.row_size * max(4, _size(dtype))
     return (per_image + _outputs(shape, dtype) + _input_grads(shape, dtype, pass_name)
             + WORKSPACE_BYTES)

@@ -18,11 +18,12 @@ Peak memory, beyond the inputs:
   resident and not counted; every contender writes what it allocates.
 
   First the case fixes glibc's mmap threshold at 128 KiB (`fix_malloc_threshold`). glibc
-  otherwise raises it to the size of each large block freed (up to 32 MiB), after which blocks
-  of that size come from the heap and stay resident when freed: the peak then depends on the
-  order of earlier frees and varied by a third between runs of one case. With the threshold
-  fixed every block over 128 KiB is its own mapping, returned when freed, so the peak is the
-  live memory at the worst moment (plus first-call library buffers), for every contender alike.
+  otherwise raises it to the size of each large block freed (up to its
+  ``DEFAULT_MMAP_THRESHOLD_MAX``), after which blocks of that size come from the heap and stay
+  resident when freed: the peak then depends on the order of earlier frees, not only on the
+  case (benchmarks/NOTES.md says by how much). With the threshold fixed every block over
+  128 KiB is its own mapping, returned when freed, so the peak is the live memory at the worst
+  moment (plus first-call library buffers), for every contender alike.
 """
 
 import ctypes
@@ -233,11 +234,11 @@ class IsolatedRunner:
 
     ``run(spec)`` returns `run_case`'s result, or an ``"error"`` result if the process died
     (e.g. killed for memory). A CPU case runs twice: once timed, in a process forked from a
-    server that has imported torch (milliseconds to start), once for its peak memory, in a new
-    interpreter, as a user's script runs: a forked child's peak carried about 5 MiB more for
-    every contender (27.0 vs 22.3 MiB for protokern:cpu, 229.1 vs 223.7 MiB for naive_conv at
-    cub14 forward+backward), which is the harness, not them. No process is started ahead of
-    its case: an interpreter importing torch next to a timed case slowed it twofold.
+    server that has imported torch (quick to start), once for its peak memory, in a new
+    interpreter, as a user's script runs: a forked child's peak also counts pages of the
+    parent's libraries faulted in again, the same for every contender, which is the harness,
+    not them. No process is started ahead of its case: an interpreter importing torch next to a
+    timed case slows it. benchmarks/NOTES.md has the figures behind both choices.
     """
 
     def __init__(self) -> None:

@@ -83,7 +83,8 @@ GPU_SHAPES = ("cub", "imagenet", "large_bank", "cil_vectors")
 """What `benchmarks/run_gpu.sh` runs."""
 
 CPU_SHAPES = ("cub", "cub14", "imagenet", "cil_vectors")
-"""The default on CPU: ``large_bank``'s naive contenders need ~8 GB, its GEMM ~160 GFLOP."""
+"""The default on CPU: ``large_bank``'s naive contenders are estimated (`Contender.estimate_bytes`)
+to need ~8 GB, and its GEMM is ~160 GFLOP."""
 
 
 def parse_shapes(names: str | list[str]) -> list[NamedShape]:
