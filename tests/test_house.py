@@ -3,6 +3,8 @@
 through `protokern.env`, and ``protokern bench`` says which backend ran each timed call."""
 
 import argparse
+import ast
+import os
 import re
 import subprocess
 import sys
@@ -111,3 +113,140 @@ def test_train_prints_the_rates_line_once(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.startswith("learning rates:")]
     assert lines == [training_config(_train_arguments())[1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Every environment variable through protokern.env
+
+OURS = re.compile(r"^(PROTOKERN_\w+|TRITON_INTERPRET)$")
+HELPERS = {"flag", "integer", "number", "text"}
+
+
+def _python_files(*roots: str) -> list[Path]:
+    files = []
+    for root in roots:
+        path = ROOT / root
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return [f for f in files if "__pycache__" not in f.parts]
+
+
+def _is_environ(node: ast.AST) -> bool:
+    """``os.environ`` or a bare ``environ``."""
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id == "environ")
+
+
+def _environment_reads(tree: ast.AST) -> list[tuple[int, str | None]]:
+    """``(line, name)`` of every read of an environment variable in ``tree``: ``environ[...]``,
+    ``environ.get/pop(...)``, ``getenv(...)``, ``... in environ``; ``name`` is None where the
+    key is not a string literal."""
+    reads = []
+
+    def key(node: ast.AST | None) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value,
+                                                                            str) else None
+
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Subscript) and _is_environ(node.value)
+                and isinstance(node.ctx, ast.Load)):
+            reads.append((node.lineno, key(node.slice)))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            getenv = (isinstance(func, ast.Attribute) and func.attr == "getenv") or (
+                isinstance(func, ast.Name) and func.id == "getenv")
+            environ_get = (isinstance(func, ast.Attribute) and func.attr in ("get", "pop")
+                           and _is_environ(func.value))
+            if getenv or environ_get:
+                reads.append((node.lineno, key(node.args[0]) if node.args else None))
+        elif isinstance(node, ast.Compare) and any(_is_environ(c) for c in node.comparators):
+            reads.append((node.lineno, key(node.left)))
+    return reads
+
+
+def _helper_reads(tree: ast.AST) -> set[str]:
+    """Names read through a `protokern.env` helper: ``env.flag("NAME")`` (or, inside env.py,
+    ``text("NAME")``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        first = node.args[0]
+        if called in HELPERS and isinstance(first, ast.Constant) and isinstance(first.value, str):
+            names.add(first.value)
+    return names
+
+
+def test_environment_reads_are_found():
+    """The scanner itself: it must see each way of reading a variable."""
+    source = ("import os\nfrom os import environ, getenv\n"
+              "a = os.environ['PROTOKERN_A']\nb = os.environ.get('PROTOKERN_B')\n"
+              "c = getenv('TRITON_INTERPRET')\nd = 'PROTOKERN_D' in os.environ\n"
+              "e = environ.pop(name)\nos.environ['PROTOKERN_SET'] = '1'\n"
+              "f = env.flag('PROTOKERN_F')\n")
+    tree = ast.parse(source)
+    assert sorted(_environment_reads(tree), key=lambda read: read[0]) == [
+        (3, "PROTOKERN_A"), (4, "PROTOKERN_B"), (5, "TRITON_INTERPRET"), (6, "PROTOKERN_D"),
+        (7, None)]
+    assert _helper_reads(tree) == {"PROTOKERN_F"}
+
+
+def test_only_protokern_env_reads_our_variables():
+    offenders = []
+    for path in _python_files("protokern", "benchmarks", "setup.py"):
+        if path == ROOT / "protokern" / "env.py":
+            continue
+        source = path.read_text()
+        where = path.relative_to(ROOT)
+        for line, name in _environment_reads(ast.parse(source, str(path))):
+            if name is None or OURS.match(name):
+                offenders.append(f"{where}:{line} reads {name or 'a computed name'}")
+        # and the plain text, for a read the syntax tree would miss (a name built elsewhere)
+        for number, text in enumerate(source.splitlines(), 1):
+            if re.search(r"\benviron\b|\bgetenv\b", text) and re.search(
+                    r"PROTOKERN_\w+|TRITON_INTERPRET", text):
+                offenders.append(f"{where}:{number}: {text.strip()}")
+    for script in sorted((ROOT / "benchmarks").rglob("*.sh")):
+        for number, text in enumerate(script.read_text().splitlines(), 1):
+            if re.search(r"\$\{?(PROTOKERN_\w+|TRITON_INTERPRET)", text):
+                offenders.append(f"{script.relative_to(ROOT)}:{number}: {text.strip()}")
+    assert not offenders, "read these through protokern.env:\n" + "\n".join(offenders)
+
+
+def test_every_documented_variable_is_read_and_every_read_one_is_documented():
+    read = set()
+    for path in _python_files("protokern", "benchmarks", "setup.py", "tests"):
+        if path == Path(__file__):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        read |= _helper_reads(tree)
+        if "tests" in path.relative_to(ROOT).parts:
+            # the tests are not bound to protokern.env (yet): their own reads count here
+            read |= {name for _, name in _environment_reads(tree) if name and OURS.match(name)}
+    ours = {name for name in read if OURS.match(name)}
+    assert ours == set(env.VARIABLES), (
+        f"documented but never read: {sorted(set(env.VARIABLES) - ours)}; read but not in "
+        f"protokern.env.VARIABLES: {sorted(ours - set(env.VARIABLES))}")
+
+
+def test_setup_py_parses_its_flags_with_protokern_env_and_never_imports_torch():
+    """setup.py runs before torch is installed: with ``torch`` unimportable it still reads
+    PROTOKERN_NO_EXT, and a value that is no flag is the helper's error, naming the variable."""
+    script = ("import runpy, sys\nsys.modules['torch'] = None  # import torch now fails\n"
+              "sys.argv = ['setup.py', '--name']\nrunpy.run_path('setup.py', run_name='__main__')\n")
+
+    def run_setup(value: str) -> subprocess.CompletedProcess:
+        environment = {k: v for k, v in os.environ.items() if k != "PROTOKERN_NO_EXT"}
+        return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**environment,
+                                                           "PROTOKERN_NO_EXT": value})
+
+    done = run_setup("yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "protokern"
+    assert "PROTOKERN_NO_EXT is set" in done.stderr
+    refused = run_setup("maybe")
+    assert refused.returncode != 0
+    assert "PROTOKERN_NO_EXT='maybe' is not a flag" in refused.stderr
+
