@@ -4,6 +4,8 @@ through `protokern.env`, and ``protokern bench`` says which backend ran each tim
 
 import argparse
 import ast
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -12,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import protokern as pk
 from protokern import cli, env
+from protokern.bench import contenders as bench_contenders
+from protokern.bench.contenders import PASSES
+from protokern.bench.measure import CaseSpec, run_case
+from protokern.bench.report import format_markdown, format_table
+from protokern.bench.runner import BenchConfig, run_cases
+from protokern.bench.shapes import SHAPES
 from protokern.commands.train import FROM_SCRATCH_LR, PAPER_LR, training_config
 from protokern.models.training import TrainingConfig
 
@@ -250,3 +259,82 @@ def test_setup_py_parses_its_flags_with_protokern_env_and_never_imports_torch():
     assert refused.returncode != 0
     assert "PROTOKERN_NO_EXT='maybe' is not a flag" in refused.stderr
 
+
+# ----------------------------------------------------------------------------------------------
+# protokern bench: which backend ran each measured call
+
+
+def test_each_case_records_the_backends_that_ran_it_in_its_worker_process():
+    """Isolated cases (a forked worker times, a new interpreter measures memory) record where
+    the calls run: the results name the backend while this process, around them, saw none."""
+    names = [f"protokern:{b}" for b in ("reference", "cpu") if b in pk.available_backends("cpu")]
+    config = BenchConfig(shapes=[SHAPES["tiny"]], passes=["forward+backward"],
+                         contenders=names, repeats=1, warmup=0, threads=1, isolate=True)
+    with pk.recording() as here:
+        results = run_cases(config)
+    assert here == []
+    assert [r["contender"] for r in results] == names
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["ran_on"] == [r["contender"].removeprefix("protokern:")]
+        assert r["median_s"] > 0 and r["peak_bytes"] >= 0
+    table = format_table(results).splitlines()
+    assert table[1].endswith(" ran on")
+    assert [line.rsplit(" ", 1)[1] for line in table[3:]] == [r["ran_on"][0] for r in results]
+    document = json.loads(json.dumps(results))  # what --json writes, key for key
+    assert [r["ran_on"] for r in document] == [r["ran_on"] for r in results]
+
+
+def test_a_baseline_records_no_backend():
+    config = BenchConfig(shapes=[SHAPES["tiny"]], passes=["forward"], contenders=["naive_loop"],
+                         repeats=1, warmup=0, threads=1, isolate=False)
+    (result,) = run_cases(config)
+    assert result["status"] == "ok" and result["ran_on"] == []
+    assert format_table([result]).splitlines()[-1].endswith(" -")
+
+
+def _impostors(monkeypatch) -> None:
+    """Two contenders whose calls run elsewhere than their names say: ``protokern:house_liar``
+    runs the reference backend, ``naive_house`` (a baseline) runs protokern's op."""
+    liar = dataclasses.replace(bench_contenders.protokern_contender("reference"),
+                               name="protokern:house_liar", backend="house_liar")
+    fake_baseline = bench_contenders.Contender(
+        "naive_house", "naive", "a 'baseline' calling protokern (test)",
+        lambda x, p: tuple(pk.min_distance(x, p)), bench_contenders._protokern_estimate)
+    real = bench_contenders.all_contenders
+    monkeypatch.setattr(bench_contenders, "all_contenders",
+                        lambda device: [*real(device), liar, fake_baseline])
+
+
+def test_a_protokern_row_that_ran_another_backend_is_an_error_not_a_time(monkeypatch):
+    _impostors(monkeypatch)
+    config = BenchConfig(shapes=[SHAPES["tiny"]], passes=list(PASSES),
+                         contenders=["protokern:house_liar", "naive_house", "naive_loop"],
+                         repeats=2, warmup=1, threads=1, isolate=False)
+    results = run_cases(config)
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["contender"], []).append(r)
+    for r in by_name["protokern:house_liar"]:
+        assert r["status"] == "error" and r["ran_on"] == ["reference"]
+        assert "ran on reference, not (only) on house_liar" in r["reason"]
+        assert not {"times_s", "median_s", "peak_bytes", "speedup_vs_best_naive"} & set(r)
+    for r in by_name["naive_house"]:
+        assert r["status"] == "error" and "ran protokern kernels" in r["reason"], r
+    assert all(r["status"] == "ok" for r in by_name["naive_loop"])
+    rows = [line.split(None, 1) for line in format_table(results).splitlines()
+            if line.startswith("protokern:house_liar ")]
+    assert len(rows) == len(PASSES)
+    assert all(rest.startswith("error: protokern:house_liar ran on reference") for _, rest in rows)
+    markdown = format_markdown(results).splitlines()
+    assert all(line.count("|") == markdown[0].count("|") for line in markdown)
+    assert any(line.endswith("| reference |") and "house_liar" in line for line in markdown)
+
+
+def test_run_case_checks_the_backend_itself(monkeypatch):
+    _impostors(monkeypatch)
+    spec = CaseSpec(SHAPES["tiny"], "float32", "cpu", "protokern:house_liar", "forward", 1, 0, 1)
+    result = run_case(spec, "memory")
+    assert result["status"] == "error" and result["ran_on"] == ["reference"]
+    honest = run_case(dataclasses.replace(spec, contender="protokern:reference"), "time")
+    assert honest["status"] == "ok" and honest["ran_on"] == ["reference"]

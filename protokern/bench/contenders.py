@@ -88,6 +88,8 @@ class Contender:
         min_distance: ``(x (B, D, H, W), prototypes (M, D, ph, pw))`` -> values, indices
             ``(B, M)``; None for the floor.
         estimate_bytes: ``(shape, dtype, pass) ->`` peak bytes beyond the inputs.
+        backend: the protokern backend every kernel call must run on (``protokern:<backend>``);
+            None for the others, which must run no protokern kernel at all.
     """
 
     name: str
@@ -95,6 +97,19 @@ class Contender:
     description: str
     min_distance: MinDistanceFn | None
     estimate_bytes: Callable[[NamedShape, torch.dtype, str], int]
+    backend: str | None = None
+
+    def wrong_backends(self, ran_on: list[str]) -> str | None:
+        """Why the backends that ran this contender's calls (``ran_on``, from `pk.recording`)
+        make its measurement someone else's, or None when they are its own."""
+        expected = [] if self.backend is None else [self.backend]
+        if sorted(set(ran_on)) == expected:
+            return None
+        ran = ", ".join(sorted(set(ran_on))) or "no protokern backend"
+        if self.backend is None:
+            return f"{self.name} ran protokern kernels ({ran}): it is no baseline"
+        return (f"{self.name} ran on {ran}, not (only) on {self.backend}: the times and memory "
+                f"would not be {self.backend}'s")
 
     def make_step(self, x: Tensor, prototypes: Tensor, grad_values: Tensor,
                   pass_name: str) -> Callable[[], object]:
@@ -221,7 +236,7 @@ def keops_available() -> bool:
 def protokern_contender(backend: str) -> Contender:
     """The contender running ``pk.min_distance`` on ``backend``."""
     return Contender(f"protokern:{backend}", "protokern", f"pk.min_distance, backend {backend}",
-                     _protokern_backend(backend), _protokern_estimate)
+                     _protokern_backend(backend), _protokern_estimate, backend)
 
 
 def all_contenders(device: str) -> list[Contender]:

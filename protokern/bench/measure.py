@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 import torch
 from torch import Tensor
 
+import protokern as pk
 from protokern.bench.contenders import contender_named
 from protokern.bench.shapes import NamedShape
 from protokern.timing import time_calls
@@ -188,6 +189,12 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
     mapping, page faults included, so CPU timings are taken in another process without it
     (`IsolatedRunner` does both).
 
+    Every call runs inside `pk.recording`, here, in the process that makes it (a case run by
+    `IsolatedRunner` records in its worker): ``ran_on`` lists the protokern backends that ran
+    its kernels, from every thread, autograd's included. A contender whose calls ran elsewhere
+    than its own backend (`Contender.wrong_backends`) is an ``"error"``, without times or
+    memory, since they would be another backend's.
+
     Failures become results (``status`` ``"out of memory"`` or ``"error"`` with the reason):
     one broken contender must not lose a whole run, and the table shows why it is missing.
     """
@@ -198,29 +205,44 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
         torch.set_num_threads(spec.threads)
     set_precision(spec.device, spec.tf32)
     result = {"status": "ok", "reason": "", "threads": torch.get_num_threads()}
+    calls: list[tuple[str, str]] = []  # (kernel, backend) of every protokern call
     try:
         contender = contender_named(spec.device, spec.contender)
         x, prototypes, grad = make_inputs(spec.shape, DTYPES[spec.dtype], spec.device, spec.seed)
         step = contender.make_step(x, prototypes, grad, spec.pass_name)
         memory = (None if part == "time" else _CudaMemory() if spec.device == "cuda"
                   else _CpuMemory(malloc_fixed))
-        for _ in range(spec.warmup):
-            step()
-        if part == "memory":
-            step()
-        else:
-            times = time_calls(step, spec.repeats, spec.device)
-            result.update({"times_s": times, **summarize(times)})
-        if memory is not None:
-            result.update({"peak_bytes": memory.peak(), "memory_method": memory.method})
+        measured: dict = {}
+        with pk.recording() as calls:
+            for _ in range(spec.warmup):
+                step()
+            if part == "memory":
+                step()
+            else:
+                times = time_calls(step, spec.repeats, spec.device)
+                measured.update({"times_s": times, **summarize(times)})
+            if memory is not None:
+                measured.update({"peak_bytes": memory.peak(), "memory_method": memory.method})
+        result["ran_on"] = _backends(calls)
+        wrong = contender.wrong_backends(result["ran_on"])
+        if wrong is not None:
+            return {**result, "status": "error", "reason": wrong}
+        result.update(measured)
     except torch.OutOfMemoryError as error:
-        return {**result, "status": "out of memory", "reason": str(error).split("\n")[0]}
+        return {**result, "ran_on": _backends(calls), "status": "out of memory",
+                "reason": str(error).split("\n")[0]}
     except Exception as error:  # noqa: BLE001 -- recorded in the results, never hidden
-        return {**result, "status": "error", "reason": f"{type(error).__name__}: {error}"}
+        return {**result, "ran_on": _backends(calls), "status": "error",
+                "reason": f"{type(error).__name__}: {error}"}
     finally:
         if spec.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def _backends(calls: list[tuple[str, str]]) -> list[str]:
+    """The distinct backends of `pk.recording`'s ``(kernel, backend)`` pairs, sorted."""
+    return sorted({backend for _, backend in calls})
 
 
 def _send_result(connection: Connection, spec: CaseSpec, part: str) -> None:

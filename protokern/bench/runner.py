@@ -2,7 +2,9 @@
 collects results plus the environment they were measured in.
 
 A result is a dict (JSON-ready): the case (shape and its dims, dtype, device, contender, kind,
-pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``, the raw
+pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``,
+``ran_on`` (the protokern backends that ran its calls, recorded where they ran; a
+``protokern:<backend>`` case on any other is an ``error``, see `measure.run_case`), the raw
 ``times_s`` and their summary (``median_s``, ``min_s``, ``max_s``, ``q1_s``, ``q3_s``),
 ``peak_bytes`` and ``memory_method``, ``estimated_bytes``, ``gemm_flops`` and ``tflops``, and,
 per (shape, dtype, pass), ``best_naive`` and ``speedup_vs_best_naive`` (over the fastest
