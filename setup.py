@@ -7,8 +7,9 @@ Sources, by convention (DESIGN.md §3-§4):
 Environment (protokern's variables are flags parsed by `protokern/env.py`, as everywhere else:
 1/true/yes/on or 0/false/no/off, anything else an error):
   PROTOKERN_NO_EXT=1       build no extension (pure-Python install)
-  PROTOKERN_REQUIRE_EXT=1  a failed extension build fails the install (CI sets it once kernels exist)
-  TORCH_CUDA_ARCH_LIST     PyTorch's own: CUDA architectures; default: the visible GPU, else "8.0;9.0"
+  PROTOKERN_REQUIRE_EXT=1  a failed extension build fails the install (CI sets it)
+  TORCH_CUDA_ARCH_LIST     PyTorch's own: CUDA architectures (default: the visible GPU, else
+                           "8.0;9.0")
 
 The extension is built against the installed torch, so install with
 `pip install --no-build-isolation ...`. Where torch cannot be imported at build time, or no

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 import protokern as pk
-from protokern.bench.shapes import NamedShape
 from protokern.backends.reference import CHUNK_ELEMENTS, patches
 from protokern.baselines import cdist_min, loop_mm_min, protopnet_min_distance
+from protokern.bench.shapes import NamedShape
 
 KINDS = ("protokern", "naive", "keops", "floor")
 """Contender kinds; ``--contenders`` and ``--exclude`` accept a kind for all its contenders."""

@@ -18,8 +18,8 @@ from protokern import backends
 from protokern.baselines import protopnet_min_distance
 from protokern.commands.train import FROM_SCRATCH_LR
 from protokern.data import PlantedParts
-from protokern.models.protopnet import build_protopnet
 from protokern.models.explain import explain_image, render_explanation, top_prototype_positions
+from protokern.models.protopnet import build_protopnet
 from protokern.models.training import TrainingConfig, train_protopnet
 from protokern.ops import min_distance
 from protokern.timing import median_milliseconds
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
                              "train")
     test_set = PlantedParts(args.classes, args.test_per_class, args.image_size, args.seed,
                             "test")
-    model_config = dict(num_classes=args.classes, image_size=args.image_size,
-                        metric=args.metric)
+    model_config = {"num_classes": args.classes, "image_size": args.image_size,
+                    "metric": args.metric}
     model = build_protopnet(**model_config)
     backend = backends.resolve("min_distance", backends.explicit_choice(),
                                torch.empty(1, model.prototype_layer.dim, *model.feature_size),

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from protokern import backends
 from protokern.backends import reference

@@ -21,8 +21,8 @@ import torch
 
 from protokern.data import ImageFolder, PlantedParts
 from protokern.distributed.processes import is_main_process, launch, process_group
-from protokern.models.protopnet import build_protopnet
 from protokern.models.losses import LossCoefficients
+from protokern.models.protopnet import build_protopnet
 from protokern.models.training import TrainingConfig, train_protopnet
 
 PLANTED = "planted-parts"
