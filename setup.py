@@ -4,10 +4,12 @@ Sources, by convention (DESIGN.md §3-§4):
   csrc/*.cpp, csrc/cpu/*.cpp      always (C++ CPU kernels and the bindings)
   csrc/cuda/*.cu, csrc/cuda/*.cpp  only where PyTorch has CUDA and nvcc is found (WITH_CUDA defined)
 
-Environment:
+Environment (protokern's variables are flags parsed by `protokern/env.py`, as everywhere else:
+1/true/yes/on or 0/false/no/off, anything else an error):
   PROTOKERN_NO_EXT=1       build no extension (pure-Python install)
-  PROTOKERN_REQUIRE_EXT=1  a failed extension build fails the install (CI sets it once kernels exist)
-  TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU, else "8.0;9.0"
+  PROTOKERN_REQUIRE_EXT=1  a failed extension build fails the install (CI sets it)
+  TORCH_CUDA_ARCH_LIST     PyTorch's own: CUDA architectures (default: the visible GPU, else
+                           "8.0;9.0")
 
 The extension is built against the installed torch, so install with
 `pip install --no-build-isolation ...`. Where torch cannot be imported at build time, or no
@@ -16,12 +18,28 @@ without it and every op runs on the pure-PyTorch `reference` backend.
 """
 
 import glob
+import importlib.util
 import os
 import sys
+from types import ModuleType
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_env() -> ModuleType:
+    """`protokern/env.py`, loaded by its path: importing the `protokern` package would import
+    torch, which need not be installed when setup.py runs (env.py needs only the standard
+    library)."""
+    path = os.path.join(ROOT, "protokern", "env.py")
+    spec = importlib.util.spec_from_file_location("_protokern_setup_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+env = _load_env()
 
 
 def _say(message: str) -> None:
@@ -37,7 +55,7 @@ def _sources(*patterns: str) -> list[str]:
 
 def _extension_build() -> dict:
     """Return the `ext_modules`/`cmdclass` arguments of setup(), empty for a pure-Python build."""
-    if os.environ.get("PROTOKERN_NO_EXT", "") not in ("", "0"):
+    if env.flag("PROTOKERN_NO_EXT"):
         _say("PROTOKERN_NO_EXT is set: no extension, pure-Python install")
         return {}
     cpu_sources = _sources("*.cpp", "cpu/*.cpp")
@@ -86,7 +104,7 @@ def _extension_build() -> dict:
         extra_compile_args=compile_args,
         extra_link_args=openmp,
     )
-    require = os.environ.get("PROTOKERN_REQUIRE_EXT", "") not in ("", "0")
+    require = env.flag("PROTOKERN_REQUIRE_EXT")
 
     class BuildOptionalExtension(cpp_extension.BuildExtension):
         """Falls back to the CPU kernels alone when the CUDA part fails to compile, and to the

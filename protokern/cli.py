@@ -9,6 +9,7 @@ and a command's optional dependencies load only for it. Every ``--help`` shows t
 import argparse
 import importlib
 import sys
+from collections.abc import Iterable
 
 import protokern
 
@@ -24,20 +25,45 @@ COMMANDS: dict[str, str] = {
 """Command -> one-line help; the command's code is ``protokern.commands.<command>``."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every argument's help ends with its default, except where the default is None: there it
+    means "not given", and the help says what happens then (``--repeats``: 5 on CPU, 20 on CUDA),
+    which "(default: None)" would only contradict."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parsers(with_arguments: Iterable[str] = ()
+                  ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``protokern`` parser and each command's, by name. Only the commands named in
+    ``with_arguments`` get their arguments (importing their modules); the rest stay bare, so
+    ``protokern --help`` and each command's run import only what they need."""
+    with_arguments = set(with_arguments)
     parser = argparse.ArgumentParser(prog="protokern", description=protokern.__doc__.split(
         "\n")[0])
     parser.add_argument("--version", action="version", version=protokern.__version__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {}
     for name, help_text in COMMANDS.items():
         module = f"protokern.commands.{name}"
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=HelpFormatter)
         sub.set_defaults(module=module)
-        # Only the chosen command's module is imported (its arguments are added below).
-        if argv and argv[0] == name:
+        if name in with_arguments:
             importlib.import_module(module).add_arguments(sub)
+        parsers[name] = sub
+    return parser, parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``protokern COMMAND ...``: parse ``argv`` (default ``sys.argv[1:]``) and run the command;
+    returns its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen command's module is imported (for its arguments, then to run it).
+    parser, _ = build_parsers(argv[:1])
     args = parser.parse_args(argv)
     return importlib.import_module(args.module).run(args)
 

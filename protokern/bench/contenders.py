@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 import protokern as pk
-from protokern.bench.shapes import NamedShape
 from protokern.backends.reference import CHUNK_ELEMENTS, patches
 from protokern.baselines import cdist_min, loop_mm_min, protopnet_min_distance
+from protokern.bench.shapes import NamedShape
 
 KINDS = ("protokern", "naive", "keops", "floor")
 """Contender kinds; ``--contenders`` and ``--exclude`` accept a kind for all its contenders."""
@@ -88,6 +88,8 @@ class Contender:
         min_distance: ``(x (B, D, H, W), prototypes (M, D, ph, pw))`` -> values, indices
             ``(B, M)``; None for the floor.
         estimate_bytes: ``(shape, dtype, pass) ->`` peak bytes beyond the inputs.
+        backend: the protokern backend every kernel call must run on (``protokern:<backend>``);
+            None for the others, which must run no protokern kernel at all.
     """
 
     name: str
@@ -95,6 +97,19 @@ class Contender:
     description: str
     min_distance: MinDistanceFn | None
     estimate_bytes: Callable[[NamedShape, torch.dtype, str], int]
+    backend: str | None = None
+
+    def wrong_backends(self, ran_on: list[str]) -> str | None:
+        """Why the backends that ran this contender's calls (``ran_on``, from `pk.recording`)
+        make its measurement someone else's, or None when they are its own."""
+        expected = [] if self.backend is None else [self.backend]
+        if sorted(set(ran_on)) == expected:
+            return None
+        ran = ", ".join(sorted(set(ran_on))) or "no protokern backend"
+        if self.backend is None:
+            return f"{self.name} ran protokern kernels ({ran}): it is no baseline"
+        return (f"{self.name} ran on {ran}, not (only) on {self.backend}: the times and memory "
+                f"would not be {self.backend}'s")
 
     def make_step(self, x: Tensor, prototypes: Tensor, grad_values: Tensor,
                   pass_name: str) -> Callable[[], object]:
@@ -146,7 +161,7 @@ def _floor_step(x: Tensor, prototypes: Tensor) -> Callable[[], object]:
 
 
 WORKSPACE_BYTES = 128 << 20
-"""Allowance for library workspaces and allocator slack (measured: up to ~100 MB on CPU)."""
+"""Allowance for library workspaces and allocator slack (what was measured: benchmarks/NOTES.md)."""
 
 
 def _outputs(shape: NamedShape, dtype: torch.dtype) -> int:
@@ -176,7 +191,8 @@ def _distance_tensors(forward: float, backward: float) -> Callable[[NamedShape, 
 
 def _loop_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
     per_image = 4 * shape.num_prototypes * shape.positions * max(4, _size(dtype))
-    # backward: the chosen rows, their difference and gradient, (M, K) each (measured ~5)
+    # backward: the chosen rows, their difference and gradient, (M, K) each: 5 such blocks, as
+    # measured (benchmarks/NOTES.md)
     per_image += 5 * shape.num_prototypes * shape.row_size * max(4, _size(dtype))
     return (per_image + _outputs(shape, dtype) + _input_grads(shape, dtype, pass_name)
             + WORKSPACE_BYTES)
@@ -220,7 +236,7 @@ def keops_available() -> bool:
 def protokern_contender(backend: str) -> Contender:
     """The contender running ``pk.min_distance`` on ``backend``."""
     return Contender(f"protokern:{backend}", "protokern", f"pk.min_distance, backend {backend}",
-                     _protokern_backend(backend), _protokern_estimate)
+                     _protokern_backend(backend), _protokern_estimate, backend)
 
 
 def all_contenders(device: str) -> list[Contender]:

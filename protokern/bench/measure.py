@@ -18,11 +18,12 @@ Peak memory, beyond the inputs:
   resident and not counted; every contender writes what it allocates.
 
   First the case fixes glibc's mmap threshold at 128 KiB (`fix_malloc_threshold`). glibc
-  otherwise raises it to the size of each large block freed (up to 32 MiB), after which blocks
-  of that size come from the heap and stay resident when freed: the peak then depends on the
-  order of earlier frees and varied by a third between runs of one case. With the threshold
-  fixed every block over 128 KiB is its own mapping, returned when freed, so the peak is the
-  live memory at the worst moment (plus first-call library buffers), for every contender alike.
+  otherwise raises it to the size of each large block freed (up to its
+  ``DEFAULT_MMAP_THRESHOLD_MAX``), after which blocks of that size come from the heap and stay
+  resident when freed: the peak then depends on the order of earlier frees, not only on the
+  case (benchmarks/NOTES.md says by how much). With the threshold fixed every block over
+  128 KiB is its own mapping, returned when freed, so the peak is the live memory at the worst
+  moment (plus first-call library buffers), for every contender alike.
 """
 
 import ctypes
@@ -40,6 +41,7 @@ from multiprocessing.connection import Connection
 import torch
 from torch import Tensor
 
+import protokern as pk
 from protokern.bench.contenders import contender_named
 from protokern.bench.shapes import NamedShape
 from protokern.timing import time_calls
@@ -187,6 +189,12 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
     mapping, page faults included, so CPU timings are taken in another process without it
     (`IsolatedRunner` does both).
 
+    Every call runs inside `pk.recording`, here, in the process that makes it (a case run by
+    `IsolatedRunner` records in its worker): ``ran_on`` lists the protokern backends that ran
+    its kernels, from every thread, autograd's included. A contender whose calls ran elsewhere
+    than its own backend (`Contender.wrong_backends`) is an ``"error"``, without times or
+    memory, since they would be another backend's.
+
     Failures become results (``status`` ``"out of memory"`` or ``"error"`` with the reason):
     one broken contender must not lose a whole run, and the table shows why it is missing.
     """
@@ -197,29 +205,44 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
         torch.set_num_threads(spec.threads)
     set_precision(spec.device, spec.tf32)
     result = {"status": "ok", "reason": "", "threads": torch.get_num_threads()}
+    calls: list[tuple[str, str]] = []  # (kernel, backend) of every protokern call
     try:
         contender = contender_named(spec.device, spec.contender)
         x, prototypes, grad = make_inputs(spec.shape, DTYPES[spec.dtype], spec.device, spec.seed)
         step = contender.make_step(x, prototypes, grad, spec.pass_name)
         memory = (None if part == "time" else _CudaMemory() if spec.device == "cuda"
                   else _CpuMemory(malloc_fixed))
-        for _ in range(spec.warmup):
-            step()
-        if part == "memory":
-            step()
-        else:
-            times = time_calls(step, spec.repeats, spec.device)
-            result.update({"times_s": times, **summarize(times)})
-        if memory is not None:
-            result.update({"peak_bytes": memory.peak(), "memory_method": memory.method})
+        measured: dict = {}
+        with pk.recording() as calls:
+            for _ in range(spec.warmup):
+                step()
+            if part == "memory":
+                step()
+            else:
+                times = time_calls(step, spec.repeats, spec.device)
+                measured.update({"times_s": times, **summarize(times)})
+            if memory is not None:
+                measured.update({"peak_bytes": memory.peak(), "memory_method": memory.method})
+        result["ran_on"] = _backends(calls)
+        wrong = contender.wrong_backends(result["ran_on"])
+        if wrong is not None:
+            return {**result, "status": "error", "reason": wrong}
+        result.update(measured)
     except torch.OutOfMemoryError as error:
-        return {**result, "status": "out of memory", "reason": str(error).split("\n")[0]}
+        return {**result, "ran_on": _backends(calls), "status": "out of memory",
+                "reason": str(error).split("\n")[0]}
     except Exception as error:  # noqa: BLE001 -- recorded in the results, never hidden
-        return {**result, "status": "error", "reason": f"{type(error).__name__}: {error}"}
+        return {**result, "ran_on": _backends(calls), "status": "error",
+                "reason": f"{type(error).__name__}: {error}"}
     finally:
         if spec.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def _backends(calls: list[tuple[str, str]]) -> list[str]:
+    """The distinct backends of `pk.recording`'s ``(kernel, backend)`` pairs, sorted."""
+    return sorted({backend for _, backend in calls})
 
 
 def _send_result(connection: Connection, spec: CaseSpec, part: str) -> None:
@@ -233,11 +256,11 @@ class IsolatedRunner:
 
     ``run(spec)`` returns `run_case`'s result, or an ``"error"`` result if the process died
     (e.g. killed for memory). A CPU case runs twice: once timed, in a process forked from a
-    server that has imported torch (milliseconds to start), once for its peak memory, in a new
-    interpreter, as a user's script runs: a forked child's peak carried about 5 MiB more for
-    every contender (27.0 vs 22.3 MiB for protokern:cpu, 229.1 vs 223.7 MiB for naive_conv at
-    cub14 forward+backward), which is the harness, not them. No process is started ahead of
-    its case: an interpreter importing torch next to a timed case slowed it twofold.
+    server that has imported torch (quick to start), once for its peak memory, in a new
+    interpreter, as a user's script runs: a forked child's peak also counts pages of the
+    parent's libraries faulted in again, the same for every contender, which is the harness,
+    not them. No process is started ahead of its case: an interpreter importing torch next to a
+    timed case slows it. benchmarks/NOTES.md has the figures behind both choices.
     """
 
     def __init__(self) -> None:

@@ -10,6 +10,12 @@ from protokern.bench.shapes import SHAPES
 _HEADER = (f"{'contender':<22} {'median ms':>10} {'min-max ms':>17} {'vs naive':>9} "
            f"{'/ GEMM':>7} {'TFLOP/s':>8} {'peak MiB':>9}")
 _KEOPS_HEADER = f" {'vs KeOps':>9}"
+_RAN_ON_HEADER = " ran on"
+
+
+def _ran_on(r: dict) -> str:
+    """The protokern backends that ran the case's calls; ``-`` for none (the baselines)."""
+    return ", ".join(r.get("ran_on") or []) or "-"
 
 
 def _group_title(r: dict) -> str:
@@ -33,21 +39,23 @@ def _row(r: dict, with_keops: bool) -> str:
            f"{_speedup(r, 'speedup_vs_best_naive'):>9} "
            f"{'-' if ratio is None else f'{ratio:.2f}':>7} {r['tflops']:8.3f} "
            f"{r['peak_bytes'] / 2**20:9.1f}")
-    return row + (f" {_speedup(r, 'speedup_vs_keops'):>9}" if with_keops else "")
+    row += f" {_speedup(r, 'speedup_vs_keops'):>9}" if with_keops else ""
+    return row + f" {_ran_on(r)}"
 
 
 def format_table(results: list[dict]) -> str:
     """One block per (shape, dtype, pass): each contender's median time and min-max spread,
     speed-up over the fastest naive PyTorch contender, time over the bare GEMM's, achieved
-    TFLOP/s (of the GEMM's 2 B L' M K FLOPs), peak memory beyond the inputs and, in a block
-    where KeOps ran, the speed-up over KeOps."""
+    TFLOP/s (of the GEMM's 2 B L' M K FLOPs), peak memory beyond the inputs, in a block where
+    KeOps ran the speed-up over KeOps, and the protokern backends that ran the calls (``ran
+    on``: a ``protokern:<backend>`` row is only timed when that is its backend alone)."""
     blocks: dict[tuple, list[dict]] = {}
     for r in results:
         blocks.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
     lines = []
     for group in blocks.values():
         with_keops = any("speedup_vs_keops" in r for r in group)
-        header = _HEADER + (_KEOPS_HEADER if with_keops else "")
+        header = _HEADER + (_KEOPS_HEADER if with_keops else "") + _RAN_ON_HEADER
         lines += ["", _group_title(group[0]), header, "-" * len(header)]
         lines += [_row(r, with_keops) for r in group]
     return "\n".join(lines[1:])
@@ -58,12 +66,14 @@ def format_markdown(results: list[dict]) -> str:
     ``vs KeOps`` column only if KeOps ran for some case."""
     with_keops = any("speedup_vs_keops" in r for r in results)
     columns = ["shape", "dtype", "pass", "contender", "median ms", "min-max ms", "vs best naive",
-               "/ GEMM", "TFLOP/s", "peak MiB"] + (["vs KeOps"] if with_keops else [])
+               "/ GEMM", "TFLOP/s", "peak MiB"] + (["vs KeOps"] if with_keops else []) + [
+                   "ran on"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         case = f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['contender']} |"
         if r["status"] != "ok":
-            lines.append(f"{case} {r['status']}: {r['reason']} |" + " |" * (len(columns) - 5))
+            lines.append(f"{case} {r['status']}: {r['reason']} |" + " |" * (len(columns) - 6)
+                         + f" {_ran_on(r)} |")
             continue
         ratio = r.get("ratio_to_floor")
         lines.append(
@@ -71,7 +81,8 @@ def format_markdown(results: list[dict]) -> str:
             f"{_speedup(r, 'speedup_vs_best_naive')} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | {r['tflops']:.3f} | "
             f"{r['peak_bytes'] / 2**20:.1f} |"
-            + (f" {_speedup(r, 'speedup_vs_keops')} |" if with_keops else ""))
+            + (f" {_speedup(r, 'speedup_vs_keops')} |" if with_keops else "")
+            + f" {_ran_on(r)} |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 collects results plus the environment they were measured in.
 
 A result is a dict (JSON-ready): the case (shape and its dims, dtype, device, contender, kind,
-pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``, the raw
+pass), ``status`` (``ok``, ``skipped``, ``out of memory``, ``error``) with ``reason``,
+``ran_on`` (the protokern backends that ran its calls, recorded where they ran; a
+``protokern:<backend>`` case on any other is an ``error``, see `measure.run_case`), the raw
 ``times_s`` and their summary (``median_s``, ``min_s``, ``max_s``, ``q1_s``, ``q3_s``),
 ``peak_bytes`` and ``memory_method``, ``estimated_bytes``, ``gemm_flops`` and ``tflops``, and,
 per (shape, dtype, pass), ``best_naive`` and ``speedup_vs_best_naive`` (over the fastest
@@ -160,7 +162,8 @@ def git_commit() -> str:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+                               cwd=root, capture_output=True, text=True, check=False,
+                               timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty.strip() else "")

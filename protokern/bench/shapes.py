@@ -52,16 +52,6 @@ class NamedShape:
         x = self.batch * self.dim * self.height * self.width
         return size * (x + self.num_prototypes * self.row_size)
 
-    def fused_bytes(self, dtype: torch.dtype) -> int:
-        """Minimum memory traffic of a fused forward: read the inputs, write values + indices."""
-        size = torch.empty((), dtype=dtype).element_size()
-        return self.input_bytes(dtype) + self.batch * self.num_prototypes * (size + 8)
-
-    def naive_bytes(self, dtype: torch.dtype) -> int:
-        """A naive forward's extra traffic on top: write and read back the distance tensor."""
-        size = torch.empty((), dtype=dtype).element_size()
-        return self.fused_bytes(dtype) + 2 * self.distances * size
-
     def with_prototypes(self, num_prototypes: int) -> "NamedShape":
         """The same problem with another ``M`` (the scaling sweep)."""
         return NamedShape(f"{self.name}@M={num_prototypes}", self.batch, self.dim, self.height,
@@ -93,7 +83,8 @@ GPU_SHAPES = ("cub", "imagenet", "large_bank", "cil_vectors")
 """What `benchmarks/run_gpu.sh` runs."""
 
 CPU_SHAPES = ("cub", "cub14", "imagenet", "cil_vectors")
-"""The default on CPU: ``large_bank``'s naive contenders need ~8 GB, its GEMM ~160 GFLOP."""
+"""The default on CPU: ``large_bank``'s naive contenders are estimated (`Contender.estimate_bytes`)
+to need ~8 GB, and its GEMM is ~160 GFLOP."""
 
 
 def parse_shapes(names: str | list[str]) -> list[NamedShape]:

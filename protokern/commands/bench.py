@@ -32,30 +32,34 @@ def _csv(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``protokern bench``."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device,
+                        help="where the cases run (cuda when a GPU is visible)")
     parser.add_argument("--shapes", help=f"comma-separated named shapes among "
                         f"{', '.join(SHAPES)} (default: {','.join(CPU_SHAPES)} on cpu, "
                         f"{','.join(GPU_SHAPES)} on cuda)")
-    parser.add_argument("--passes", default=",".join(PASSES), help="forward, forward+backward")
+    parser.add_argument("--passes", default=",".join(PASSES),
+                        help="comma-separated passes among forward, forward+backward")
     parser.add_argument("--contenders", help="comma-separated names or kinds (protokern, naive, "
-                        "keops, floor); default: all available")
+                        "keops, floor) (default: all available)")
     parser.add_argument("--exclude", help="comma-separated contender names or kinds (protokern, "
                         "naive, keops, floor) to leave out")
-    parser.add_argument("--dtypes", default="float32", help=f"among {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="float32",
+                        help=f"comma-separated dtypes among {', '.join(DTYPES)}")
     parser.add_argument("--tf32", action="store_true",
-                        help="CUDA: let float32 matmuls and convs use TF32 (default: forbidden)")
+                        help="CUDA: let float32 matmuls and convs use TF32 (otherwise forbidden)")
     parser.add_argument("--repeats", type=int, help="timed calls per case (default 5 cpu, 20 cuda)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 cpu, 3 cuda)")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
     parser.add_argument("--memory-cap-gb", type=float, help="skip cases estimated to need more "
                         "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--json", help="write all results and the environment to this file")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     parser.add_argument("--plot", help="run the M sweep and write its plot (PNG) to this file")
     parser.add_argument("--scaling-shape", default="cub", help="B, D, H x W of the sweep")
     parser.add_argument("--scaling-m", default=DEFAULT_SCALING_M, help="M values of the sweep")
-    parser.add_argument("--scaling-pass", default="forward+backward", choices=PASSES)
+    parser.add_argument("--scaling-pass", default="forward+backward", choices=PASSES,
+                        help="pass of the sweep")
     parser.add_argument("--scaling-repeats", type=int, help="timed calls per sweep case "
                         "(default: --repeats)")
     parser.add_argument("--list", action="store_true", help="list shapes and contenders, exit")

@@ -28,35 +28,38 @@ from protokern.heads.scenario import HEADS, POOLS, run_scenario, split_into_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``protokern cil``."""
     parser.add_argument("--data", default="planted",
-                        help="'planted' (generated images, default) or a .pt/.npz file of "
+                        help="'planted' (generated images) or a .pt/.npz file of "
                              "(features, labels)")
-    parser.add_argument("--tasks", type=int, default=5, help="number of tasks (default 5)")
+    parser.add_argument("--tasks", type=int, default=5, help="number of tasks")
     parser.add_argument("--heads", default=",".join(HEADS),
-                        help=f"comma-separated heads (default all: {', '.join(HEADS)})")
+                        help="comma-separated heads")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the test split of a file and --shuffle-classes")
     parser.add_argument("--shuffle-classes", action="store_true",
                         help="random class order instead of sorted")
     parser.add_argument("--pool", choices=POOLS, default="max",
-                        help="how vector heads reduce feature maps over positions (default max)")
+                        help="how vector heads reduce feature maps over positions")
     parser.add_argument("--tukey", type=float, default=None, metavar="LAMBDA",
                         help="Tukey's power transform x**LAMBDA of every feature first (FeCAM "
-                             "uses 0.5); features must be non-negative")
+                             "uses 0.5); features must be non-negative (default: none)")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="file without a test split: fraction of each class held out")
     group = parser.add_argument_group("planted-parts data")
-    group.add_argument("--classes", type=int, default=10)
-    group.add_argument("--images-per-class", type=int, default=60, help="training images")
-    group.add_argument("--test-images-per-class", type=int, default=30)
-    group.add_argument("--image-size", type=int, default=64)
-    group.add_argument("--data-seed", type=int, default=0)
+    group.add_argument("--classes", type=int, default=10, help="classes, one planted motif each")
+    group.add_argument("--images-per-class", type=int, default=60,
+                       help="training images per class")
+    group.add_argument("--test-images-per-class", type=int, default=30,
+                       help="test images per class")
+    group.add_argument("--image-size", type=int, default=64, help="side of the square images")
+    group.add_argument("--data-seed", type=int, default=0, help="seeds the generated images")
     group.add_argument("--feature-width", type=int, default=128,
                        help="channels of the random CNN's feature maps")
     group.add_argument("--feature-seed", type=int, default=0,
                        help="seeds the random CNN's weights")
     parser.add_argument("--json", type=Path, default=None,
-                        help="also write the results here (undefined entries as null)")
+                        help="also write the results to this file (undefined entries as null)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -159,6 +162,7 @@ def _format_table(results: dict[str, CILMetrics], seconds: dict[str, float]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    """``protokern cil``: every head through the tasks; prints the metrics table."""
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     unknown = [h for h in heads if h not in HEADS]
     if unknown or not heads:

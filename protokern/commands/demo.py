@@ -16,34 +16,44 @@ import torch
 
 from protokern import backends
 from protokern.baselines import protopnet_min_distance
+from protokern.commands.train import FROM_SCRATCH_LR
 from protokern.data import PlantedParts
-from protokern.models.protopnet import build_protopnet
 from protokern.models.explain import explain_image, render_explanation, top_prototype_positions
+from protokern.models.protopnet import build_protopnet
 from protokern.models.training import TrainingConfig, train_protopnet
 from protokern.ops import min_distance
 from protokern.timing import median_milliseconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``protokern demo``; the defaults are the measured demo."""
+    """Arguments of ``protokern demo``; the defaults are the run the README reports."""
     parser.add_argument("--output", default="protokern-demo",
                         help="folder for the checkpoint, logs and explanation PNGs")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--test-per-class", type=int, default=30)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--warm-epochs", type=int, default=1)
-    parser.add_argument("--last-layer-iterations", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--features-lr", type=float, default=3e-3,
-                        help="the backbone learns from scratch here; the paper's 1e-4 is for "
-                             "one pretrained on ImageNet")
-    parser.add_argument("--prototypes-lr", type=float, default=3e-3)
-    parser.add_argument("--metric", choices=("sqeuclidean", "cosine"), default="sqeuclidean")
+    parser.add_argument("--classes", type=int, default=10,
+                        help="classes, one planted motif each")
+    parser.add_argument("--train-per-class", type=int, default=100,
+                        help="training images per class")
+    parser.add_argument("--test-per-class", type=int, default=30, help="test images per class")
+    parser.add_argument("--image-size", type=int, default=64, help="side of the square images")
+    parser.add_argument("--epochs", type=int, default=25,
+                        help="epochs in all, warm-up included (push after the last)")
+    parser.add_argument("--warm-epochs", type=int, default=1,
+                        help="first epochs training only the add-on layers and prototypes")
+    parser.add_argument("--last-layer-iterations", type=int, default=10,
+                        help="last-layer-only epochs after the push")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per step")
+    parser.add_argument("--features-lr", type=float, default=FROM_SCRATCH_LR["features"],
+                        help="backbone learning rate; the backbone learns from scratch here, "
+                             "the paper's 1e-4 is for one pretrained on ImageNet")
+    parser.add_argument("--prototypes-lr", type=float,
+                        default=FROM_SCRATCH_LR["prototype_vectors"],
+                        help="prototypes' learning rate")
+    parser.add_argument("--metric", choices=("sqeuclidean", "cosine"), default="sqeuclidean",
+                        help="distance between patches and prototypes")
     parser.add_argument("--explanations", type=int, default=5,
                         help="test images to explain as PNG")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the data, the weights and the data order")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -106,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
                              "train")
     test_set = PlantedParts(args.classes, args.test_per_class, args.image_size, args.seed,
                             "test")
-    model_config = dict(num_classes=args.classes, image_size=args.image_size,
-                        metric=args.metric)
+    model_config = {"num_classes": args.classes, "image_size": args.image_size,
+                    "metric": args.metric}
     model = build_protopnet(**model_config)
     backend = backends.resolve("min_distance", backends.explicit_choice(),
                                torch.empty(1, model.prototype_layer.dim, *model.feature_size),
@@ -119,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     config = TrainingConfig(
         epochs=args.epochs, warm_epochs=args.warm_epochs, push_start=args.epochs,
         last_layer_iterations=args.last_layer_iterations, batch_size=args.batch_size,
-        warm_lr={"add_on_layers": 3e-3, "prototype_vectors": args.prototypes_lr},
-        joint_lr={"features": args.features_lr, "add_on_layers": 3e-3,
+        warm_lr={"add_on_layers": FROM_SCRATCH_LR["add_on_layers"],
+                 "prototype_vectors": args.prototypes_lr},
+        joint_lr={"features": args.features_lr, "add_on_layers": FROM_SCRATCH_LR["add_on_layers"],
                   "prototype_vectors": args.prototypes_lr},
         joint_lr_step=max(args.epochs, 1), seed=args.seed)
     result = train_protopnet(model, train_set, test_set, config, output, model_config,

@@ -14,11 +14,12 @@ from protokern.models.push import PushRecord
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``protokern explain``."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of protokern train")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain")
     parser.add_argument("--output", default="protokern-explanations", help="folder for PNGs")
     parser.add_argument("--top-k", type=int, default=3, help="prototypes to show")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where to run the model")
 
 
 def run(args: argparse.Namespace) -> int:

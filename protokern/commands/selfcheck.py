@@ -7,11 +7,11 @@ says which backend actually ran the calls (`protokern.backends.recording`): a ba
 cannot run a case says so with its reason instead of passing it to another.
 """
 
+import argparse
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from protokern import backends
 from protokern.backends import reference
@@ -131,7 +131,7 @@ def format_table(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``protokern selfcheck``."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the checked tensors")
@@ -140,7 +140,7 @@ def add_arguments(parser) -> None:
                         help="backends to check (default: every one available for the device)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """``protokern selfcheck``: every backend against the float64 reference; 1 on a failure."""
     import protokern
 

@@ -68,7 +68,6 @@ class PartPrototypeHead(nn.Module):
         self.register_buffer("task_bias", torch.zeros(0, device=device))
         # class of each prototype, (M,) int64: which class a prototype was made for
         self.register_buffer("prototype_class", torch.zeros(0, dtype=torch.int64, device=device))
-        self._device = device
 
     @property
     def num_tasks(self) -> int:
