@@ -35,7 +35,7 @@ def _distance_map_kernel(
     position = tl.program_id(1) * BLOCK_L + row % BLOCK_L
     x_ok = (image < B) & (position < L)
     x_rows = tiles.window_offsets(image, position, OUT_W, sxb, sxh, sxw)
-    dist, _, _ = tiles.expanded_distances(
+    dist = tiles.expanded_distances(
         x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
         sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
     # out is (B, M, L) contiguous

@@ -90,6 +90,12 @@ def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return torch.float32, tl.float32
 
 
+def huge(dtype: torch.dtype) -> float:
+    """Squared norms above this (``max / 8`` of the accumulation dtype) may overflow once added
+    to another or doubled: the kernels compute such pairs directly, never by the expansion."""
+    return torch.finfo(accumulator(dtype)[0]).max / 8
+
+
 def dot_precision(x: Tensor) -> str:
     """``tl.dot``'s ``input_precision`` for float32 tiles of ``x``: TF32 where PyTorch lets
     float32 matmuls on CUDA round their inputs (to TF32 or coarser), IEEE otherwise."""

@@ -53,7 +53,7 @@ def _choose_kernel(
     x_ptr, p_ptr, indices_ptr,
     B, M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw, GROWTH, FLOOR,
-    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, HUGE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, IMAGES: tl.constexpr,
 ):
@@ -63,6 +63,8 @@ def _choose_kernel(
     p_rows = m.to(tl.int64) * spm
     p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
                                ACC, BLOCK_M, BLOCK_K)
+    # NaN, inf or squares so large that sums overflow: the expansion cannot bound the pair
+    p_bad = ~(p_sq <= HUGE)
     # tile row r is position r % BLOCK_L (plus the chunk's start) of image r // BLOCK_L
     row = tl.arange(0, BLOCK_ROWS)
     row_image = first_image + row // BLOCK_L
@@ -73,23 +75,21 @@ def _choose_kernel(
     lowest_at = tl.zeros((IMAGES, BLOCK_M), tl.int32)
     runner_up = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
     upper = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
-    undecided = tl.zeros((IMAGES, BLOCK_M), tl.int32)
+    image_bad = tl.zeros((IMAGES,), tl.int32)
     for start in range(0, L, BLOCK_L):
         position = tiles.chunk_positions(start, row, BLOCK_L)
         x_ok = (row_image < B) & (position < L)
         x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
-        dist, untrusted, x_sq = tiles.expanded_distances(
-            x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
-            sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
-        untrusted = untrusted & x_ok[:, None]
-        # the expansion's rounding, as protokern.backends.reference.expanded_distance bounds it
-        if METRIC == "sqeuclidean":
-            bound = GROWTH * (x_sq[:, None] + p_sq[None, :]) + FLOOR
-        else:
-            bound = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC) + GROWTH
-        skip = untrusted | ~x_ok[:, None]
-        low = tl.reshape(tl.where(skip, float("inf"), dist - bound), (IMAGES, BLOCK_L, BLOCK_M))
-        high = tl.reshape(tl.where(skip, float("inf"), dist + bound), (IMAGES, BLOCK_L, BLOCK_M))
+        dots, x_sq = tiles.dot_products(
+            x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+            PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
+        x_bad = ~(x_sq <= HUGE) & x_ok
+        image_bad = tl.maximum(image_bad, tl.max(tl.reshape(x_bad.to(tl.int32),
+                                                            (IMAGES, BLOCK_L)), axis=1))
+        low, high = tiles.distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC)
+        skip = (x_bad | ~x_ok)[:, None]
+        low = tl.reshape(tl.where(skip, float("inf"), low), (IMAGES, BLOCK_L, BLOCK_M))
+        high = tl.reshape(tl.where(skip, float("inf"), high), (IMAGES, BLOCK_L, BLOCK_M))
         chunk_low, chunk_at = tl.min(low, axis=1, return_indices=True,
                                      return_indices_tie_break_left=True)
         chunk_runner_up = tl.min(tl.where(slot == chunk_at[:, None, :], float("inf"), low), axis=1)
@@ -99,12 +99,10 @@ def _choose_kernel(
         lowest = tl.where(better, chunk_low, lowest)
         lowest_at = tl.where(better, start + chunk_at, lowest_at)
         upper = tl.minimum(upper, tl.min(high, axis=1))
-        chunk_untrusted = tl.reshape(untrusted.to(tl.int32), (IMAGES, BLOCK_L, BLOCK_M))
-        undecided = tl.maximum(undecided, tl.max(chunk_untrusted, axis=1))
     # Certified: every other position's lower bound is above the smallest upper bound, so the
     # true minimum can only be at `lowest_at`. Otherwise (ties, near-ties within the rounding,
-    # non-finite entries) -1 sends the pair to the direct search of _exact_kernel.
-    certified = (undecided == 0) & (runner_up > upper)
+    # non-finite or huge entries) -1 sends the pair to the direct search of _exact_kernel.
+    certified = (image_bad == 0)[:, None] & ~p_bad[None, :] & (runner_up > upper)
     image = first_image + tl.arange(0, IMAGES)
     out = image.to(tl.int64)[:, None] * M + m[None, :]
     tl.store(indices_ptr + out, tl.where(certified, lowest_at, -1).to(tl.int64),
@@ -189,7 +187,8 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
 
     with launch.on_device(x):
         _choose_kernel[grid](x, prototypes, indices, batch, num, *shape, growth, floor,
-                             METRIC=metric, PRECISION=launch.dot_precision(x), ACC=acc)
+                             METRIC=metric, PRECISION=launch.dot_precision(x), ACC=acc,
+                             HUGE=launch.huge(x.dtype))
         launch.Fixed(_exact_kernel, EXACT)[
             lambda meta: (batch, triton.cdiv(num, meta["BLOCK_M"]))
         ](x, prototypes, values, indices, num, *shape, METRIC=metric, ACC=acc)

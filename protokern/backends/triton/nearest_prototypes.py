@@ -10,7 +10,7 @@ window, never holding the ``(N, M)`` distance matrix.
    nearest. When the largest kept lower bound is above ``T`` all of them are kept, and the
    epilogue recomputes just those directly (no expansion) and keeps the first ``k`` by (exact
    distance, index). Otherwise (more candidates than slots: ties, near-ties; or a non-finite
-   entry) the row is left to
+   entry, or squares that may overflow) the row is left to
 2. `_search_kernel`, which computes every distance of the rows left to it directly and keeps
    the first ``k`` by (exact distance, index).
 
@@ -107,7 +107,7 @@ def _nearest_kernel(
     x_ptr, p_ptr, values_ptr, indices_ptr, searched_ptr,
     N, M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw, GROWTH, FLOOR,
-    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, HUGE: tl.constexpr,
     K_NEAREST: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -129,19 +129,19 @@ def _nearest_kernel(
         p_rows = m.to(tl.int64) * spm
         p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
                                    ACC, BLOCK_M, BLOCK_K)
-        dist, untrusted, x_sq = tiles.expanded_distances(
-            x_ptr, x_rows, row_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
-            sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
-        untrusted = untrusted & p_ok[None, :]
-        if METRIC == "sqeuclidean":
-            bound = GROWTH * (x_sq[:, None] + p_sq[None, :]) + FLOOR
-        else:
-            bound = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC) + GROWTH
-        skip = untrusted | ~p_ok[None, :]
-        undecided = tl.maximum(undecided, tl.max(untrusted.to(tl.int32), axis=1))
-        uppers = _offer(uppers, tl.where(skip, float("inf"), dist + bound), K_NEAREST, BLOCK_M)
+        dots, x_sq = tiles.dot_products(
+            x_ptr, x_rows, row_ok, p_ptr, p_rows, p_ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
+            PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
+        # NaN, inf or squares so large that sums overflow: the expansion cannot bound the pair
+        x_bad = ~(x_sq <= HUGE)
+        p_bad = ~(p_sq <= HUGE) & p_ok
+        undecided = tl.maximum(undecided, x_bad.to(tl.int32))
+        undecided = tl.maximum(undecided, tl.max(p_bad.to(tl.int32), axis=0))
+        low, high = tiles.distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC)
+        skip = x_bad[:, None] | (p_bad | ~p_ok)[None, :]
+        uppers = _offer(uppers, tl.where(skip, float("inf"), high), K_NEAREST, BLOCK_M)
         lowers, lowers_at = _offer_with_index(lowers, lowers_at,
-                                              tl.where(skip, float("inf"), dist - bound),
+                                              tl.where(skip, float("inf"), low),
                                               tl.cast(first, tl.int64), SLOTS, BLOCK_M)
     threshold = tl.max(uppers, axis=1)  # T: the k-th smallest upper bound
     certified = (undecided == 0) & (tl.max(lowers, axis=1) > threshold) & row_ok
@@ -244,7 +244,8 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
     with launch.on_device(x):
         _nearest_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](
             x, prototypes, values, indices, searched, *shape, growth, floor, METRIC=metric,
-            PRECISION=launch.dot_precision(x), ACC=acc, K_NEAREST=k, SLOTS=slots)
+            PRECISION=launch.dot_precision(x), ACC=acc, HUGE=launch.huge(x.dtype), K_NEAREST=k,
+            SLOTS=slots)
         launch.Fixed(_search_kernel, SEARCH)[
             lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)
         ](x, prototypes, values, indices, searched, *shape, METRIC=metric, ACC=acc,

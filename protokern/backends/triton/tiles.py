@@ -73,17 +73,13 @@ def squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, s_d, s_h, s_w,
 
 
 @triton.jit
-def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
-                       sxd, sxh, sxw, spd, sph, spw,
-                       METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Distances ``(BLOCK_ROWS, BLOCK_M)`` between windows at ``x_rows`` and prototypes at
-    ``p_rows`` (squared norms ``p_sq``) by the GEMM expansion, which of them are not to be
-    trusted (non-finite, or from a non-finite norm: an overflow, an inf or NaN input), and the
-    windows' squared norms ``(BLOCK_ROWS,)``.
-
-    Clamps are ``where``s, not min/max, so that NaN stays NaN.
-    """
+def dot_products(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW,
+                 sxd, sxh, sxw, spd, sph, spw,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inner products ``(BLOCK_ROWS, BLOCK_M)`` of the windows at ``x_rows`` with the prototypes
+    at ``p_rows`` (one ``tl.dot`` per ``BLOCK_K`` entries), and the windows' squared norms
+    ``(BLOCK_ROWS,)``; zero where ``x_ok``/``p_ok`` is false."""
     dots = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC)
     x_sq = tl.zeros((BLOCK_ROWS,), ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -96,19 +92,54 @@ def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW
         dots = dot(x, p, dots, PRECISION)
         x_wide = x.to(ACC)
         x_sq += tl.sum(x_wide * x_wide, axis=1)
+    return dots, x_sq
+
+
+@triton.jit
+def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
+                       sxd, sxh, sxw, spd, sph, spw,
+                       METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Distances ``(BLOCK_ROWS, BLOCK_M)`` between windows at ``x_rows`` and prototypes at
+    ``p_rows`` (squared norms ``p_sq``) by the GEMM expansion.
+
+    Clamps are ``where``s, not min/max, so that NaN stays NaN.
+    """
+    dots, x_sq = dot_products(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW,
+                              sxd, sxh, sxw, spd, sph, spw, PRECISION, ACC,
+                              BLOCK_ROWS, BLOCK_M, BLOCK_K)
     if METRIC == "sqeuclidean":
         dist = x_sq[:, None] + p_sq[None, :] - 2 * dots
-        dist = tl.where(dist < 0, 0.0, dist)
+        return tl.where(dist < 0, 0.0, dist)
+    x_norm = tl.sqrt(x_sq)
+    p_norm = tl.sqrt(p_sq)
+    x_norm = tl.where(x_norm < EPS, EPS, x_norm)
+    p_norm = tl.where(p_norm < EPS, EPS, p_norm)
+    dist = 1 - dots / (x_norm[:, None] * p_norm[None, :])
+    return tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
+
+
+@triton.jit
+def distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC: tl.constexpr):
+    """Lower and upper bounds ``(R, M)`` of the true distances, from the inner products
+    ``dots`` and the squared norms ``x_sq`` ``(R,)``, ``p_sq`` ``(M,)``: the expansion minus /
+    plus its rounding bound (`protokern.backends.triton.min_distance.rounding_bound`), folded
+    into per-row and per-column terms so that only two tiles are made. Unclamped: valid
+    bounds still (a true distance is never negative). Meaningful where both squared norms are
+    finite and below ``max / 8`` (the caller skips the others)."""
+    if METRIC == "sqeuclidean":
+        low = ((1 - GROWTH) * x_sq - FLOOR)[:, None] + ((1 - GROWTH) * p_sq)[None, :] - 2 * dots
+        high = ((1 + GROWTH) * x_sq + FLOOR)[:, None] + ((1 + GROWTH) * p_sq)[None, :] \
+            - 2 * dots
     else:
         x_norm = tl.sqrt(x_sq)
         p_norm = tl.sqrt(p_sq)
-        x_norm = tl.where(x_norm < EPS, EPS, x_norm)
-        p_norm = tl.where(p_norm < EPS, EPS, p_norm)
-        dist = 1 - dots / (x_norm[:, None] * p_norm[None, :])
-        dist = tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
-    finite_norms = (tl.abs(x_sq) < float("inf"))[:, None] & (tl.abs(p_sq) < float("inf"))[None, :]
-    untrusted = ~((tl.abs(dist) < float("inf")) & finite_norms)
-    return dist, untrusted, x_sq
+        x_scale = 1 / tl.where(x_norm < EPS, EPS, x_norm)
+        p_scale = 1 / tl.where(p_norm < EPS, EPS, p_norm)
+        similarity = dots * x_scale[:, None] * p_scale[None, :]
+        low = (1 - GROWTH) - similarity
+        high = (1 + GROWTH) - similarity
+    return low, high
 
 
 @triton.jit
