@@ -8,7 +8,7 @@
 #include <limits>
 #include <tuple>
 
-#include "cpu/min_distance_kernel.h"
+#include "cpu/min_distance_kernels.h"
 
 namespace protokern::cpu {
 namespace {

@@ -1,6 +1,9 @@
-// Raw-pointer CPU kernels of protokern's min_distance (forward and backward).
+// Entry points of protokern's CPU kernels for min_distance: min_distance_forward
+// (min_distance_forward_kernel.cpp) and min_distance_backward (min_distance_backward_kernel.cpp).
+// The glue in min_distance_cpu.cpp is the only file that reads tensors: it checks them,
+// allocates the outputs and hands the kernels raw pointers, sizes and strides.
 //
-// Shapes follow the canonical forms of protokern/reference.py:
+// Shapes follow the canonical forms of protokern/backends/reference.py:
 //   x           (B, D, H, W) with arbitrary element strides
 //   prototypes  (M, K) contiguous, K = D * ph * pw, ordered (channel, window row, window col)
 //   windows     valid, stride 1: H' = H - ph + 1, W' = W - pw + 1, L = H' * W'
@@ -35,8 +38,9 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           acc_t* values, int64_t* indices);
 
 // Gradients of sum(grad_values * values) through the selected positions only.
-// grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K) contiguous, both acc_t; each is
-// fully written, or skipped when null (a gradient nobody asked for). Deterministic: every sum runs in a fixed order whatever the thread count.
+// grad_values (B, M) contiguous; grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K)
+// contiguous, both acc_t; each is fully written, or skipped when null (a gradient nobody asked
+// for). Deterministic: every sum runs in a fixed order whatever the thread count.
 template <typename in_t, typename acc_t>
 void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
                            const acc_t* prototypes, int64_t num_prototypes,
