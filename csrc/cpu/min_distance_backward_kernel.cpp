@@ -4,7 +4,9 @@
 // The selected windows are gathered from windows packed one image at a time per thread. grad_x:
 // per image, each window sums the terms of the prototypes that chose it, in prototype order, then
 // the windows are folded back into the image. grad_prototypes: per range of prototypes, the terms
-// of the images in image order. So every sum has one order whatever the thread count.
+// of the images in image order. So every sum has one order whatever the thread count. With one
+// position per image (tokens, or a window as large as the map) every pair is selected and the
+// gradient is two dense BLAS products instead (single_position_backward).
 #include "cpu/min_distance_kernels.h"
 
 #include <ATen/ATen.h>
@@ -178,6 +180,57 @@ void fold_rows(const acc_t* grad_rows, const FeatureMap& map, acc_t* grad_image)
       }
 }
 
+// One position per image: every (image, prototype) pair is selected, so the gather/scatter of the
+// general backward is a pair of dense products, which BLAS runs far faster (why through ATen:
+// see min_distance_kernels.h). With rows A (B, K), prototypes P (M, K) and G = grad_values:
+//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
+//   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
+//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A.
+// Deterministic for a given thread count (BLAS splits its output, not its sums, across threads).
+template <typename in_t, typename acc_t>
+void single_position_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                              const acc_t* prototypes, int64_t num, Metric metric,
+                              acc_t* grad_x, acc_t* grad_prototypes) {
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t batch = map.batch, size = map.row_size();
+  const at::Tensor grad = at::from_blob(const_cast<acc_t*>(grad_values), {batch, num}, acc);
+  const at::Tensor protos = at::from_blob(const_cast<acc_t*>(prototypes), {num, size}, acc);
+  const at::Tensor rows =
+      at::from_blob(const_cast<in_t*>(x), {batch, map.channels, map.height, map.width},
+                    {map.stride_b, map.stride_c, map.stride_h, map.stride_w},
+                    at::TensorOptions().dtype(c10::CppTypeToScalarType<in_t>::value))
+          .reshape({batch, size})
+          .to(acc.dtype());
+  at::Tensor grad_rows, grad_protos;  // undefined where not needed
+  if (grad_x != nullptr) grad_rows = at::from_blob(grad_x, {batch, size}, acc);
+  if (grad_prototypes != nullptr) grad_protos = at::from_blob(grad_prototypes, {num, size}, acc);
+  if (metric == Metric::SquaredEuclidean) {
+    if (grad_rows.defined())
+      at::sub_out(grad_rows, grad.sum(1, true) * rows, at::mm(grad, protos)).mul_(2);
+    if (grad_protos.defined())
+      at::sub_out(grad_protos, grad.sum(0).unsqueeze(1) * protos, at::mm(grad.t(), rows))
+          .mul_(2);
+    return;
+  }
+  const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
+  const at::Tensor proto_norm = protos.norm(2, 1, true).t();  // (1, M)
+  const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
+  const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
+  const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
+  const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
+  if (grad_rows.defined()) {
+    const at::Tensor row_coef =
+        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
+    at::sub_out(grad_rows, row_coef * rows, at::mm(scale, protos));
+  }
+  if (grad_protos.defined()) {
+    const at::Tensor proto_coef =
+        at::where(proto_norm.t() >= kNormFloor,
+                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
+    at::sub_out(grad_protos, proto_coef * protos, at::mm(scale.t(), rows));
+  }
+}
+
 }  // namespace
 
 template <typename in_t, typename acc_t>
@@ -190,6 +243,11 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   if (batch == 0) {
     if (grad_prototypes != nullptr)
       std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
+    return;
+  }
+  if (positions == 1) {
+    single_position_backward(grad_values, x, map, prototypes, num, metric, grad_x,
+                             grad_prototypes);
     return;
   }
   // The selected windows are gathered from windows packed one image at a time per thread (never a

@@ -85,46 +85,6 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   return {values.to(x.scalar_type()), indices};
 }
 
-// With one position per image every (image, prototype) pair is selected, so the gather/scatter
-// of the general backward is a pair of dense products, which BLAS runs far faster:
-//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
-//   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
-//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A.
-// rows (B, K) and prototypes (M, K) in the accumulation type. Deterministic for a given thread
-// count (BLAS splits its output, not its sums, across threads).
-std::tuple<at::Tensor, at::Tensor> single_position_backward(const at::Tensor& grad,
-                                                            const at::Tensor& rows,
-                                                            const at::Tensor& protos,
-                                                            Metric metric, bool needs_rows,
-                                                            bool needs_protos) {
-  at::Tensor grad_rows, grad_protos;  // undefined where not needed
-  if (metric == Metric::SquaredEuclidean) {
-    if (needs_rows) grad_rows = (grad.sum(1, true) * rows - at::mm(grad, protos)).mul_(2);
-    if (needs_protos)
-      grad_protos = (grad.sum(0).unsqueeze(1) * protos - at::mm(grad.t(), rows)).mul_(2);
-    return {grad_rows, grad_protos};
-  }
-  constexpr double kNormFloor = 1e-8;  // as reference.EPS
-  const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
-  const at::Tensor proto_norm = protos.norm(2, 1, true).t();  // (1, M)
-  const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
-  const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
-  const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
-  const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
-  if (needs_rows) {
-    const at::Tensor row_coef =
-        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
-    grad_rows = row_coef * rows - at::mm(scale, protos);
-  }
-  if (needs_protos) {
-    const at::Tensor proto_coef =
-        at::where(proto_norm.t() >= kNormFloor,
-                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
-    grad_protos = proto_coef * protos - at::mm(scale.t(), rows);
-  }
-  return {grad_rows, grad_protos};
-}
-
 // An empty tensor stands for a gradient nobody asked for (protokern.ops maps it to None).
 at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& like) {
   return grad.defined() ? grad.reshape(like.sizes()).to(like.scalar_type())
@@ -158,12 +118,6 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
   const at::Tensor grad = grad_values.to(acc).contiguous();
   if (!needs_x && !needs_prototypes) {
     return {gradient_or_empty({}, x), gradient_or_empty({}, prototypes)};
-  }
-  if (map.positions() == 1 && map.batch > 0) {
-    auto [grad_rows, grad_p] =
-        single_position_backward(grad, x.reshape({map.batch, -1}).to(acc), protos,
-                                 metric_from(metric), needs_x, needs_prototypes);
-    return {gradient_or_empty(grad_rows, x), gradient_or_empty(grad_p, prototypes)};
   }
   at::Tensor grad_x, grad_protos;
   if (needs_x)

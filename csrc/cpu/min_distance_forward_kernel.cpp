@@ -286,8 +286,8 @@ void describe_rows(const acc_t* squared, int64_t count, acc_t* inverse, uint8_t*
 }
 
 // tile (row_count x columns, row-major) = rows (row_count x K) . prototypes (columns x K)^T.
-// Through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (MKL/OpenBLAS, which also honour
-// the float32 matmul precision); inside at::parallel_for it runs on the calling thread only.
+// Through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (why ATen in a kernel: see
+// min_distance_kernels.h); inside at::parallel_for it runs on the calling thread only.
 template <typename acc_t>
 void gemm_rows_by_prototypes(acc_t* rows, int64_t row_count, const acc_t* prototypes,
                              int64_t columns, int64_t size, acc_t* tile) {

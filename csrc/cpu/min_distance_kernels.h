@@ -3,6 +3,14 @@
 // The glue in min_distance_cpu.cpp is the only file that reads tensors: it checks them,
 // allocates the outputs and hands the kernels raw pointers, sizes and strides.
 //
+// Where the kernels call ATen: PyTorch's BLAS is reachable only through ATen (libtorch_cpu does
+// not export cpublas::gemm's float overloads), so two kernels wrap their own memory in tensors
+// (at::from_blob) and call ATen ops on it: the forward's GEMM tiles (gemm_rows_by_prototypes,
+// at::mm_out), and the backward with one position per image (single_position_backward), where
+// every pair is selected and the whole gradient is two dense products plus a few whole-matrix
+// sums. That ATen BLAS is also the one that honours torch's thread count and float32 matmul
+// precision. This is the one place that says so; those functions refer here.
+//
 // Shapes follow the canonical forms of protokern/backends/reference.py:
 //   x           (B, D, H, W) with arbitrary element strides
 //   prototypes  (M, K) contiguous, K = D * ph * pw, ordered (channel, window row, window col)
@@ -40,7 +48,8 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
 // Gradients of sum(grad_values * values) through the selected positions only.
 // grad_values (B, M) contiguous; grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K)
 // contiguous, both acc_t; each is fully written, or skipped when null (a gradient nobody asked
-// for). Deterministic: every sum runs in a fixed order whatever the thread count.
+// for). Deterministic: every sum runs in a fixed order whatever the thread count; with one
+// position per image (BLAS products), for a given thread count.
 template <typename in_t, typename acc_t>
 void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
                            const acc_t* prototypes, int64_t num_prototypes,
