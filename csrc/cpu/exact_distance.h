@@ -11,10 +11,9 @@
 
 #include "cpu/cpu_utils.h"
 #include "cpu/min_distance_kernels.h"
+#include "metric.h"
 
 namespace protokern::cpu {
-
-constexpr double kNormFloor = 1e-8;  // cosine: max(|v|, kNormFloor), as reference.EPS
 
 template <typename acc_t>
 PK_INLINE double exact_squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
@@ -67,7 +66,7 @@ PK_INLINE acc_t squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
 template <typename acc_t>
 PK_INLINE double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Metric metric,
                                 double p_squared, bool trusted) {
-  if (metric == Metric::SquaredEuclidean)
+  if (metric == Metric::kSqEuclidean)
     return trusted ? static_cast<double>(squared_distance(a, p, size))
                    : exact_squared_distance(a, p, size);
   double a_squared;

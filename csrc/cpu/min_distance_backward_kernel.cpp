@@ -24,6 +24,7 @@
 
 #include "cpu/cpu_utils.h"
 #include "cpu/exact_distance.h"
+#include "metric.h"
 
 namespace protokern::cpu {
 namespace {
@@ -125,7 +126,7 @@ PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64
       const int64_t m = order[run];
       const int64_t pair = b * in.num + m;
       const acc_t* p = in.prototypes + m * in.size;
-      if (in.metric == Metric::SquaredEuclidean) {
+      if (in.metric == Metric::kSqEuclidean) {
         add_scaled_difference(sum, static_cast<acc_t>(2.0 * in.grad_values[pair]), window, p,
                               in.size);
       } else {
@@ -150,7 +151,7 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
     const int64_t pair = b * in.num + m;
     const acc_t* a = rows + in.indices[pair] * in.size;
     acc_t* out = grad_prototypes + m * in.size;
-    if (in.metric == Metric::SquaredEuclidean) {
+    if (in.metric == Metric::kSqEuclidean) {
       add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
                             in.prototypes + m * in.size, in.size);
     } else {
@@ -204,7 +205,7 @@ void single_position_backward(const acc_t* grad_values, const in_t* x, const Fea
   at::Tensor grad_rows, grad_protos;  // undefined where not needed
   if (grad_x != nullptr) grad_rows = at::from_blob(grad_x, {batch, size}, acc);
   if (grad_prototypes != nullptr) grad_protos = at::from_blob(grad_prototypes, {num, size}, acc);
-  if (metric == Metric::SquaredEuclidean) {
+  if (metric == Metric::kSqEuclidean) {
     if (grad_rows.defined())
       at::sub_out(grad_rows, grad.sum(1, true) * rows, at::mm(grad, protos)).mul_(2);
     if (grad_protos.defined())
@@ -255,7 +256,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   const int64_t image_elements = positions * size;
   // Cosine needs every pair's a.p, |a|^2 and |p|^2; computed once, read by both passes.
   std::vector<double> dots, a_squared, p_squared;
-  if (metric == Metric::Cosine) {
+  if (metric == Metric::kCosine) {
     dots.resize(batch * num);
     a_squared.resize(batch * num);
     p_squared.resize(num);
@@ -300,7 +301,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
       add_image_to_prototype_gradients(in, b, rows.data(), begin, end, grad_prototypes,
                                        p_coef.data());
     }
-    if (metric == Metric::Cosine)
+    if (metric == Metric::kCosine)
       for (int64_t m = begin; m < end; ++m)
         add_scaled(grad_prototypes + m * size, p_coef[m - begin],
                    prototypes + m * size, size);

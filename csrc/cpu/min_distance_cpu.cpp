@@ -6,18 +6,20 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "cpu/min_distance_kernels.h"
+#include "metric.h"
 
 namespace protokern::cpu {
 namespace {
 
 Metric metric_from(c10::string_view name) {
-  TORCH_CHECK_VALUE(name == "sqeuclidean" || name == "cosine",
-                    "protokern_cpu: unknown metric '", name,
-                    "'; expected 'sqeuclidean' or 'cosine'");
-  return name == "sqeuclidean" ? Metric::SquaredEuclidean : Metric::Cosine;
+  const std::optional<Metric> metric = metric_named(name);
+  TORCH_CHECK_VALUE(metric.has_value(), "protokern_cpu: unknown metric '", name, "'; expected ",
+                    kMetricNames);
+  return *metric;
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {

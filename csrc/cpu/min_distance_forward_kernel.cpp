@@ -151,7 +151,7 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                                    TileSide<acc_t> col_side, const acc_t* prototypes,
                                    const double* proto_squared_exact, Metric metric, acc_t g,
                                    acc_t tau, Best* best, Shortlist& shortlist) {
-  const bool squared_metric = metric == Metric::SquaredEuclidean;
+  const bool squared_metric = metric == Metric::kSqEuclidean;
   bool all_rows_trusted = true;
   for (int64_t r = 0; r < positions; ++r) all_rows_trusted &= row_side.finite[r] != 0;
 
@@ -245,7 +245,7 @@ PK_VECTOR_CLONES void direct_distances(const acc_t* rows, int64_t count, int64_t
   for (int64_t r = 0; r < count; ++r) {
     const acc_t* a = rows + r * size;
     int64_t c = 0;
-    if (metric == Metric::SquaredEuclidean && row_side.finite[r])
+    if (metric == Metric::kSqEuclidean && row_side.finite[r])
       // Four prototypes per sweep of the window: its elements are loaded once for all four.
       for (; c + 4 <= columns; c += 4) {
         if (!(col_side.finite[c] && col_side.finite[c + 1] && col_side.finite[c + 2] &&
@@ -315,7 +315,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
     squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
     describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
                   proto_finite.data() + begin);
-    if (metric == Metric::Cosine)
+    if (metric == Metric::kCosine)
       for (int64_t m = begin; m < end; ++m)
         exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
   });
@@ -324,7 +324,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
   // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
   const double eps = std::numeric_limits<acc_t>::epsilon();
   const double tiny = std::numeric_limits<acc_t>::min();
-  const acc_t g = metric == Metric::SquaredEuclidean
+  const acc_t g = metric == Metric::kSqEuclidean
                       ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
                       : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
   const acc_t tau = static_cast<acc_t>(4 * (size + 1) * tiny);

@@ -23,9 +23,9 @@
 
 #include <cstdint>
 
-namespace protokern::cpu {
+#include "metric.h"
 
-enum class Metric : int { SquaredEuclidean = 0, Cosine = 1 };
+namespace protokern::cpu {
 
 struct FeatureMap {
   int64_t batch, channels, height, width;

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
-#include <string_view>
+#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -20,9 +20,10 @@
 #include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this c10 function
 #include <torch/library.h>
 
-#include "min_distance_kernels.h"
+#include "cuda/min_distance_kernels.h"
+#include "metric.h"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int64_t kMaxInt32 = 0x7fffffffLL;
@@ -40,10 +41,11 @@ void check_cuda(cudaError_t error, const char* kernel, const std::string& shapes
               cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
 }
 
-Metric parse_metric(c10::string_view metric, const char* op) {
-  TORCH_CHECK_VALUE(metric == "sqeuclidean" || metric == "cosine", "protokern cuda ", op,
-                    ": unknown metric '", metric, "'; expected 'sqeuclidean' or 'cosine'");
-  return metric == "sqeuclidean" ? Metric::kSqEuclidean : Metric::kCosine;
+Metric parse_metric(c10::string_view name, const char* op) {
+  const std::optional<Metric> metric = metric_named(name);
+  TORCH_CHECK_VALUE(metric.has_value(), "protokern cuda ", op, ": unknown metric '", name,
+                    "'; expected ", kMetricNames);
+  return *metric;
 }
 
 ScalarKind scalar_kind_of(const at::Tensor& t) {
@@ -229,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(
 }
 
 }  // namespace
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda
 
 TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
   m.def("min_distance(Tensor x, Tensor prototypes, str metric, bool allow_tf32) "
@@ -240,6 +242,6 @@ TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(protokern_cuda, CUDA, m) {
-  m.impl("min_distance", &protokern_cuda::min_distance);
-  m.impl("min_distance_backward", &protokern_cuda::min_distance_backward);
+  m.impl("min_distance", &protokern::cuda::min_distance);
+  m.impl("min_distance_backward", &protokern::cuda::min_distance_backward);
 }
