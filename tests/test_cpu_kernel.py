@@ -142,15 +142,18 @@ def test_kernel_refuses_out_of_range_indices():
     x, prototypes = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
     grad = torch.ones(2, 5)
     bad = torch.full((2, 5), 9, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 9\)"):
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 9\)"):
         torch.ops.protokern_cpu.min_distance_backward(grad, x, prototypes, bad, "sqeuclidean",
                                                       True, True)
 
 
 def test_kernel_checks_its_arguments():
-    with pytest.raises(RuntimeError, match="x has 4 channels but prototypes have 3"):
+    with pytest.raises(ValueError, match="x has 4 channels but prototypes have 3"):
         torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 3, 1, 1),
                                              "sqeuclidean", 0.0)
+    with pytest.raises(TypeError, match="must share a dtype.*Float and Double"):
+        torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3),
+                                             torch.randn(2, 4, 1, 1).double(), "sqeuclidean", 0.0)
     with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
         torch.ops.protokern_cpu.min_distance(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1),
                                              "manhattan", 0.0)

@@ -1,51 +1,65 @@
-// Glue of the CPU kernels: checks tensors, picks the instantiation, registers the ops
-// protokern_cpu::min_distance and protokern_cpu::min_distance_backward (called by
-// protokern/cpu_backend.py, which the protokern::* ops dispatch to).
+// PyTorch glue of protokern's CPU min_distance kernels.
+//
+// Registers, in the library `protokern_cpu` of the extension protokern._C:
+//   min_distance(x, prototypes, metric, input_rounding) -> (values, indices)
+//   min_distance_backward(grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+//     -> (grad_x, grad_prototypes)
+// for canonical inputs (x (B, D, H, W), prototypes (M, D, ph, pw); protokern/backends/cpu.py
+// calls them once protokern.ops has validated the user's shapes). This file reads and checks the
+// tensors (bad input raises ValueError or TypeError), allocates the outputs and picks the
+// instantiation; the kernels (min_distance_*_kernel.cpp) see raw pointers only (see
+// min_distance_kernels.h for where they call ATen themselves, and why).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <type_traits>
 
-#include "cpu/min_distance_kernel.h"
+#include "cpu/min_distance_kernels.h"
+#include "metric.h"
 
 namespace protokern::cpu {
 namespace {
 
-Metric metric_from(c10::string_view name) {
-  TORCH_CHECK_VALUE(name == "sqeuclidean" || name == "cosine",
-                    "protokern_cpu: unknown metric '", name,
-                    "'; expected 'sqeuclidean' or 'cosine'");
-  return name == "sqeuclidean" ? Metric::SquaredEuclidean : Metric::Cosine;
+Metric parse_metric(c10::string_view name, const char* op) {
+  const std::optional<Metric> metric = metric_named(name);
+  TORCH_CHECK_VALUE(metric.has_value(), op, ": unknown metric '", name, "'; expected ",
+                    kMetricNames);
+  return *metric;
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
-  TORCH_CHECK(x.dim() == 4 && prototypes.dim() == 4, op,
-              ": expects x (B, D, H, W) and prototypes (M, D, ph, pw), got x ", x.sizes(),
-              " and prototypes ", prototypes.sizes());
-  TORCH_CHECK(x.device().is_cpu() && prototypes.device().is_cpu(), op,
-              ": expects CPU tensors, got x on ", x.device(), " and prototypes on ",
-              prototypes.device());
-  TORCH_CHECK(x.scalar_type() == prototypes.scalar_type(), op,
-              ": x and prototypes must share a dtype, got ", x.scalar_type(), " and ",
-              prototypes.scalar_type());
-  TORCH_CHECK(x.size(1) == prototypes.size(1), op, ": x has ", x.size(1),
-              " channels but prototypes have ", prototypes.size(1), " (x ", x.sizes(),
-              ", prototypes ", prototypes.sizes(), ")");
-  TORCH_CHECK(prototypes.size(2) <= x.size(2) && prototypes.size(3) <= x.size(3), op,
-              ": the window ", prototypes.size(2), "x", prototypes.size(3),
-              " is larger than the map ", x.size(2), "x", x.size(3));
+  TORCH_CHECK_VALUE(x.dim() == 4 && prototypes.dim() == 4, op,
+                    ": expects x (B, D, H, W) and prototypes (M, D, ph, pw), got x ", x.sizes(),
+                    " and prototypes ", prototypes.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && prototypes.device().is_cpu(), op,
+                    ": expects CPU tensors, got x on ", x.device(), " and prototypes on ",
+                    prototypes.device());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK_TYPE((dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                    dtype == at::kBFloat16) &&
+                       prototypes.scalar_type() == dtype,
+                   op, ": x and prototypes must share a dtype among float32, float64, float16 "
+                   "and bfloat16, got ", dtype, " and ", prototypes.scalar_type());
+  TORCH_CHECK_VALUE(x.size(1) == prototypes.size(1), op, ": x has ", x.size(1),
+                    " channels but prototypes have ", prototypes.size(1), " (x ", x.sizes(),
+                    ", prototypes ", prototypes.sizes(), ")");
+  TORCH_CHECK_VALUE(prototypes.size(2) <= x.size(2) && prototypes.size(3) <= x.size(3), op,
+                    ": the window ", prototypes.size(2), "x", prototypes.size(3),
+                    " is larger than the map ", x.size(2), "x", x.size(3));
 }
 
-FeatureMap describe(const at::Tensor& x, const at::Tensor& prototypes) {
+FeatureMap describe(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
   // The kernel stores positions within one image as int32 in its shortlist. A ValueError,
   // like every other limit, raised before anything is allocated.
   const int64_t positions =
       (x.size(2) - prototypes.size(2) + 1) * (x.size(3) - prototypes.size(3) + 1);
   TORCH_CHECK_VALUE(positions < std::numeric_limits<int32_t>::max(),
-                    "protokern_cpu: at most 2^31 - 2 window positions per image are supported, "
-                    "got ", positions, " (x ", x.sizes(), ", prototypes ", prototypes.sizes(), ")");
+                    op, ": at most 2^31 - 2 window positions per image are supported, got ",
+                    positions, " (x ", x.sizes(), ", prototypes ", prototypes.sizes(), ")");
   return FeatureMap{x.size(0),   x.size(1),   x.size(2),   x.size(3),
                     x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                     prototypes.size(2), prototypes.size(3)};
@@ -65,64 +79,24 @@ at::Tensor flat_prototypes(const at::Tensor& prototypes) {
 
 std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
                                                    const at::Tensor& prototypes,
-                                                   c10::string_view metric,
+                                                   c10::string_view metric_name,
                                                    double input_rounding) {
-  check_inputs("protokern_cpu::min_distance", x, prototypes);
-  const FeatureMap map = describe(x, prototypes);
+  constexpr const char* op = "protokern_cpu::min_distance";
+  const Metric metric = parse_metric(metric_name, op);
+  check_inputs(op, x, prototypes);
+  const FeatureMap map = describe(op, x, prototypes);
   const at::Tensor protos = flat_prototypes(prototypes);
   const int64_t num = prototypes.size(0);
   at::Tensor values = at::empty({map.batch, num}, x.options().dtype(protos.scalar_type()));
   at::Tensor indices = at::empty({map.batch, num}, x.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "protokern_cpu::min_distance", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
-                                              protos.const_data_ptr<acc_t>(), num,
-                                              metric_from(metric), input_rounding,
-                                              values.mutable_data_ptr<acc_t>(),
-                                              indices.mutable_data_ptr<int64_t>());
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
+                                          protos.const_data_ptr<acc_t>(), num, metric,
+                                          input_rounding, values.mutable_data_ptr<acc_t>(),
+                                          indices.mutable_data_ptr<int64_t>());
+  });
   return {values.to(x.scalar_type()), indices};
-}
-
-// With one position per image every (image, prototype) pair is selected, so the gather/scatter
-// of the general backward is a pair of dense products, which BLAS runs far faster:
-//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
-//   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
-//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A.
-// rows (B, K) and prototypes (M, K) in the accumulation type. Deterministic for a given thread
-// count (BLAS splits its output, not its sums, across threads).
-std::tuple<at::Tensor, at::Tensor> single_position_backward(const at::Tensor& grad,
-                                                            const at::Tensor& rows,
-                                                            const at::Tensor& protos,
-                                                            Metric metric, bool needs_rows,
-                                                            bool needs_protos) {
-  at::Tensor grad_rows, grad_protos;  // undefined where not needed
-  if (metric == Metric::SquaredEuclidean) {
-    if (needs_rows) grad_rows = (grad.sum(1, true) * rows - at::mm(grad, protos)).mul_(2);
-    if (needs_protos)
-      grad_protos = (grad.sum(0).unsqueeze(1) * protos - at::mm(grad.t(), rows)).mul_(2);
-    return {grad_rows, grad_protos};
-  }
-  constexpr double kNormFloor = 1e-8;  // as reference.EPS
-  const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
-  const at::Tensor proto_norm = protos.norm(2, 1, true).t();  // (1, M)
-  const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
-  const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
-  const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
-  const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
-  if (needs_rows) {
-    const at::Tensor row_coef =
-        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
-    grad_rows = row_coef * rows - at::mm(scale, protos);
-  }
-  if (needs_protos) {
-    const at::Tensor proto_coef =
-        at::where(proto_norm.t() >= kNormFloor,
-                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
-    grad_protos = proto_coef * protos - at::mm(scale.t(), rows);
-  }
-  return {grad_rows, grad_protos};
 }
 
 // An empty tensor stands for a gradient nobody asked for (protokern.ops maps it to None).
@@ -133,25 +107,25 @@ at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& prototypes,
-    const at::Tensor& indices, c10::string_view metric, bool needs_x, bool needs_prototypes) {
-  check_inputs("protokern_cpu::min_distance_backward", x, prototypes);
-  const FeatureMap map = describe(x, prototypes);
+    const at::Tensor& indices, c10::string_view metric_name, bool needs_x,
+    bool needs_prototypes) {
+  constexpr const char* op = "protokern_cpu::min_distance_backward";
+  const Metric metric = parse_metric(metric_name, op);
+  check_inputs(op, x, prototypes);
+  const FeatureMap map = describe(op, x, prototypes);
   const int64_t num = prototypes.size(0);
-  TORCH_CHECK(grad_values.sizes() == indices.sizes() && indices.dim() == 2 &&
-                  indices.size(0) == map.batch && indices.size(1) == num,
-              "protokern_cpu::min_distance_backward: grad_values ", grad_values.sizes(),
-              " and indices ", indices.sizes(), " must both be (B, M) = (", map.batch, ", ",
-              num, ")");
-  TORCH_CHECK(indices.scalar_type() == at::kLong,
-              "protokern_cpu::min_distance_backward: indices must be int64, got ",
-              indices.scalar_type());
+  TORCH_CHECK_VALUE(grad_values.sizes() == indices.sizes() && indices.dim() == 2 &&
+                        indices.size(0) == map.batch && indices.size(1) == num,
+                    op, ": grad_values ", grad_values.sizes(), " and indices ", indices.sizes(),
+                    " must both be (B, M) = (", map.batch, ", ", num, ")");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
+                   indices.scalar_type());
   const at::Tensor index = indices.contiguous();
   if (index.numel() > 0) {
     // A bad index would write out of bounds: refuse it instead.
     const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
-    TORCH_CHECK(low >= 0 && high < map.positions(),
-                "protokern_cpu::min_distance_backward: indices must lie in [0, ",
-                map.positions(), "), got values in [", low, ", ", high, "]");
+    TORCH_CHECK_VALUE(low >= 0 && high < map.positions(), op, ": indices must lie in [0, ",
+                      map.positions(), "), got values in [", low, ", ", high, "]");
   }
   const at::Tensor protos = flat_prototypes(prototypes);
   const at::ScalarType acc = protos.scalar_type();
@@ -159,25 +133,18 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
   if (!needs_x && !needs_prototypes) {
     return {gradient_or_empty({}, x), gradient_or_empty({}, prototypes)};
   }
-  if (map.positions() == 1 && map.batch > 0) {
-    auto [grad_rows, grad_p] =
-        single_position_backward(grad, x.reshape({map.batch, -1}).to(acc), protos,
-                                 metric_from(metric), needs_x, needs_prototypes);
-    return {gradient_or_empty(grad_rows, x), gradient_or_empty(grad_p, prototypes)};
-  }
   at::Tensor grad_x, grad_protos;
   if (needs_x)
     grad_x = at::empty({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
   if (needs_prototypes) grad_protos = at::empty_like(protos);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "protokern_cpu::min_distance_backward", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        min_distance_backward<scalar_t, acc_t>(
-            grad.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), map,
-            protos.const_data_ptr<acc_t>(), num, index.const_data_ptr<int64_t>(),
-            metric_from(metric), needs_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr,
-            needs_prototypes ? grad_protos.mutable_data_ptr<acc_t>() : nullptr);
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    min_distance_backward<scalar_t, acc_t>(
+        grad.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), map,
+        protos.const_data_ptr<acc_t>(), num, index.const_data_ptr<int64_t>(), metric,
+        needs_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr,
+        needs_prototypes ? grad_protos.mutable_data_ptr<acc_t>() : nullptr);
+  });
   return {gradient_or_empty(grad_x, x), gradient_or_empty(grad_protos, prototypes)};
 }
 

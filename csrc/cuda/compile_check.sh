@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Compiles every csrc/cuda/*.cu with bare nvcc, warnings as errors, for each architecture given
-# (default: 80 90), with the flags PyTorch's CUDAExtension adds (so a kernel that builds here
-# builds in setup.py too). Needs no GPU and no CUDA PyTorch: the kernels include no torch header.
+# (default: 80 90), with the flags PyTorch's CUDAExtension adds and setup.py's include path csrc/
+# (so a kernel that builds here builds in setup.py too). Needs no GPU and no CUDA PyTorch: the
+# kernels include no torch header.
 # Then the glue (min_distance_cuda.cpp) is compiled against the installed torch's headers and
-# the CUDA toolkit's, and every protokern_cuda symbol it calls must be defined by the kernels'
+# the CUDA toolkit's, and every protokern::cuda symbol it calls must be defined by the kernels'
 # objects: a signature that drifts between the glue and a kernel fails here, not on a GPU.
 # Object files go to a temporary folder that is removed afterwards.
 #   usage: csrc/cuda/compile_check.sh [ARCH ...]      e.g. csrc/cuda/compile_check.sh 90
@@ -24,7 +25,7 @@ names=()
 status=0
 for arch in "${archs[@]}"; do
     for source in *.cu; do
-        nvcc -std=c++20 -O3 -c -arch="sm_${arch}" \
+        nvcc -std=c++20 -O3 -c -arch="sm_${arch}" -I.. \
             -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
             -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
             -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
@@ -69,8 +70,12 @@ g++ -std=c++20 -c -DWITH_CUDA -I.. -isystem "$out/stub" -isystem "$torch_dir/inc
     -isystem "$torch_dir/include/torch/csrc/api/include" -isystem "$cuda_include" \
     -Wall -Wextra -Werror -o "$out/glue.o" min_distance_cuda.cpp \
     || { echo "FAILED: g++ min_distance_cuda.cpp against torch and CUDA headers" >&2; exit 1; }
-needed=$(nm -C --undefined-only "$out/glue.o" | grep -o 'protokern_cuda::.*' | sort -u)
-defined=$(nm -C --defined-only "$out"/*.sm_"${archs[0]}".o | grep -o 'protokern_cuda::.*' | sort -u)
+needed=$(nm -C --undefined-only "$out/glue.o" | grep -o 'protokern::cuda::.*' | sort -u)
+defined=$(nm -C --defined-only "$out"/*.sm_"${archs[0]}".o | grep -o 'protokern::cuda::.*' | sort -u)
+if [ -z "$needed" ]; then
+    echo "FAILED: found no protokern::cuda call in the glue's object (a renamed namespace?)" >&2
+    exit 1
+fi
 missing=$(comm -23 <(echo "$needed") <(echo "$defined"))
 if [ -n "$missing" ]; then
     echo "FAILED: the glue calls kernels no .cu file defines (signature drift?):" >&2

@@ -9,12 +9,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "min_distance_kernels.h"
+#include "cuda/min_distance_kernels.h"
+#include "metric.h"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 
-// Lower bound of a norm in the cosine metric: max(|v|, kNormEps).
-constexpr float kNormEps = 1e-8f;
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -84,7 +83,7 @@ __device__ __forceinline__ float power_of_two_scale(float largest) {
 // |v| = scale * sqrt(scaled_squared) (inf when it overflows: then |v| >= eps).
 __device__ __forceinline__ float cosine_factor(float scaled_squared, float scale) {
   const float scaled_norm = sqrtf(scaled_squared);
-  return scale * scaled_norm >= kNormEps ? 1.f / scaled_norm : scale / kNormEps;
+  return scale * scaled_norm >= kNormFloorFloat ? 1.f / scaled_norm : scale / kNormFloorFloat;
 }
 
 __device__ __forceinline__ float distance_from_sums(Metric metric, const PairSums& s) {
@@ -210,4 +209,4 @@ cudaError_t dispatch_scalar_kind(ScalarKind kind, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

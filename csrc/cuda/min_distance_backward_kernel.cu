@@ -3,9 +3,9 @@
 // the chosen row and the prototype (coefficients from selected_pair_coefficients_kernel); the
 // prototypes' gradient gathers it over images, and the rows' gradient scatters it to the chosen
 // positions, deterministically unless the caller allows atomics.
-#include "device_utils.cuh"
+#include "cuda/device_utils.cuh"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(kWarpThreads)
     const float row_norm = true_row_norm(sums);
     const float proto_norm = true_proto_norm(sums);
     const float dot = true_dot(sums);
-    const float row_bound = clamp_min_keep_nan(row_norm, kNormEps);
-    const float proto_bound = clamp_min_keep_nan(proto_norm, kNormEps);
+    const float row_bound = clamp_min_keep_nan(row_norm, kNormFloorFloat);
+    const float proto_bound = clamp_min_keep_nan(proto_norm, kNormFloorFloat);
     const float scale = grad / (row_bound * proto_bound);
-    out[0] = row_norm >= kNormEps ? scale * dot / (row_bound * row_bound) : 0.f;
+    out[0] = row_norm >= kNormFloorFloat ? scale * dot / (row_bound * row_bound) : 0.f;
     out[1] = -scale;
-    out[2] = proto_norm >= kNormEps ? scale * dot / (proto_bound * proto_bound) : 0.f;
+    out[2] = proto_norm >= kNormFloorFloat ? scale * dot / (proto_bound * proto_bound) : 0.f;
     out[3] = -scale;
   }
 }
@@ -313,4 +313,4 @@ cudaError_t launch_row_gradient(ScalarKind kind, bool deterministic, RowsView x,
   });
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

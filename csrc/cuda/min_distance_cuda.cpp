@@ -1,18 +1,19 @@
 // PyTorch glue of protokern's CUDA min_distance kernels (compiled only in CUDA builds).
 //
-// Registers, in the library fragment `protokern_cuda` of the extension protokern._C:
+// Registers, in the library `protokern_cuda` of the extension protokern._C:
 //   min_distance(x, prototypes, metric, allow_tf32) -> (values, indices)
 //   min_distance_backward(grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes,
 //                         deterministic) -> (grad_x, grad_prototypes)
-// for canonical inputs (x (B, D, H, W), prototypes (M, D, 1, 1); protokern/cuda_backend.py
-// validates the user's shapes and refuses other windows). This file reads and checks the
-// tensors, lays x out as rows with contiguous channels, picks the kernels and launches them on
-// PyTorch's current stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA error
-// raises a Python RuntimeError naming the kernel and the shapes.
+// for canonical inputs (x (B, D, H, W), prototypes (M, D, 1, 1); protokern/backends/cuda.py
+// calls them once protokern.ops has validated the user's shapes, and refuses other windows).
+// This file reads and checks the tensors (bad input raises ValueError or TypeError), lays x out
+// as rows with contiguous channels, picks the kernels and launches them on PyTorch's current
+// stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA error raises a Python
+// RuntimeError naming the kernel and the shapes.
 #include <cstdint>
 #include <sstream>
 #include <string>
-#include <string_view>
+#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -20,9 +21,10 @@
 #include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this c10 function
 #include <torch/library.h>
 
-#include "min_distance_kernels.h"
+#include "cuda/min_distance_kernels.h"
+#include "metric.h"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int64_t kMaxInt32 = 0x7fffffffLL;
@@ -36,14 +38,15 @@ std::string describe(const at::Tensor& x, const at::Tensor& prototypes) {
 }
 
 void check_cuda(cudaError_t error, const char* kernel, const std::string& shapes) {
-  TORCH_CHECK(error == cudaSuccess, "protokern cuda: ", kernel, " failed for ", shapes, ": ",
+  TORCH_CHECK(error == cudaSuccess, "protokern_cuda: ", kernel, " failed for ", shapes, ": ",
               cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
 }
 
-Metric parse_metric(c10::string_view metric, const char* op) {
-  TORCH_CHECK_VALUE(metric == "sqeuclidean" || metric == "cosine", "protokern cuda ", op,
-                    ": unknown metric '", metric, "'; expected 'sqeuclidean' or 'cosine'");
-  return metric == "sqeuclidean" ? Metric::kSqEuclidean : Metric::kCosine;
+Metric parse_metric(c10::string_view name, const char* op) {
+  const std::optional<Metric> metric = metric_named(name);
+  TORCH_CHECK_VALUE(metric.has_value(), op, ": unknown metric '", name, "'; expected ",
+                    kMetricNames);
+  return *metric;
 }
 
 ScalarKind scalar_kind_of(const at::Tensor& t) {
@@ -53,24 +56,22 @@ ScalarKind scalar_kind_of(const at::Tensor& t) {
 }
 
 // The checks every op makes before any kernel runs.
-void check_inputs(const at::Tensor& x, const at::Tensor& prototypes, const char* op,
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes,
                   const std::string& shapes) {
   TORCH_CHECK_VALUE(x.is_cuda() && prototypes.is_cuda() && x.device() == prototypes.device(),
-                    "protokern cuda ", op, ": x and prototypes must be on one CUDA device, got x on ",
+                    op, ": x and prototypes must be on one CUDA device, got x on ",
                     x.device(), " and prototypes on ", prototypes.device(), " (", shapes, ")");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(
-      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
-          prototypes.scalar_type() == dtype,
-      "protokern cuda ", op, ": x and prototypes must share a dtype among float32, float16 and "
-      "bfloat16, got ", shapes);
+  TORCH_CHECK_TYPE((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+                       prototypes.scalar_type() == dtype,
+                   op, ": x and prototypes must share a dtype among float32, float16 and "
+                   "bfloat16, got ", shapes);
   TORCH_CHECK_VALUE(x.dim() == 4 && prototypes.dim() == 4 && prototypes.size(1) == x.size(1),
-                    "protokern cuda ", op, ": expected x (B, D, H, W) and prototypes (M, D, 1, 1), "
-                    "got ", shapes);
-  TORCH_CHECK_VALUE(prototypes.size(2) == 1 && prototypes.size(3) == 1, "protokern cuda ", op,
-                    ": only 1x1 prototypes run natively (protokern.cuda_backend routes ph x pw "
-                    "windows to the triton backend), got ", shapes);
-  TORCH_CHECK_VALUE(x.size(2) * x.size(3) <= kMaxPositions, "protokern cuda ", op,
+                    op, ": expected x (B, D, H, W) and prototypes (M, D, 1, 1), got ", shapes);
+  TORCH_CHECK_VALUE(prototypes.size(2) == 1 && prototypes.size(3) == 1, op,
+                    ": only 1x1 prototypes run natively (protokern/backends/cuda.py does not "
+                    "take ph x pw windows), got ", shapes);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) <= kMaxPositions, op,
                     ": at most 2^32 - 1 positions per image are supported, got ", shapes);
 }
 
@@ -102,12 +103,14 @@ Rows rows_of_prototypes(const at::Tensor& prototypes) {
       prototypes.reshape({1, prototypes.size(0), prototypes.size(1)}));
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distance(const at::Tensor& x,
-                                                const at::Tensor& prototypes,
-                                                c10::string_view metric_name, bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
+                                                   const at::Tensor& prototypes,
+                                                   c10::string_view metric_name,
+                                                   bool allow_tf32) {
+  constexpr const char* op = "protokern_cuda::min_distance";
   const std::string shapes = describe(x, prototypes);
-  const Metric metric = parse_metric(metric_name, "min_distance");
-  check_inputs(x, prototypes, "min_distance", shapes);
+  const Metric metric = parse_metric(metric_name, op);
+  check_inputs(op, x, prototypes, shapes);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t num_protos = prototypes.size(0);
@@ -150,13 +153,14 @@ std::tuple<at::Tensor, at::Tensor> min_distance(const at::Tensor& x,
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distance_backward(
+std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& prototypes,
     const at::Tensor& indices, c10::string_view metric_name, bool needs_x, bool needs_prototypes,
     bool deterministic) {
+  constexpr const char* op = "protokern_cuda::min_distance_backward";
   const std::string shapes = describe(x, prototypes);
-  const Metric metric = parse_metric(metric_name, "min_distance_backward");
-  check_inputs(x, prototypes, "min_distance_backward", shapes);
+  const Metric metric = parse_metric(metric_name, op);
+  check_inputs(op, x, prototypes, shapes);
   const int64_t batch = x.size(0);
   const int64_t dim = x.size(1);
   const int64_t height = x.size(2);
@@ -164,20 +168,18 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(
   const int64_t num_protos = prototypes.size(0);
   TORCH_CHECK_VALUE(grad_values.sizes() == indices.sizes() && grad_values.dim() == 2 &&
                         grad_values.size(0) == batch && grad_values.size(1) == num_protos,
-                    "protokern cuda min_distance_backward: grad_values ", grad_values.sizes(),
-                    " and indices ", indices.sizes(), " must be (B, M) = (", batch, ", ",
-                    num_protos, ") for ", shapes);
+                    op, ": grad_values ", grad_values.sizes(), " and indices ",
+                    indices.sizes(), " must be (B, M) = (", batch, ", ", num_protos, ") for ",
+                    shapes);
   TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
                        indices.scalar_type() == at::kLong,
-                   "protokern cuda min_distance_backward: grad_values must have the dtype of x "
-                   "and indices int64, got ", grad_values.scalar_type(), " and ",
-                   indices.scalar_type(), " for ", shapes);
+                   op, ": grad_values must have the dtype of x and indices int64, got ",
+                   grad_values.scalar_type(), " and ", indices.scalar_type(), " for ", shapes);
   TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
-                    "protokern cuda min_distance_backward: grad_values and indices must be on ",
-                    x.device(), " for ", shapes);
+                    op, ": grad_values and indices must be on ", x.device(), " for ", shapes);
   TORCH_CHECK_VALUE(!deterministic || (num_protos <= kMaxInt32 && height * width <= kMaxInt32),
-                    "protokern cuda min_distance_backward: the deterministic scatter supports "
-                    "at most 2^31 - 1 prototypes and positions, got ", shapes);
+                    op, ": the deterministic scatter supports at most 2^31 - 1 prototypes "
+                    "and positions, got ", shapes);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const Rows x_rows = rows_of_map(x);
@@ -229,9 +231,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward(
 }
 
 }  // namespace
-}  // namespace protokern_cuda
 
-TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
+TORCH_LIBRARY(protokern_cuda, m) {
   m.def("min_distance(Tensor x, Tensor prototypes, str metric, bool allow_tf32) "
         "-> (Tensor values, Tensor indices)");
   m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, Tensor indices, "
@@ -240,6 +241,8 @@ TORCH_LIBRARY_FRAGMENT(protokern_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(protokern_cuda, CUDA, m) {
-  m.impl("min_distance", &protokern_cuda::min_distance);
-  m.impl("min_distance_backward", &protokern_cuda::min_distance_backward);
+  m.impl("min_distance", &min_distance_op);
+  m.impl("min_distance_backward", &min_distance_backward_op);
 }
+
+}  // namespace protokern::cuda

@@ -17,9 +17,9 @@
 
 #include <cuda_runtime.h>
 
-namespace protokern_cuda {
+#include "metric.h"
 
-enum class Metric : int { kSqEuclidean = 0, kCosine = 1 };
+namespace protokern::cuda {
 
 // The storage type of x, prototypes, values and grad_values; accumulation is always float32.
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -92,4 +92,4 @@ inline int64_t row_gradient_workspace_elements(int64_t images, int64_t positions
   return images * (2 * positions + 1 + protos);
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

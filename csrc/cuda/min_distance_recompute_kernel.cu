@@ -1,9 +1,9 @@
 // The exact value at the chosen position: the search ranks positions by the GEMM expansion
 // (TF32/half-precision dots, cancellation between norms), so the returned distance is recomputed
 // directly, in float32, from the inputs at the position it chose.
-#include "device_utils.cuh"
+#include "cuda/device_utils.cuh"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int kRecomputeThreads = 256;  // 8 warps, one (image, prototype) pair each
@@ -53,4 +53,4 @@ cudaError_t launch_min_distance_recompute(ScalarKind kind, Metric metric, RowsVi
   });
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

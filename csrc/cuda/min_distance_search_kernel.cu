@@ -8,9 +8,9 @@
 // is exact and order-independent, so the result is deterministic.
 #include <mma.h>
 
-#include "device_utils.cuh"
+#include "cuda/device_utils.cuh"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int kTileM = 64;            // prototypes per block
@@ -79,7 +79,8 @@ __device__ void merge_tile_candidates(const float* dots, Metric metric, const Ro
     if (metric == Metric::kSqEuclidean) {
       distance = r_sq - 2.f * dot + p_sq;
     } else {
-      distance = 1.f - dot / (fmaxf(sqrtf(r_sq), kNormEps) * fmaxf(sqrtf(p_sq), kNormEps));
+      distance = 1.f - dot / (fmaxf(sqrtf(r_sq), kNormFloorFloat) *
+                              fmaxf(sqrtf(p_sq), kNormFloorFloat));
     }
     // An inf or NaN entry (non-finite norm) or an overflow: inf - inf must not leak out of the
     // expansion, so such pairs are computed directly (rare: only non-finite or huge inputs).
@@ -315,4 +316,4 @@ cudaError_t launch_min_distance_search(ScalarKind kind, GemmPath path, Metric me
   });
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

@@ -1,7 +1,7 @@
 // |row|^2 of every row, for the norms in the epilogue of the min_distance search.
-#include "device_utils.cuh"
+#include "cuda/device_utils.cuh"
 
-namespace protokern_cuda {
+namespace protokern::cuda {
 namespace {
 
 constexpr int kNormThreads = 256;  // 8 warps, one row each
@@ -46,4 +46,4 @@ cudaError_t launch_squared_norms(ScalarKind kind, RowsView rows, float* out, cud
   });
 }
 
-}  // namespace protokern_cuda
+}  // namespace protokern::cuda

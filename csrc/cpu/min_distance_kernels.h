@@ -1,6 +1,17 @@
-// Raw-pointer CPU kernels of protokern's min_distance (forward and backward).
+// Entry points of protokern's CPU kernels for min_distance: min_distance_forward
+// (min_distance_forward_kernel.cpp) and min_distance_backward (min_distance_backward_kernel.cpp).
+// The glue in min_distance_cpu.cpp is the only file that reads tensors: it checks them,
+// allocates the outputs and hands the kernels raw pointers, sizes and strides.
 //
-// Shapes follow the canonical forms of protokern/reference.py:
+// Where the kernels call ATen: PyTorch's BLAS is reachable only through ATen (libtorch_cpu does
+// not export cpublas::gemm's float overloads), so two kernels wrap their own memory in tensors
+// (at::from_blob) and call ATen ops on it: the forward's GEMM tiles (gemm_rows_by_prototypes,
+// at::mm_out), and the backward with one position per image (single_position_backward), where
+// every pair is selected and the whole gradient is two dense products plus a few whole-matrix
+// sums. That ATen BLAS is also the one that honours torch's thread count and float32 matmul
+// precision. This is the one place that says so; those functions refer here.
+//
+// Shapes follow the canonical forms of protokern/backends/reference.py:
 //   x           (B, D, H, W) with arbitrary element strides
 //   prototypes  (M, K) contiguous, K = D * ph * pw, ordered (channel, window row, window col)
 //   windows     valid, stride 1: H' = H - ph + 1, W' = W - pw + 1, L = H' * W'
@@ -12,9 +23,9 @@
 
 #include <cstdint>
 
-namespace protokern::cpu {
+#include "metric.h"
 
-enum class Metric : int { SquaredEuclidean = 0, Cosine = 1 };
+namespace protokern::cpu {
 
 struct FeatureMap {
   int64_t batch, channels, height, width;
@@ -35,8 +46,10 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           acc_t* values, int64_t* indices);
 
 // Gradients of sum(grad_values * values) through the selected positions only.
-// grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K) contiguous, both acc_t; each is
-// fully written, or skipped when null (a gradient nobody asked for). Deterministic: every sum runs in a fixed order whatever the thread count.
+// grad_values (B, M) contiguous; grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K)
+// contiguous, both acc_t; each is fully written, or skipped when null (a gradient nobody asked
+// for). Deterministic: every sum runs in a fixed order whatever the thread count; with one
+// position per image (BLAS products), for a given thread count.
 template <typename in_t, typename acc_t>
 void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
                            const acc_t* prototypes, int64_t num_prototypes,

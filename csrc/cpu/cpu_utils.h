@@ -1,0 +1,62 @@
+// Helpers shared by the forward and backward CPU kernels (raw pointers only; see
+// min_distance_kernels.h): the vectorisation macros and the packing of windows as rows.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/min_distance_kernels.h"
+
+// Element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
+// so one build runs everywhere and still vectorises where it can (the GEMM is PyTorch's BLAS).
+// Helpers are force-inlined (PK_INLINE) into those entry points (PK_VECTOR_CLONES) so that they
+// get the same instruction set: a helper that is not inlined runs the baseline one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PK_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PK_VECTOR_CLONES
+#endif
+#if defined(__GNUC__)
+#define PK_INLINE inline __attribute__((always_inline))
+#else
+#define PK_INLINE inline
+#endif
+
+namespace protokern::cpu {
+
+// Windows of images [first, first + count) as rows (count * L, K), in the prototypes' order.
+template <typename in_t, typename acc_t>
+void pack_rows(const in_t* x, const FeatureMap& map, int64_t first, int64_t count, acc_t* rows) {
+  const int64_t positions = map.positions(), size = map.row_size();
+  const int64_t out_h = map.out_h(), out_w = map.out_w();
+  const int64_t window = map.patch_h * map.patch_w;
+  for (int64_t b = 0; b < count; ++b) {
+    const in_t* image = x + (first + b) * map.stride_b;
+    acc_t* image_rows = rows + b * positions * size;
+    if (map.stride_c <= map.stride_w) {  // channels_last-like: walk channels innermost
+      for (int64_t h = 0; h < out_h; ++h)
+        for (int64_t w = 0; w < out_w; ++w)
+          for (int64_t i = 0; i < map.patch_h; ++i)
+            for (int64_t j = 0; j < map.patch_w; ++j) {
+              const in_t* src = image + (h + i) * map.stride_h + (w + j) * map.stride_w;
+              acc_t* dst = image_rows + (h * out_w + w) * size + i * map.patch_w + j;
+              for (int64_t d = 0; d < map.channels; ++d)
+                dst[d * window] = static_cast<acc_t>(src[d * map.stride_c]);
+            }
+    } else {  // channels first: walk the map's columns innermost
+      for (int64_t d = 0; d < map.channels; ++d)
+        for (int64_t i = 0; i < map.patch_h; ++i)
+          for (int64_t j = 0; j < map.patch_w; ++j) {
+            const int64_t k = (d * map.patch_h + i) * map.patch_w + j;
+            for (int64_t h = 0; h < out_h; ++h) {
+              const in_t* src = image + d * map.stride_c + (h + i) * map.stride_h +
+                                j * map.stride_w;
+              acc_t* dst = image_rows + h * out_w * size + k;
+              for (int64_t w = 0; w < out_w; ++w)
+                dst[w * size] = static_cast<acc_t>(src[w * map.stride_w]);
+            }
+          }
+    }
+  }
+}
+
+}  // namespace protokern::cpu

@@ -1,0 +1,77 @@
+// Exact distances of one (window, prototype) pair, shared by the forward kernel (the value at a
+// shortlisted position) and the backward kernel (cosine's a.p and |a|^2 at the selected one).
+// A fixed summation order: identical windows give identical values. The sums are reductions the
+// compiler may vectorise (omp simd): still one fixed order, but in vector registers, not a serial
+// chain. PK_INLINE, so each vector clone of a caller gets them in its own instruction set.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/min_distance_kernels.h"
+#include "metric.h"
+
+namespace protokern::cpu {
+
+template <typename acc_t>
+PK_INLINE double exact_squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
+  double total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < size; ++k) {
+    const double d = static_cast<double>(a[k]) - static_cast<double>(p[k]);
+    total += d * d;
+  }
+  return total;
+}
+
+// Returns a.p and stores |a|^2 in *a_squared.
+template <typename acc_t>
+PK_INLINE double exact_dot(const acc_t* a, const acc_t* p, int64_t size, double* a_squared) {
+  double dot = 0, squared = 0;
+#pragma omp simd reduction(+ : dot, squared)
+  for (int64_t k = 0; k < size; ++k) {
+    const double av = static_cast<double>(a[k]);
+    dot += av * static_cast<double>(p[k]);
+    squared += av * av;
+  }
+  *a_squared = squared;
+  return dot;
+}
+
+PK_INLINE double cosine_from(double dot, double a_squared, double p_squared) {
+  const double denominator = std::max(std::sqrt(a_squared), kNormFloor) *
+                             std::max(std::sqrt(p_squared), kNormFloor);
+  // std::max/min keep a NaN first argument, so NaN propagates through the clamp.
+  return std::min(std::max(1.0 - dot / denominator, 0.0), 2.0);
+}
+
+// sum((a - p)^2) in the working precision: for rows and prototypes whose squared norms are below
+// the forward kernel's huge_norm it cannot overflow, and its rounding (~K eps relative, no
+// cancellation: the differences are taken first) is far below the tolerances; identical windows
+// still give identical values. Several times the speed of the double version.
+template <typename acc_t>
+PK_INLINE acc_t squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
+  acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < size; ++k) {
+    const acc_t d = a[k] - p[k];
+    total += d * d;
+  }
+  return total;
+}
+
+// The distance the forward kernel returns. `trusted`: both squared norms are below huge_norm.
+template <typename acc_t>
+PK_INLINE double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Metric metric,
+                                double p_squared, bool trusted) {
+  if (metric == Metric::kSqEuclidean)
+    return trusted ? static_cast<double>(squared_distance(a, p, size))
+                   : exact_squared_distance(a, p, size);
+  double a_squared;
+  const double dot = exact_dot(a, p, size, &a_squared);
+  return cosine_from(dot, a_squared, p_squared);
+}
+
+}  // namespace protokern::cpu

@@ -1,0 +1,321 @@
+// The CPU backward kernel of min_distance: gradients through the selected positions only,
+// reading nothing of the forward but its indices.
+//
+// The selected windows are gathered from windows packed one image at a time per thread. grad_x:
+// per image, each window sums the terms of the prototypes that chose it, in prototype order, then
+// the windows are folded back into the image. grad_prototypes: per range of prototypes, the terms
+// of the images in image order. So every sum has one order whatever the thread count. With one
+// position per image (tokens, or a window as large as the map) every pair is selected and the
+// gradient is two dense BLAS products instead (single_position_backward).
+#include "cpu/min_distance_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/exact_distance.h"
+#include "metric.h"
+
+namespace protokern::cpu {
+namespace {
+
+constexpr int64_t kBackwardBlock = 16;  // fewest prototypes per thread in the grad gather
+
+// A zeroed array of n values starting on a 64-byte boundary in every thread. The vectorised
+// loops then split their elements between vector and scalar steps the same way whichever
+// thread runs them, so sums round alike and results do not depend on the thread count.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n)
+      : data_(static_cast<T*>(std::aligned_alloc(64, rounded_bytes(n)))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+    std::memset(data_.get(), 0, rounded_bytes(n));
+  }
+  T* data() { return data_.get(); }
+
+ private:
+  static size_t rounded_bytes(int64_t n) { return (n * sizeof(T) + 63) / 64 * 64; }
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
+
+// Gradient of one selected (window a, prototype p) pair. sqeuclidean: d/da = 2g (a - p) =
+// -d/dp (the difference is taken first, as in the reference, so there is no cancellation when a
+// is close to p). cosine, as reference.distance_at_grad (the norm floor passes gradient where
+// |v| >= floor): d/da = a_term a - scale p, d/dp = p_term p - scale a.
+struct CosineGradient {
+  double a_term, p_term, scale;
+};
+
+PK_INLINE CosineGradient cosine_gradient(double grad, double dot, double a_squared,
+                                         double p_squared) {
+  const double a_norm = std::sqrt(a_squared), p_norm = std::sqrt(p_squared);
+  const double a_bound = std::max(a_norm, kNormFloor), p_bound = std::max(p_norm, kNormFloor);
+  const double scale = grad / (a_bound * p_bound);
+  const double a_term = a_norm >= kNormFloor ? scale * dot / (a_bound * a_bound) : 0.0;
+  const double p_term = p_norm >= kNormFloor ? scale * dot / (p_bound * p_bound) : 0.0;
+  return {a_term, p_term, scale};
+}
+
+// y += alpha * (a - p)
+template <typename acc_t>
+PK_INLINE void add_scaled_difference(acc_t* y, acc_t alpha, const acc_t* a, const acc_t* p,
+                                     int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += alpha * (a[k] - p[k]);
+}
+
+// y += alpha * v, the products in double: cosine's coefficients (~ grad / |v|^2) underflow
+// float32 for inputs with norms past ~1e19 while the products stay in range.
+template <typename acc_t>
+PK_INLINE void add_scaled(acc_t* y, double alpha, const acc_t* v, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += static_cast<acc_t>(alpha * v[k]);
+}
+
+// y += alpha * a + beta * p, the products in double (as add_scaled)
+template <typename acc_t>
+PK_INLINE void add_combination(acc_t* y, double alpha, const acc_t* a, double beta,
+                               const acc_t* p, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) y[k] += static_cast<acc_t>(alpha * a[k] + beta * p[k]);
+}
+
+// What both backward passes read.
+template <typename acc_t>
+struct BackwardInputs {
+  const acc_t* grad_values;  // (B, M)
+  const acc_t* prototypes;   // (M, K)
+  const int64_t* indices;    // (B, M)
+  const double* dots;        // cosine: (B, M) a.p, (B, M) |a|^2, (M) |p|^2
+  const double* a_squared;
+  const double* p_squared;
+  int64_t num, positions, size;
+  Metric metric;
+};
+
+// Turns image b's packed windows `rows` (L, K) into their gradients, in place: each window's
+// prototypes (grouped by a counting sort into `order`, `starts`) are summed into `sum` in
+// prototype order, reading the window, then the sum overwrites it. In place, so the backward
+// needs one (L, K) buffer per thread, not two.
+template <typename acc_t>
+PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64_t b,
+                                          acc_t* rows, int64_t* order, int64_t* starts,
+                                          acc_t* sum) {
+  const int64_t* image_indices = in.indices + b * in.num;
+  std::fill(starts, starts + in.positions + 1, int64_t(0));
+  for (int64_t m = 0; m < in.num; ++m) ++starts[image_indices[m] + 1];
+  for (int64_t l = 0; l < in.positions; ++l) starts[l + 1] += starts[l];
+  for (int64_t m = 0; m < in.num; ++m) order[starts[image_indices[m]]++] = m;
+  // starts[l] now ends window l's run; window l's run starts at starts[l - 1] (0 for l = 0)
+  int64_t run = 0;
+  for (int64_t l = 0; l < in.positions; ++l) {
+    acc_t* window = rows + l * in.size;
+    std::fill(sum, sum + in.size, acc_t(0));
+    for (; run < starts[l]; ++run) {
+      const int64_t m = order[run];
+      const int64_t pair = b * in.num + m;
+      const acc_t* p = in.prototypes + m * in.size;
+      if (in.metric == Metric::kSqEuclidean) {
+        add_scaled_difference(sum, static_cast<acc_t>(2.0 * in.grad_values[pair]), window, p,
+                              in.size);
+      } else {
+        const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                  in.a_squared[pair], in.p_squared[m]);
+        add_combination(sum, cg.a_term, window, -cg.scale, p, in.size);
+      }
+    }
+    std::copy(sum, sum + in.size, window);
+  }
+}
+
+// Adds image b's terms to the gradient of prototypes [begin, end) (cosine: the coefficients
+// of p to p_coef, applied once all images are in). `rows` are image b's packed windows. Called
+// for b = 0, 1, ... in order, so each prototype's sum runs in image order.
+template <typename acc_t>
+PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_t>& in,
+                                                       int64_t b, const acc_t* rows,
+                                                       int64_t begin, int64_t end,
+                                                       acc_t* grad_prototypes, double* p_coef) {
+  for (int64_t m = begin; m < end; ++m) {
+    const int64_t pair = b * in.num + m;
+    const acc_t* a = rows + in.indices[pair] * in.size;
+    acc_t* out = grad_prototypes + m * in.size;
+    if (in.metric == Metric::kSqEuclidean) {
+      add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
+                            in.prototypes + m * in.size, in.size);
+    } else {
+      const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
+                                                in.a_squared[pair], in.p_squared[m]);
+      p_coef[m - begin] += cg.p_term;
+      add_scaled(out, -cg.scale, a, in.size);
+    }
+  }
+}
+
+// Sums the gradient of image-local rows (L x K) back into the image's (D, H, W) gradient.
+template <typename acc_t>
+void fold_rows(const acc_t* grad_rows, const FeatureMap& map, acc_t* grad_image) {
+  const int64_t out_w = map.out_w(), size = map.row_size();
+  const int64_t plane = map.height * map.width;
+  std::fill(grad_image, grad_image + map.channels * plane, acc_t(0));
+  for (int64_t d = 0; d < map.channels; ++d)
+    for (int64_t i = 0; i < map.patch_h; ++i)
+      for (int64_t j = 0; j < map.patch_w; ++j) {
+        const int64_t k = (d * map.patch_h + i) * map.patch_w + j;
+        for (int64_t h = 0; h < map.out_h(); ++h) {
+          acc_t* dst = grad_image + d * plane + (h + i) * map.width + j;
+          const acc_t* src = grad_rows + h * out_w * size + k;
+          for (int64_t w = 0; w < out_w; ++w) dst[w] += src[w * size];
+        }
+      }
+}
+
+// One position per image: every (image, prototype) pair is selected, so the gather/scatter of the
+// general backward is a pair of dense products, which BLAS runs far faster (why through ATen:
+// see min_distance_kernels.h). With rows A (B, K), prototypes P (M, K) and G = grad_values:
+//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
+//   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
+//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A.
+// Deterministic for a given thread count (BLAS splits its output, not its sums, across threads).
+template <typename in_t, typename acc_t>
+void single_position_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                              const acc_t* prototypes, int64_t num, Metric metric,
+                              acc_t* grad_x, acc_t* grad_prototypes) {
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t batch = map.batch, size = map.row_size();
+  const at::Tensor grad = at::from_blob(const_cast<acc_t*>(grad_values), {batch, num}, acc);
+  const at::Tensor protos = at::from_blob(const_cast<acc_t*>(prototypes), {num, size}, acc);
+  const at::Tensor rows =
+      at::from_blob(const_cast<in_t*>(x), {batch, map.channels, map.height, map.width},
+                    {map.stride_b, map.stride_c, map.stride_h, map.stride_w},
+                    at::TensorOptions().dtype(c10::CppTypeToScalarType<in_t>::value))
+          .reshape({batch, size})
+          .to(acc.dtype());
+  at::Tensor grad_rows, grad_protos;  // undefined where not needed
+  if (grad_x != nullptr) grad_rows = at::from_blob(grad_x, {batch, size}, acc);
+  if (grad_prototypes != nullptr) grad_protos = at::from_blob(grad_prototypes, {num, size}, acc);
+  if (metric == Metric::kSqEuclidean) {
+    if (grad_rows.defined())
+      at::sub_out(grad_rows, grad.sum(1, true) * rows, at::mm(grad, protos)).mul_(2);
+    if (grad_protos.defined())
+      at::sub_out(grad_protos, grad.sum(0).unsqueeze(1) * protos, at::mm(grad.t(), rows))
+          .mul_(2);
+    return;
+  }
+  const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
+  const at::Tensor proto_norm = protos.norm(2, 1, true).t();  // (1, M)
+  const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
+  const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
+  const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
+  const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
+  if (grad_rows.defined()) {
+    const at::Tensor row_coef =
+        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
+    at::sub_out(grad_rows, row_coef * rows, at::mm(scale, protos));
+  }
+  if (grad_protos.defined()) {
+    const at::Tensor proto_coef =
+        at::where(proto_norm.t() >= kNormFloor,
+                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
+    at::sub_out(grad_protos, proto_coef * protos, at::mm(scale.t(), rows));
+  }
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void min_distance_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                           const acc_t* prototypes, int64_t num_prototypes,
+                           const int64_t* indices, Metric metric, acc_t* grad_x,
+                           acc_t* grad_prototypes) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  const int64_t num = num_prototypes;
+  if (batch == 0) {
+    if (grad_prototypes != nullptr)
+      std::fill(grad_prototypes, grad_prototypes + num * size, acc_t(0));
+    return;
+  }
+  if (positions == 1) {
+    single_position_backward(grad_values, x, map, prototypes, num, metric, grad_x,
+                             grad_prototypes);
+    return;
+  }
+  // The selected windows are gathered from windows packed one image at a time per thread (never a
+  // packed copy of all of x, which would cost as much memory as the gradient of x).
+  const int64_t image_elements = positions * size;
+  // Cosine needs every pair's a.p, |a|^2 and |p|^2; computed once, read by both passes.
+  std::vector<double> dots, a_squared, p_squared;
+  if (metric == Metric::kCosine) {
+    dots.resize(batch * num);
+    a_squared.resize(batch * num);
+    p_squared.resize(num);
+    at::parallel_for(0, num, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
+    });
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      AlignedBuffer<acc_t> rows(image_elements);
+      for (int64_t b = begin; b < end; ++b) {
+        pack_rows(x, map, b, 1, rows.data());
+        for (int64_t m = 0; m < num; ++m) {
+          const acc_t* a = rows.data() + indices[b * num + m] * size;
+          dots[b * num + m] = exact_dot(a, prototypes + m * size, size, &a_squared[b * num + m]);
+        }
+      }
+    });
+  }
+  const BackwardInputs<acc_t> in{grad_values, prototypes, indices, dots.data(),
+                                 a_squared.data(), p_squared.data(), num, positions, size,
+                                 metric};
+  // grad_x, one image per step: its windows are packed, turned into their gradients in place
+  // and folded back into the image's (D, H, W) gradient.
+  if (grad_x != nullptr) at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<acc_t> rows(image_elements), sum(size);
+    std::vector<int64_t> order(num), starts(positions + 1);
+    for (int64_t b = begin; b < end; ++b) {
+      pack_rows(x, map, b, 1, rows.data());
+      image_row_gradients(in, b, rows.data(), order.data(), starts.data(), sum.data());
+      fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
+    }
+  });
+  // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
+  // image once (x is read once per thread, which costs far less than the gather itself).
+  if (grad_prototypes == nullptr) return;
+  at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<acc_t> rows(image_elements);
+    std::vector<double> p_coef(end - begin, 0.0);
+    std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      pack_rows(x, map, b, 1, rows.data());
+      add_image_to_prototype_gradients(in, b, rows.data(), begin, end, grad_prototypes,
+                                       p_coef.data());
+    }
+    if (metric == Metric::kCosine)
+      for (int64_t m = begin; m < end; ++m)
+        add_scaled(grad_prototypes + m * size, p_coef[m - begin],
+                   prototypes + m * size, size);
+  });
+}
+
+#define PK_INSTANTIATE(in_t, acc_t)                                                          \
+  template void min_distance_backward<in_t, acc_t>(const acc_t*, const in_t*,                \
+                                                   const FeatureMap&, const acc_t*, int64_t, \
+                                                   const int64_t*, Metric, acc_t*, acc_t*);
+
+PK_INSTANTIATE(float, float)
+PK_INSTANTIATE(double, double)
+PK_INSTANTIATE(c10::Half, float)
+PK_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace protokern::cpu

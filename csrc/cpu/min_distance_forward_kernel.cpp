@@ -1,0 +1,399 @@
+// The CPU forward kernel of min_distance: per task, a block of images x a group of prototypes.
+//
+// Per task, the windows of a few images are packed as rows (rows x K, several images per block so
+// that small maps such as 7x7 still give BLAS a tall matrix), then for each block of prototypes
+// one GEMM gives the inner products of a (rows x block) tile, and two passes over the tile reduce
+// it: pass 1 finds, per prototype and image, the smallest upper bound of the expanded distance
+// |x|^2 - 2 x.p + |p|^2 (resp. the cosine expansion) over positions; pass 2 shortlists every
+// position whose lower bound is below it. The shortlisted positions (usually one) are recomputed
+// directly (exact_distance.h), in position order, and the first exact minimum wins. So the result
+// does not depend on how the GEMM rounds: ties go to the lowest position and tiny distances next
+// to large norms survive, as in protokern/backends/reference.py, whose bounds these are.
+// Positions or prototypes with a non-finite or huge squared norm (NaN, inf, overflow) are always
+// shortlisted, which gives NaN propagation and true values for inf inputs.
+//
+// Only a tile of distances ever exists, and only the indices are needed by the backward.
+#include "cpu/min_distance_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/exact_distance.h"
+
+namespace protokern::cpu {
+namespace {
+
+constexpr int64_t kTargetRows = 384;      // rows per GEMM tile: several images when L is small
+constexpr int64_t kPrototypeBlock = 256;  // columns per GEMM tile: the tile stays in L2
+
+template <typename T>
+T infinity() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// Above this a squared norm could overflow once added to another or doubled: such rows and
+// prototypes skip the expansion and are always recomputed exactly.
+template <typename acc_t>
+acc_t huge_norm() {
+  return std::numeric_limits<acc_t>::max() / 8;
+}
+
+// Sum of squares of each of `count` rows of length `size`.
+template <typename acc_t>
+PK_VECTOR_CLONES void squared_norms(const acc_t* rows, int64_t count, int64_t size, acc_t* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const acc_t* row = rows + r * size;
+    acc_t partial[16] = {};
+    int64_t k = 0;
+    for (; k + 16 <= size; k += 16)
+      for (int j = 0; j < 16; ++j) partial[j] += row[k + j] * row[k + j];
+    acc_t total = 0;
+    for (; k < size; ++k) total += row[k] * row[k];
+    for (int j = 0; j < 16; ++j) total += partial[j];
+    out[r] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile reduction
+
+// What the reduction of one image's (positions x block) tile needs about its rows and columns.
+template <typename acc_t>
+struct TileSide {
+  const acc_t* squared;   // |v|^2
+  const acc_t* inverse;   // cosine: 1 / max(|v|, floor)
+  const uint8_t* finite;  // 0: the expansion cannot be trusted here, always shortlist
+};
+
+// The running result of one column: the first exact minimum over the shortlisted positions,
+// or the first NaN (as torch.min).
+struct Best {
+  double value;
+  int64_t index;
+
+  void offer(double candidate, int64_t position) {
+    if (std::isnan(value)) return;
+    if (index < 0 || std::isnan(candidate) || candidate < value) {
+      value = candidate;
+      index = position;
+    }
+  }
+};
+
+// Shortlisted (position, column) pairs of one image awaiting their exact distance.
+struct Shortlist {
+  static constexpr int64_t kCapacity = 4096;
+  int32_t row[kCapacity], column[kCapacity];
+  double distance[kCapacity];
+};
+
+// Everything one task needs, allocated once per task.
+template <typename acc_t>
+struct Workspace {
+  std::vector<acc_t> rows, tile, squared, inverse;
+  std::vector<uint8_t> finite;
+  std::vector<Best> best;
+  std::unique_ptr<Shortlist> shortlist = std::make_unique<Shortlist>();
+
+  // One 512-bit vector of padding: the reduction's last vector of a row may read past it.
+  static constexpr int64_t kPadding = 64 / sizeof(acc_t);
+
+  Workspace(int64_t row_count, int64_t size, int64_t block)
+      : rows(row_count * size), tile(row_count * block + kPadding), squared(row_count),
+        inverse(row_count), finite(row_count), best(block) {}
+};
+
+// 512-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using Index = int32_t;
+  typedef float Values __attribute__((vector_size(64)));
+  typedef int32_t Indices __attribute__((vector_size(64)));
+};
+template <>
+struct VectorOf<double> {
+  using Index = int64_t;
+  typedef double Values __attribute__((vector_size(64)));
+  typedef int64_t Indices __attribute__((vector_size(64)));
+};
+
+// One image against one block of prototypes: `tile` holds the inner products C (positions x
+// columns, row stride = columns), `rows` the image's packed windows. Leaves in best[c] the first
+// exact minimum over the positions the expansion cannot rule out.
+//
+// Every position's expanded distance is within a bound of the truth (the reference's bounds:
+// sqeuclidean |x|^2 + |p|^2 - 2C within g (|x|^2 + |p|^2) + tau, cosine 1 - C / (|x||p|) within
+// g), so a position is shortlisted when its lower bound is at most the smallest upper bound. In
+// "score" units that are cheap per element:
+//   sqeuclidean: score = (1-g)|x|^2 - 2C, shortlisted iff score <= min_r((1+g)|x|^2 - 2C)
+//                + 2g|p|^2 + 2tau;
+//   cosine:      score = -C / max(|x|, floor), shortlisted iff score <= min_r(score)
+//                + 2g max(|p|, floor).
+// One pass over the tile keeps, per column and in registers, the smallest score, its first
+// position and the second smallest score: when the second smallest is above the threshold, the
+// first position is the only candidate (the usual case). Otherwise (ties, near-ties, untrusted
+// rows or columns) the column is scanned again for all its candidates.
+template <typename acc_t>
+PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t positions,
+                                   const acc_t* rows, int64_t size, TileSide<acc_t> row_side,
+                                   TileSide<acc_t> col_side, const acc_t* prototypes,
+                                   const double* proto_squared_exact, Metric metric, acc_t g,
+                                   acc_t tau, Best* best, Shortlist& shortlist) {
+  const bool squared_metric = metric == Metric::kSqEuclidean;
+  bool all_rows_trusted = true;
+  for (int64_t r = 0; r < positions; ++r) all_rows_trusted &= row_side.finite[r] != 0;
+
+  // Candidates are collected, then recomputed in a loop without data-dependent branches (so the
+  // CPU overlaps their latencies), then offered in collection order: position order per column.
+  int64_t count = 0;
+  auto flush = [&] {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = shortlist.row[i], c = shortlist.column[i];
+      shortlist.distance[i] =
+          exact_distance(rows + r * size, prototypes + c * size, size, metric,
+                         proto_squared_exact[c], row_side.finite[r] && col_side.finite[c]);
+    }
+    for (int64_t i = 0; i < count; ++i)
+      best[shortlist.column[i]].offer(shortlist.distance[i], shortlist.row[i]);
+    count = 0;
+  };
+  auto push = [&](int64_t r, int64_t c) {
+    if (count == Shortlist::kCapacity) flush();
+    shortlist.row[count] = static_cast<int32_t>(r);
+    shortlist.column[count] = static_cast<int32_t>(c);
+    ++count;
+  };
+  auto score = [&](int64_t r, int64_t c) -> acc_t {
+    const acc_t dot = tile[r * columns + c];
+    return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot : -dot * row_side.inverse[r];
+  };
+
+  // One 512-bit vector of columns at a time, its running minima kept in registers (GCC vector
+  // extensions: lowered to AVX-512, AVX2 or SSE registers by each clone).
+  using Index = typename VectorOf<acc_t>::Index;
+  using Vec = typename VectorOf<acc_t>::Values;
+  using IndexVec = typename VectorOf<acc_t>::Indices;
+  constexpr int64_t kLanes = Workspace<acc_t>::kPadding;  // columns per vector
+
+  for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
+  for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+    Vec first = Vec{} + infinity<acc_t>(), second = first, upper = first;
+    IndexVec first_at = IndexVec{} - 1;
+    for (int64_t r = 0; r < positions; ++r) {
+      if (!row_side.finite[r]) continue;
+      Vec dots;
+      std::memcpy(&dots, tile + r * columns + c0, sizeof dots);
+      // Both metrics in one shape: score = base - scale * C, upper = score + spread.
+      const acc_t base = squared_metric ? (1 - g) * row_side.squared[r] : acc_t(0);
+      const acc_t scale = squared_metric ? acc_t(2) : row_side.inverse[r];
+      const acc_t spread = squared_metric ? 2 * g * row_side.squared[r] : acc_t(0);
+      const Vec score_now = base - scale * dots;
+      const Vec upper_now = score_now + spread;
+      upper = upper_now < upper ? upper_now : upper;
+      const IndexVec better = score_now < first;
+      const Vec displaced = better ? first : score_now;  // max(first, score)
+      second = displaced < second ? displaced : second;
+      first_at = better ? IndexVec{} + static_cast<Index>(r) : first_at;
+      first = better ? score_now : first;
+    }
+    const int64_t chunk_columns = std::min(kLanes, columns - c0);
+    for (int64_t j = 0; j < chunk_columns; ++j) {
+      const int64_t c = c0 + j;
+      const acc_t threshold =
+          squared_metric
+              ? upper[j] + 2 * g * col_side.squared[c] + 2 * tau
+              : first[j] + 2 * g * (acc_t(1) / col_side.inverse[c]);
+      if (all_rows_trusted && col_side.finite[c] && first_at[j] >= 0 && second[j] > threshold) {
+        push(first_at[j], c);
+        continue;
+      }
+      for (int64_t r = 0; r < positions; ++r)
+        if (!row_side.finite[r] || !col_side.finite[c] || score(r, c) <= threshold) push(r, c);
+    }
+  }
+  flush();
+  // The bounds guarantee a shortlisted position; if rounding ever defeated them, recompute
+  // every position rather than return nothing.
+  for (int64_t c = 0; c < columns; ++c)
+    if (best[c].index < 0)
+      for (int64_t r = 0; r < positions; ++r)
+        best[c].offer(exact_distance(rows + r * size, prototypes + c * size, size, metric,
+                                     proto_squared_exact[c], false),
+                      r);
+}
+
+// One position per image (tokens L = 1, or a window as large as the map): every pair's
+// distance, recomputed directly as for any chosen position; the index is 0.
+template <typename acc_t>
+PK_VECTOR_CLONES void direct_distances(const acc_t* rows, int64_t count, int64_t size,
+                                       TileSide<acc_t> row_side, TileSide<acc_t> col_side,
+                                       const acc_t* prototypes, int64_t columns,
+                                       const double* proto_squared_exact, Metric metric,
+                                       acc_t* values, int64_t ld, int64_t* indices) {
+  for (int64_t r = 0; r < count; ++r) {
+    const acc_t* a = rows + r * size;
+    int64_t c = 0;
+    if (metric == Metric::kSqEuclidean && row_side.finite[r])
+      // Four prototypes per sweep of the window: its elements are loaded once for all four.
+      for (; c + 4 <= columns; c += 4) {
+        if (!(col_side.finite[c] && col_side.finite[c + 1] && col_side.finite[c + 2] &&
+              col_side.finite[c + 3]))
+          break;
+        const acc_t *p0 = prototypes + c * size, *p1 = p0 + size, *p2 = p1 + size,
+                    *p3 = p2 + size;
+        acc_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : t0, t1, t2, t3)
+        for (int64_t k = 0; k < size; ++k) {
+          const acc_t d0 = a[k] - p0[k], d1 = a[k] - p1[k], d2 = a[k] - p2[k],
+                      d3 = a[k] - p3[k];
+          t0 += d0 * d0;
+          t1 += d1 * d1;
+          t2 += d2 * d2;
+          t3 += d3 * d3;
+        }
+        values[r * ld + c] = t0;
+        values[r * ld + c + 1] = t1;
+        values[r * ld + c + 2] = t2;
+        values[r * ld + c + 3] = t3;
+      }
+    for (; c < columns; ++c)
+      values[r * ld + c] = static_cast<acc_t>(
+          exact_distance(a, prototypes + c * size, size, metric, proto_squared_exact[c],
+                         row_side.finite[r] && col_side.finite[c]));
+    for (c = 0; c < columns; ++c) indices[r * ld + c] = 0;
+  }
+}
+
+template <typename acc_t>
+void describe_rows(const acc_t* squared, int64_t count, acc_t* inverse, uint8_t* finite) {
+  for (int64_t r = 0; r < count; ++r) {
+    finite[r] = squared[r] <= huge_norm<acc_t>();  // false for NaN and inf
+    inverse[r] = static_cast<acc_t>(
+        1.0 / std::max(std::sqrt(static_cast<double>(squared[r])), kNormFloor));
+  }
+}
+
+// tile (row_count x columns, row-major) = rows (row_count x K) . prototypes (columns x K)^T.
+// Through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (why ATen in a kernel: see
+// min_distance_kernels.h); inside at::parallel_for it runs on the calling thread only.
+template <typename acc_t>
+void gemm_rows_by_prototypes(acc_t* rows, int64_t row_count, const acc_t* prototypes,
+                             int64_t columns, int64_t size, acc_t* tile) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor lhs = at::from_blob(rows, {row_count, size}, options);
+  at::Tensor rhs = at::from_blob(const_cast<acc_t*>(prototypes), {columns, size}, options);
+  at::Tensor out = at::from_blob(tile, {row_count, columns}, options);
+  at::mm_out(out, lhs, rhs.t());
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                          int64_t num_prototypes, Metric metric, double input_rounding,
+                          acc_t* values, int64_t* indices) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  if (batch == 0 || num_prototypes == 0) return;
+
+  // Per prototype: squared norm, 1/norm, trust flag; and |p|^2 in double for exact cosine.
+  std::vector<acc_t> proto_squared(num_prototypes), proto_inverse(num_prototypes);
+  std::vector<uint8_t> proto_finite(num_prototypes);
+  std::vector<double> proto_squared_exact(num_prototypes, 0.0);
+  at::parallel_for(0, num_prototypes, 64, [&](int64_t begin, int64_t end) {
+    squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
+    describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
+                  proto_finite.data() + begin);
+    if (metric == Metric::kCosine)
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
+  });
+
+  // Rounding of the expansion, as reference.expanded_distance, plus a few eps for the
+  // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
+  const double eps = std::numeric_limits<acc_t>::epsilon();
+  const double tiny = std::numeric_limits<acc_t>::min();
+  const acc_t g = metric == Metric::kSqEuclidean
+                      ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
+                      : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
+  const acc_t tau = static_cast<acc_t>(4 * (size + 1) * tiny);
+
+  const int64_t images_per_block =
+      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
+  const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
+  const int64_t proto_blocks = (num_prototypes + kPrototypeBlock - 1) / kPrototypeBlock;
+  // Enough tasks to keep every thread busy; each repacks its images, which costs 1/M of a GEMM.
+  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t groups =
+      std::clamp<int64_t>((wanted + image_blocks - 1) / image_blocks, 1, proto_blocks);
+  const int64_t blocks_per_group = (proto_blocks + groups - 1) / groups;
+
+  at::parallel_for(0, image_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> work(images_per_block * positions, size, kPrototypeBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first_image = (task / groups) * images_per_block;
+      const int64_t images = std::min(images_per_block, batch - first_image);
+      const int64_t row_count = images * positions;
+      pack_rows(x, map, first_image, images, work.rows.data());
+      squared_norms(work.rows.data(), row_count, size, work.squared.data());
+      describe_rows(work.squared.data(), row_count, work.inverse.data(), work.finite.data());
+
+      const int64_t first_block = (task % groups) * blocks_per_group;
+      const int64_t last_block = std::min(first_block + blocks_per_group, proto_blocks);
+      for (int64_t block = first_block; block < last_block; ++block) {
+        const int64_t c0 = block * kPrototypeBlock;
+        const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
+        const TileSide<acc_t> col_side{proto_squared.data() + c0, proto_inverse.data() + c0,
+                                       proto_finite.data() + c0};
+        if (positions == 1) {  // the only position is the answer: no GEMM, no shortlist
+          const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
+                                         work.finite.data()};
+          direct_distances(work.rows.data(), images, size, row_side, col_side,
+                           prototypes + c0 * size, columns, proto_squared_exact.data() + c0,
+                           metric, values + first_image * num_prototypes + c0, num_prototypes,
+                           indices + first_image * num_prototypes + c0);
+          continue;
+        }
+        gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
+                                size, work.tile.data());
+        for (int64_t image = 0; image < images; ++image) {
+          const int64_t r0 = image * positions;
+          const acc_t* tile = work.tile.data() + r0 * columns;
+          const TileSide<acc_t> row_side{work.squared.data() + r0, work.inverse.data() + r0,
+                                         work.finite.data() + r0};
+          reduce_image(tile, columns, positions, work.rows.data() + r0 * size, size, row_side,
+                       col_side, prototypes + c0 * size, proto_squared_exact.data() + c0, metric,
+                       g, tau, work.best.data(), *work.shortlist);
+          const int64_t out = (first_image + image) * num_prototypes + c0;
+          for (int64_t c = 0; c < columns; ++c) {
+            values[out + c] = static_cast<acc_t>(work.best[c].value);
+            indices[out + c] = work.best[c].index;
+          }
+        }
+      }
+    }
+  });
+}
+
+#define PK_INSTANTIATE(in_t, acc_t)                                                        \
+  template void min_distance_forward<in_t, acc_t>(const in_t*, const FeatureMap&,          \
+                                                  const acc_t*, int64_t, Metric, double,   \
+                                                  acc_t*, int64_t*);
+
+PK_INSTANTIATE(float, float)
+PK_INSTANTIATE(double, double)
+PK_INSTANTIATE(c10::Half, float)
+PK_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace protokern::cpu
