@@ -5,8 +5,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from protokern.ops import MinDistance, check_metric, distance_map, min_distance
 from protokern.distributed.collectives import all_gather_uneven, gather, shard_sizes, sum_gradients
+from protokern.distributed.sharded import sharded_nearest_prototypes
+from protokern.ops import (
+    MinDistance,
+    NearestPrototypes,
+    check_metric,
+    distance_map,
+    min_distance,
+    nearest_prototypes,
+)
 
 
 def _check_layer_args(where: str, num_prototypes: int, dim: int, patch: int | tuple[int, int],
@@ -84,6 +92,11 @@ class PrototypeLayer(_PrototypeBank):
 
     def forward(self, x: Tensor) -> MinDistance:
         return min_distance(x, self.prototype_vectors, self.metric)
+
+    def nearest_prototypes(self, x: Tensor, k: int = 1) -> NearestPrototypes:
+        """The ``k`` nearest prototypes of every patch, token or vector of ``x``:
+        `protokern.nearest_prototypes` on this layer's bank."""
+        return nearest_prototypes(x, self.prototype_vectors, k, self.metric)
 
     def distance_map(self, x: Tensor) -> Tensor:
         """All distances ``(B, M, H', W')`` (tokens: ``(B, M, L)``), for explanations."""
@@ -215,6 +228,20 @@ class ShardedPrototypeLayer(_PrototypeBank):
             return distance_map(x, self.prototype_vectors, self.metric)
         x, rows = self._shared_input(x)
         return self._gathered_output(distance_map(x, self.prototype_vectors, self.metric), rows)
+
+    def nearest_prototypes(self, x: Tensor, k: int = 1) -> NearestPrototypes:
+        """The ``k`` nearest prototypes of the global bank for every patch, token or vector of
+        ``x`` (`protokern.distributed.sharded.sharded_nearest_prototypes`): global indices,
+        equal to the unsharded op. Every rank passes the same ``x`` (not in ``data_parallel``
+        mode, where the ranks' inputs differ: ValueError)."""
+        if self._group is None:
+            return nearest_prototypes(x, self.prototype_vectors, k, self.metric)
+        if self.data_parallel:
+            raise ValueError("ShardedPrototypeLayer.nearest_prototypes: every rank must pass the "
+                             "same x; this layer was built with data_parallel=True")
+        return sharded_nearest_prototypes(x, self.prototype_vectors, k, self.metric,
+                                          shard_sizes=self.shard_sizes, rank=self._rank,
+                                          group=self._group)
 
     @torch.no_grad()
     def full_prototypes(self) -> Tensor:

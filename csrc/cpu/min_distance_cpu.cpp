@@ -18,64 +18,12 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cpu/glue.h"
 #include "cpu/min_distance_kernels.h"
 #include "metric.h"
 
 namespace protokern::cpu {
 namespace {
-
-Metric parse_metric(c10::string_view name, const char* op) {
-  const std::optional<Metric> metric = metric_named(name);
-  TORCH_CHECK_VALUE(metric.has_value(), op, ": unknown metric '", name, "'; expected ",
-                    kMetricNames);
-  return *metric;
-}
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && prototypes.dim() == 4, op,
-                    ": expects x (B, D, H, W) and prototypes (M, D, ph, pw), got x ", x.sizes(),
-                    " and prototypes ", prototypes.sizes());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && prototypes.device().is_cpu(), op,
-                    ": expects CPU tensors, got x on ", x.device(), " and prototypes on ",
-                    prototypes.device());
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK_TYPE((dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                    dtype == at::kBFloat16) &&
-                       prototypes.scalar_type() == dtype,
-                   op, ": x and prototypes must share a dtype among float32, float64, float16 "
-                   "and bfloat16, got ", dtype, " and ", prototypes.scalar_type());
-  TORCH_CHECK_VALUE(x.size(1) == prototypes.size(1), op, ": x has ", x.size(1),
-                    " channels but prototypes have ", prototypes.size(1), " (x ", x.sizes(),
-                    ", prototypes ", prototypes.sizes(), ")");
-  TORCH_CHECK_VALUE(prototypes.size(2) <= x.size(2) && prototypes.size(3) <= x.size(3), op,
-                    ": the window ", prototypes.size(2), "x", prototypes.size(3),
-                    " is larger than the map ", x.size(2), "x", x.size(3));
-}
-
-FeatureMap describe(const char* op, const at::Tensor& x, const at::Tensor& prototypes) {
-  // The kernel stores positions within one image as int32 in its shortlist. A ValueError,
-  // like every other limit, raised before anything is allocated.
-  const int64_t positions =
-      (x.size(2) - prototypes.size(2) + 1) * (x.size(3) - prototypes.size(3) + 1);
-  TORCH_CHECK_VALUE(positions < std::numeric_limits<int32_t>::max(),
-                    op, ": at most 2^31 - 2 window positions per image are supported, got ",
-                    positions, " (x ", x.sizes(), ", prototypes ", prototypes.sizes(), ")");
-  return FeatureMap{x.size(0),   x.size(1),   x.size(2),   x.size(3),
-                    x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-                    prototypes.size(2), prototypes.size(3)};
-}
-
-at::ScalarType accumulation_type(at::ScalarType type) {
-  return type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// (M, K) contiguous in the accumulation type: float16/bfloat16 prototypes are upcast once.
-at::Tensor flat_prototypes(const at::Tensor& prototypes) {
-  const int64_t size = prototypes.size(1) * prototypes.size(2) * prototypes.size(3);
-  return prototypes.reshape({prototypes.size(0), size})
-      .to(accumulation_type(prototypes.scalar_type()))
-      .contiguous();
-}
 
 std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
                                                    const at::Tensor& prototypes,
@@ -97,12 +45,6 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
                                           indices.mutable_data_ptr<int64_t>());
   });
   return {values.to(x.scalar_type()), indices};
-}
-
-// An empty tensor stands for a gradient nobody asked for (protokern.ops maps it to None).
-at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& like) {
-  return grad.defined() ? grad.reshape(like.sizes()).to(like.scalar_type())
-                        : at::empty({0}, like.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
@@ -150,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
 
 }  // namespace
 
-TORCH_LIBRARY(protokern_cpu, m) {
+// Each op's glue registers its fragment of the library.
+TORCH_LIBRARY_FRAGMENT(protokern_cpu, m) {
   m.def("min_distance(Tensor x, Tensor prototypes, str metric, float input_rounding) "
         "-> (Tensor values, Tensor indices)");
   m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, "

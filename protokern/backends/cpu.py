@@ -9,6 +9,11 @@ products instead: deterministic for a given thread count). Parallel over
 ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
 upcast to float32 while packing.
 
+`nearest_prototypes` (the reduction over prototypes) streams GEMM tiles of rows against the
+bank, keeping per row the k smallest upper bounds and a shortlist of the prototypes whose lower
+bound is below them, then recomputes only the shortlist directly (``csrc/cpu/``); its backward
+is deterministic (each prototype sums its pairs in row order).
+
 `distance_map` and its backward (explanations, not a training hot path) are the reference's
 blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would be on a CPU.
 
@@ -50,6 +55,24 @@ def min_distance_backward(
     return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
 
 
+def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
+                       ) -> tuple[Tensor, Tensor]:
+    """``(values (B, L', k), indices (B, L', k))``: the k nearest prototypes of every window."""
+    values, indices = torch.ops.protokern_cpu.nearest_prototypes(x, prototypes, metric, k,
+                                                                 _gemm_rounding(x))
+    return values, indices
+
+
+def nearest_prototypes_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients through the chosen pairs; one not asked for is None and is not computed."""
+    grad_x, grad_prototypes = torch.ops.protokern_cpu.nearest_prototypes_backward(
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+    return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
+
+
 register_backend(
     Backend(
         name="cpu",
@@ -58,6 +81,8 @@ register_backend(
             "min_distance_backward": min_distance_backward,
             "distance_map": reference.distance_map,
             "distance_map_backward": reference.distance_map_backward,
+            "nearest_prototypes": nearest_prototypes,
+            "nearest_prototypes_backward": nearest_prototypes_backward,
         },
         device_types=frozenset({"cpu"}),
         priority=20,

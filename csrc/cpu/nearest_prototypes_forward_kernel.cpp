@@ -1,0 +1,235 @@
+// The CPU forward kernel of nearest_prototypes: per task, the windows of a block of images as
+// rows, against every prototype, one GEMM tile at a time.
+//
+// Per tile (rows x a block of prototypes) and per row, a vectorised pass turns the inner
+// products into upper bounds of the true distances, in "score" units that drop the row's own
+// constant (sqeuclidean: u = (1 + g)|p|^2 - 2 x.p, the row adding (1 + g)|x|^2 + tau; cosine:
+// u = (1 + g) - x.p / (|x| |p|), norms floored), keeps the k smallest of them over all tiles so
+// far (their largest is T) and appends to the row's shortlist every prototype whose lower bound
+// (u - d, d = 2g|p|^2 resp. 2g) is at most T plus the row's own gap (2g|x|^2 + 2 tau, resp. 0).
+// These are the reference's bounds (protokern/backends/reference.py, nearest_candidates): every
+// prototype that can be among the k nearest is on the shortlist, usually about k of them. At the
+// end the shortlist is cut to T's final value, recomputed directly (exact_distance.h) and the
+// first k by (exact distance, index) win: ties go to the lowest index, a NaN distance comes first,
+// and a prototype equal to a patch is found at distance 0 whatever the GEMM's rounding.
+// Prototypes with a non-finite or huge squared norm are always shortlisted; such rows are
+// compared with every prototype directly.
+//
+// Memory: a tile, the rows of one task, and the shortlists.
+#include "cpu/nearest_prototypes_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/exact_distance.h"
+#include "cpu/gemm_tiles.h"
+
+namespace protokern::cpu {
+namespace {
+
+// A shortlisted prototype of a row: its lower bound (score units) and its index.
+template <typename acc_t>
+struct Shortlisted {
+  acc_t lower;
+  int64_t index;
+};
+
+// What one row keeps across the tiles.
+template <typename acc_t>
+struct RowState {
+  std::vector<acc_t> uppers;  // the k smallest upper scores so far, ascending
+  std::vector<Shortlisted<acc_t>> shortlist;
+
+  acc_t threshold() const { return uppers.back(); }
+};
+
+// What the bounds need about each prototype of the bank (all of it, once per call).
+template <typename acc_t>
+struct Columns {
+  std::vector<acc_t> upper_base;  // sqeuclidean (1 + g)|p|^2; cosine 1 + g; inf where untrusted
+  std::vector<acc_t> scale;       // sqeuclidean 2; cosine 1 / max(|p|, floor)
+  std::vector<acc_t> spread;      // d: upper - lower, 2g|p|^2 resp. 2g
+  std::vector<double> squared_exact;  // |p|^2 in double (cosine's exact distance)
+  std::vector<uint8_t> trusted;
+  std::vector<int64_t> untrusted;  // their indices: on every row's shortlist
+};
+
+// Upper scores of one row of a tile: u[c] = upper_base[c] - row_scale * scale[c] * dots[c].
+template <typename acc_t>
+PK_VECTOR_CLONES void upper_scores(const acc_t* dots, int64_t columns, const acc_t* upper_base,
+                                   const acc_t* scale, acc_t row_scale, acc_t* out) {
+#pragma omp simd
+  for (int64_t c = 0; c < columns; ++c) {
+    const acc_t u = upper_base[c] - row_scale * scale[c] * dots[c];
+    out[c] = u == u ? u : std::numeric_limits<acc_t>::infinity();  // untrusted: NaN from inf
+  }
+}
+
+template <typename acc_t>
+PK_VECTOR_CLONES acc_t smallest(const acc_t* values, int64_t count) {
+  acc_t best = std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(min : best)
+  for (int64_t c = 0; c < count; ++c) best = std::min(best, values[c]);
+  return best;
+}
+
+// Offers one row's upper scores u (columns c0 .. c0 + columns) to its state.
+template <typename acc_t>
+void offer(const acc_t* u, int64_t columns, int64_t c0, const acc_t* spread, acc_t gap,
+           int64_t k, RowState<acc_t>& state) {
+  if (k == 1) {
+    state.uppers[0] = std::min(state.uppers[0], smallest(u, columns));
+  } else {
+    for (int64_t c = 0; c < columns; ++c) {
+      if (!(u[c] < state.uppers[k - 1])) continue;
+      int64_t at = k - 1;
+      for (; at > 0 && state.uppers[at - 1] > u[c]; --at) state.uppers[at] = state.uppers[at - 1];
+      state.uppers[at] = u[c];
+    }
+  }
+  const acc_t limit = state.threshold() + gap;
+  for (int64_t c = 0; c < columns; ++c) {
+    const acc_t lower = u[c] - spread[c];
+    if (lower <= limit) state.shortlist.push_back({lower, c0 + c});
+  }
+  // shortlisted earlier under a larger T: drop what the current T rules out, now and then
+  if (state.shortlist.size() > static_cast<size_t>(4 * k + 64)) {
+    std::erase_if(state.shortlist, [&](const Shortlisted<acc_t>& s) { return s.lower > limit; });
+  }
+}
+
+// The first k of `found` by (exact distance, index), NaN first, written to values / indices.
+template <typename acc_t>
+void write_first_k(std::vector<std::pair<double, int64_t>>& found, int64_t k, acc_t* values,
+                   int64_t* indices) {
+  auto before = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+    const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+    if (a_nan || b_nan) return a_nan && (!b_nan || a.second < b.second);
+    return a.first < b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::partial_sort(found.begin(), found.begin() + k, found.end(), before);
+  for (int64_t j = 0; j < k; ++j) {
+    values[j] = static_cast<acc_t>(found[j].first);
+    indices[j] = found[j].second;
+  }
+}
+
+template <typename acc_t>
+Columns<acc_t> describe_columns(const acc_t* prototypes, int64_t num, int64_t size,
+                                Metric metric, acc_t g) {
+  Columns<acc_t> cols;
+  std::vector<acc_t> squared(num), inverse(num);
+  cols.upper_base.resize(num);
+  cols.scale.resize(num);
+  cols.spread.resize(num);
+  cols.squared_exact.assign(num, 0.0);
+  cols.trusted.resize(num);
+  at::parallel_for(0, num, 64, [&](int64_t begin, int64_t end) {
+    squared_norms(prototypes + begin * size, end - begin, size, squared.data() + begin);
+    describe_rows(squared.data() + begin, end - begin, inverse.data() + begin,
+                  cols.trusted.data() + begin);
+    for (int64_t m = begin; m < end; ++m) {
+      const bool sq = metric == Metric::kSqEuclidean;
+      cols.upper_base[m] = cols.trusted[m] ? (sq ? (1 + g) * squared[m] : 1 + g)
+                                           : std::numeric_limits<acc_t>::infinity();
+      cols.scale[m] = sq ? acc_t(2) : inverse[m];
+      cols.spread[m] = sq ? 2 * g * squared[m] : 2 * g;
+      if (!sq) exact_dot(prototypes + m * size, prototypes + m * size, size,
+                         &cols.squared_exact[m]);
+    }
+  });
+  for (int64_t m = 0; m < num; ++m)
+    if (!cols.trusted[m]) cols.untrusted.push_back(m);
+  return cols;
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                                int64_t num, int64_t k, Metric metric, double input_rounding,
+                                acc_t* values, int64_t* indices) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  if (batch == 0 || positions == 0) return;
+  const bool sq = metric == Metric::kSqEuclidean;
+  // The reference's rounding bounds, plus a few eps for the rearranged arithmetic, as in
+  // min_distance_forward.
+  const double eps = std::numeric_limits<acc_t>::epsilon();
+  const acc_t g = sq ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
+                     : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
+  const acc_t tau = static_cast<acc_t>(4 * (size + 1) * std::numeric_limits<acc_t>::min());
+  const Columns<acc_t> cols = describe_columns(prototypes, num, size, metric, g);
+
+  const int64_t images_per_block =
+      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
+  const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
+  at::parallel_for(0, image_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t capacity = images_per_block * positions;
+    std::vector<acc_t> rows(capacity * size), tile(capacity * kPrototypeBlock);
+    std::vector<acc_t> squared(capacity), inverse(capacity), scores(kPrototypeBlock);
+    std::vector<uint8_t> trusted(capacity);
+    std::vector<RowState<acc_t>> states(capacity);
+    std::vector<std::pair<double, int64_t>> found;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first_image = block * images_per_block;
+      const int64_t count = std::min(images_per_block, batch - first_image) * positions;
+      pack_rows(x, map, first_image, count / positions, rows.data());
+      squared_norms(rows.data(), count, size, squared.data());
+      describe_rows(squared.data(), count, inverse.data(), trusted.data());
+      for (int64_t r = 0; r < count; ++r) {
+        states[r].uppers.assign(k, std::numeric_limits<acc_t>::infinity());
+        states[r].shortlist.clear();
+      }
+      for (int64_t c0 = 0; c0 < num; c0 += kPrototypeBlock) {
+        const int64_t columns = std::min(kPrototypeBlock, num - c0);
+        gemm_rows_by_prototypes(rows.data(), count, prototypes + c0 * size, columns, size,
+                                tile.data());
+        for (int64_t r = 0; r < count; ++r) {
+          if (!trusted[r]) continue;  // compared with every prototype below
+          upper_scores(tile.data() + r * columns, columns, cols.upper_base.data() + c0,
+                       cols.scale.data() + c0, sq ? acc_t(1) : inverse[r], scores.data());
+          offer(scores.data(), columns, c0, cols.spread.data() + c0,
+                sq ? 2 * g * squared[r] + 2 * tau : acc_t(0), k, states[r]);
+        }
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        const acc_t* row = rows.data() + r * size;
+        found.clear();
+        auto exact = [&](int64_t m) {
+          found.emplace_back(exact_distance(row, prototypes + m * size, size, metric,
+                                            cols.squared_exact[m],
+                                            trusted[r] && cols.trusted[m]), m);
+        };
+        if (!trusted[r]) {
+          for (int64_t m = 0; m < num; ++m) exact(m);
+        } else {
+          const acc_t limit = states[r].threshold() + (sq ? 2 * g * squared[r] + 2 * tau : 0);
+          for (const Shortlisted<acc_t>& s : states[r].shortlist)
+            if (s.lower <= limit) exact(s.index);
+          for (const int64_t m : cols.untrusted) exact(m);
+        }
+        const int64_t out = (first_image * positions + r) * k;
+        write_first_k(found, k, values + out, indices + out);
+      }
+    }
+  });
+}
+
+#define PK_INSTANTIATE(in_t, acc_t)                                                         \
+  template void nearest_prototypes_forward<in_t, acc_t>(const in_t*, const FeatureMap&,     \
+                                                        const acc_t*, int64_t, int64_t,     \
+                                                        Metric, double, acc_t*, int64_t*);
+
+PK_INSTANTIATE(float, float)
+PK_INSTANTIATE(double, double)
+PK_INSTANTIATE(c10::Half, float)
+PK_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace protokern::cpu
