@@ -1,10 +1,11 @@
 """Issue 10, part 6: under ``torch.use_deterministic_algorithms(True)`` two runs give bitwise-equal
-values, indices and gradients on every backend that runs on CPU tensors here.
+values, indices and gradients on every backend (the ``backend`` fixture: on CPU tensors, and on
+CUDA tensors where CUDA is present).
 
-The GPU paths cannot run here; read, under deterministic mode they are: triton, the
-bucketed-gather backward instead of atomics and the first configuration of autotuned kernels
-(`launch.Tuned`, tested below); cuda, an order-independent 64-bit atomicMin of packed
-(distance, position) keys forward and the counting-sort backward instead of atomics. The cpu
+Under deterministic mode the GPU paths are: triton, the bucketed-gather backward instead of
+atomics and the first configuration of autotuned kernels (`launch.Tuned`, tested below); cuda,
+an order-independent 64-bit atomicMin of packed (distance, position) keys forward and the
+counting-sort backward instead of atomics. The cpu
 kernel's forward and its backward with more than one position are also independent of the
 thread count (documented in protokern/backends/cpu.py), which is checked too.
 """
@@ -13,26 +14,26 @@ import contextlib
 
 import pytest
 import torch
+from cases import HALF_PRECISION, METRICS, random_inputs
 
 import protokern as pk
-
-METRICS = ["sqeuclidean", "cosine"]
+from protokern import env
 
 
 def _maps():
-    return torch.randn(3, 8, 5, 6), torch.randn(7, 8)
+    return random_inputs((3, 8, 5, 6), (7, 8))
 
 
 def _tokens():
-    return torch.randn(4, 9, 16), torch.randn(11, 16)
+    return random_inputs((4, 9, 16), (11, 16))
 
 
 def _patch_2x2():
-    return torch.randn(2, 6, 5, 5), torch.randn(5, 6, 2, 2)
+    return random_inputs((2, 6, 5, 5), (5, 6, 2, 2))
 
 
 def _single_position():  # L' = 1: the cpu kernel's no-GEMM path and its BLAS backward
-    return torch.randn(5, 1, 10), torch.randn(6, 10)
+    return random_inputs((5, 1, 10), (6, 10))
 
 
 def _ties():
@@ -96,7 +97,7 @@ def test_two_runs_are_bitwise_equal(backend, case, metric, threads):
     assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [*HALF_PRECISION, torch.float64])
 @pytest.mark.parametrize("metric", METRICS)
 def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
     x, prototypes = _patch_2x2()
@@ -151,7 +152,8 @@ def test_autotuned_triton_kernels_launch_their_first_config_when_deterministic()
 
     kernel = launch.Tuned(block_of, [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
                           key=["n"])
-    out = torch.zeros(2, dtype=torch.int32)
+    device = "cpu" if env.flag("TRITON_INTERPRET") else "cuda"  # where triton runs kernels
+    out = torch.zeros(2, dtype=torch.int32, device=device)
     with _deterministic(1):
         kernel[(2,)](out, 5)
         assert out.tolist() == [16, 16]
