@@ -6,7 +6,6 @@ Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRI
 tests marked ``cuda`` need a real GPU (TF32, large shapes) and skip here.
 """
 
-import dataclasses
 import subprocess
 import sys
 
