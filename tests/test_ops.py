@@ -157,7 +157,7 @@ def test_ties_between_identical_tokens_of_odd_width(backend, metric):
 def test_pushed_prototypes_on_positive_features(backend, metric):
     """ProtoPNet after push: sigmoid features, each prototype a copy of one patch, with a
     near-duplicate patch elsewhere. Every backend's pick lies within the tolerance of the true
-    minimum despite cancellation (the reference's pick is exact: test_reference.py)."""
+    minimum despite cancellation (the reference's pick is exact: backends/test_reference.py)."""
     x, p = pushed_prototypes()
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
