@@ -15,6 +15,7 @@ import contextlib
 import pytest
 import torch
 from cases import HALF_PRECISION, METRICS, random_inputs
+from helpers import assert_bitwise_equal, forward_backward
 
 import protokern as pk
 from protokern import env
@@ -64,25 +65,6 @@ def _deterministic(threads: int):
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
-def _run(x: torch.Tensor, prototypes: torch.Tensor, metric: str, weights: torch.Tensor):
-    """values, indices, x.grad, prototypes.grad of sum(weights * values)."""
-    x = x.detach().clone().requires_grad_()
-    prototypes = prototypes.detach().clone().requires_grad_()
-    values, indices = pk.min_distance(x, prototypes, metric)
-    (values * weights).sum().backward()
-    return values.detach(), indices, x.grad, prototypes.grad
-
-
-def _assert_bitwise_equal(first, second, what: str):
-    for name, a, b in zip(("values", "indices", "x.grad", "prototypes.grad"), first, second):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        # view as integers: bitwise, and NaN == NaN, -0.0 != 0.0
-        if a.is_floating_point():
-            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-            a, b = a.view(bits), b.view(bits)
-        assert torch.equal(a, b), f"{name} differ between two runs ({what})"
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("metric", METRICS)
@@ -90,9 +72,9 @@ def test_two_runs_are_bitwise_equal(backend, case, metric, threads):
     x, prototypes = CASES[case]()
     weights = torch.randn(x.shape[0], prototypes.shape[0])
     with _deterministic(threads):
-        first = _run(x, prototypes, metric, weights)
-        second = _run(x, prototypes, metric, weights)
-    _assert_bitwise_equal(first, second, f"{backend}, {case}, {metric}, {threads} threads")
+        first = forward_backward(x, prototypes, metric, weights)
+        second = forward_backward(x, prototypes, metric, weights)
+    assert_bitwise_equal(first, second, f"two runs, {backend}, {case}, {metric}, {threads} threads")
     # the runs computed something: a gradient reached both inputs
     assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0
 
@@ -104,9 +86,9 @@ def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
     x, prototypes = x.to(dtype), prototypes.to(dtype)
     weights = torch.randn(x.shape[0], prototypes.shape[0], dtype=dtype)
     with _deterministic(2):
-        first = _run(x, prototypes, metric, weights)
-        second = _run(x, prototypes, metric, weights)
-    _assert_bitwise_equal(first, second, f"{backend}, {dtype}, {metric}")
+        first = forward_backward(x, prototypes, metric, weights)
+        second = forward_backward(x, prototypes, metric, weights)
+    assert_bitwise_equal(first, second, f"two runs, {backend}, {dtype}, {metric}")
 
 
 @pytest.mark.skipif("cpu" not in pk.available_backends("cpu"), reason="cpu extension not built")
@@ -121,18 +103,18 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(case, metric):
     weights = torch.randn(x.shape[0], prototypes.shape[0])
     with pk.use_backend("cpu"):
         with _deterministic(1):
-            one = _run(x, prototypes, metric, weights)
+            one = forward_backward(x, prototypes, metric, weights)
         with _deterministic(2):
-            two = _run(x, prototypes, metric, weights)
+            two = forward_backward(x, prototypes, metric, weights)
     if case == "single-position":
         one, two = one[:2], two[:2]
-    _assert_bitwise_equal(one, two, f"cpu, {case}, {metric}, 1 vs 2 threads")
+    assert_bitwise_equal(one, two, f"cpu, {case}, {metric}, 1 vs 2 threads")
 
 
 def test_deterministic_setting_is_restored(backend):
     x, prototypes = _maps()
     with _deterministic(1):
-        _run(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
+        forward_backward(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
     assert not torch.are_deterministic_algorithms_enabled()
 
 

@@ -19,7 +19,7 @@ before any kernel runs; never a wrong answer or a crash.
 import pytest
 import torch
 from cases import METRICS, backend_params, big, interpreted
-from helpers import assert_matches_brute_force
+from helpers import assert_matches_brute_force, forward_backward
 
 import protokern as pk
 from protokern.ops import canonicalize
@@ -105,14 +105,6 @@ HUGE_STRIDES = {
 }
 
 
-def _grads(x, prototypes, metric, weights):
-    x = x.detach().requires_grad_()
-    prototypes = prototypes.detach().requires_grad_()
-    values, indices = pk.min_distance(x, prototypes, metric)
-    (values * weights).sum().backward()
-    return values.detach(), indices, x.grad, prototypes.grad
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", sorted(HUGE_STRIDES))
@@ -127,8 +119,8 @@ def test_offsets_past_2_31_elements(backend, case, metric, deterministic):
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        huge = _grads(x, prototypes, metric, weights)
-        compact = _grads(x.contiguous(), prototypes.contiguous(), metric, weights)
+        huge = forward_backward(x, prototypes, metric, weights)
+        compact = forward_backward(x.contiguous(), prototypes.contiguous(), metric, weights)
     finally:
         torch.use_deterministic_algorithms(was)
     assert_matches_brute_force(x, prototypes, metric, huge[0], huge[1])
