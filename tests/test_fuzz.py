@@ -307,6 +307,20 @@ def test_cosine_gradients_of_huge_inputs(backend):
     assert relative_error(pg.grad, want_p) <= TOLERANCE[torch.float32]
 
 
+def test_cosine_gradients_of_huge_single_position_inputs(backend):
+    """As above with one position per image (L = 1), where the cpu kernel's backward is two
+    BLAS products instead of its scatter. The fuzzer found the cpu backend's gradients NaN
+    here (x (1, 1, 2) ~1e20, one prototype), reference and triton right."""
+    x = 1e20 * torch.randn(2, 1, 16)
+    p = 1e20 * torch.randn(3, 16)
+    weights = torch.randn(2, 3)
+    want_x, want_p = brute_force_grads(x, p, "cosine", weights)
+    xg, pg = x.clone().requires_grad_(), p.clone().requires_grad_()
+    (pk.min_distance(xg, pg, "cosine").values * weights).sum().backward()
+    assert relative_error(xg.grad, want_x) <= TOLERANCE[torch.float32]
+    assert relative_error(pg.grad, want_p) <= TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("layout", MAP_LAYOUTS)
 def test_layouts_keep_the_values(layout):
     """The layout helpers change strides, never values (except `expanded`, by design)."""
