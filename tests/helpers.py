@@ -4,6 +4,7 @@ import torch
 from brute_force import distances, first_min
 from torch import Tensor
 
+import protokern as pk
 from protokern.testing import TOLERANCE, near_tie_ok, relative_error
 
 
@@ -35,6 +36,29 @@ def brute_force_grads(x: Tensor, prototypes: Tensor, metric: str, weights: Tenso
     _, idx = first_min(d.detach())
     values = d.gather(-1, idx[..., None])[..., 0]
     return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))
+
+
+def forward_backward(x: Tensor, prototypes: Tensor, metric: str, weights: Tensor):
+    """``(values, indices, x.grad, prototypes.grad)`` of ``sum(weights * values)``, on new
+    leaves sharing ``x``'s and ``prototypes``' storage (strides included)."""
+    x = x.detach().requires_grad_()
+    prototypes = prototypes.detach().requires_grad_()
+    values, indices = pk.min_distance(x, prototypes, metric)
+    (values * weights).sum().backward()
+    return values.detach(), indices, x.grad, prototypes.grad
+
+
+def assert_bitwise_equal(first, second, what: str,
+                         names=("values", "indices", "x.grad", "prototypes.grad")) -> None:
+    """The tensors of ``first`` and ``second`` (e.g. two `forward_backward`s) are equal bit for
+    bit: viewed as integers, so NaN equals NaN and -0.0 differs from 0.0."""
+    assert len(first) == len(second) <= len(names)
+    for name, a, b in zip(names, first, second):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {what}"
+        if a.is_floating_point():
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            a, b = a.view(bits), b.view(bits)
+        assert torch.equal(a, b), f"{name} differ ({what})"
 
 
 def pushed_prototypes() -> tuple[Tensor, Tensor]:

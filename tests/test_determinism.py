@@ -1,10 +1,11 @@
 """Issue 10, part 6: under ``torch.use_deterministic_algorithms(True)`` two runs give bitwise-equal
-values, indices and gradients on every backend that runs on CPU tensors here.
+values, indices and gradients on every backend (the ``backend`` fixture: on CPU tensors, and on
+CUDA tensors where CUDA is present).
 
-The GPU paths cannot run here; read, under deterministic mode they are: triton, the
-bucketed-gather backward instead of atomics and the first configuration of autotuned kernels
-(`launch.Tuned`, tested below); cuda, an order-independent 64-bit atomicMin of packed
-(distance, position) keys forward and the counting-sort backward instead of atomics. The cpu
+Under deterministic mode the GPU paths are: triton, the bucketed-gather backward instead of
+atomics and the first configuration of autotuned kernels (`launch.Tuned`, tested below); cuda,
+an order-independent 64-bit atomicMin of packed (distance, position) keys forward and the
+counting-sort backward instead of atomics. The cpu
 kernel's forward and its backward with more than one position are also independent of the
 thread count (documented in protokern/backends/cpu.py), which is checked too.
 """
@@ -13,26 +14,27 @@ import contextlib
 
 import pytest
 import torch
+from cases import HALF_PRECISION, METRICS, random_inputs
+from helpers import assert_bitwise_equal, forward_backward
 
 import protokern as pk
-
-METRICS = ["sqeuclidean", "cosine"]
+from protokern import env
 
 
 def _maps():
-    return torch.randn(3, 8, 5, 6), torch.randn(7, 8)
+    return random_inputs((3, 8, 5, 6), (7, 8))
 
 
 def _tokens():
-    return torch.randn(4, 9, 16), torch.randn(11, 16)
+    return random_inputs((4, 9, 16), (11, 16))
 
 
 def _patch_2x2():
-    return torch.randn(2, 6, 5, 5), torch.randn(5, 6, 2, 2)
+    return random_inputs((2, 6, 5, 5), (5, 6, 2, 2))
 
 
 def _single_position():  # L' = 1: the cpu kernel's no-GEMM path and its BLAS backward
-    return torch.randn(5, 1, 10), torch.randn(6, 10)
+    return random_inputs((5, 1, 10), (6, 10))
 
 
 def _ties():
@@ -63,25 +65,6 @@ def _deterministic(threads: int):
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
-def _run(x: torch.Tensor, prototypes: torch.Tensor, metric: str, weights: torch.Tensor):
-    """values, indices, x.grad, prototypes.grad of sum(weights * values)."""
-    x = x.detach().clone().requires_grad_()
-    prototypes = prototypes.detach().clone().requires_grad_()
-    values, indices = pk.min_distance(x, prototypes, metric)
-    (values * weights).sum().backward()
-    return values.detach(), indices, x.grad, prototypes.grad
-
-
-def _assert_bitwise_equal(first, second, what: str):
-    for name, a, b in zip(("values", "indices", "x.grad", "prototypes.grad"), first, second):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        # view as integers: bitwise, and NaN == NaN, -0.0 != 0.0
-        if a.is_floating_point():
-            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-            a, b = a.view(bits), b.view(bits)
-        assert torch.equal(a, b), f"{name} differ between two runs ({what})"
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("metric", METRICS)
@@ -89,23 +72,23 @@ def test_two_runs_are_bitwise_equal(backend, case, metric, threads):
     x, prototypes = CASES[case]()
     weights = torch.randn(x.shape[0], prototypes.shape[0])
     with _deterministic(threads):
-        first = _run(x, prototypes, metric, weights)
-        second = _run(x, prototypes, metric, weights)
-    _assert_bitwise_equal(first, second, f"{backend}, {case}, {metric}, {threads} threads")
+        first = forward_backward(x, prototypes, metric, weights)
+        second = forward_backward(x, prototypes, metric, weights)
+    assert_bitwise_equal(first, second, f"two runs, {backend}, {case}, {metric}, {threads} threads")
     # the runs computed something: a gradient reached both inputs
     assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [*HALF_PRECISION, torch.float64])
 @pytest.mark.parametrize("metric", METRICS)
 def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
     x, prototypes = _patch_2x2()
     x, prototypes = x.to(dtype), prototypes.to(dtype)
     weights = torch.randn(x.shape[0], prototypes.shape[0], dtype=dtype)
     with _deterministic(2):
-        first = _run(x, prototypes, metric, weights)
-        second = _run(x, prototypes, metric, weights)
-    _assert_bitwise_equal(first, second, f"{backend}, {dtype}, {metric}")
+        first = forward_backward(x, prototypes, metric, weights)
+        second = forward_backward(x, prototypes, metric, weights)
+    assert_bitwise_equal(first, second, f"two runs, {backend}, {dtype}, {metric}")
 
 
 @pytest.mark.skipif("cpu" not in pk.available_backends("cpu"), reason="cpu extension not built")
@@ -120,18 +103,18 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(case, metric):
     weights = torch.randn(x.shape[0], prototypes.shape[0])
     with pk.use_backend("cpu"):
         with _deterministic(1):
-            one = _run(x, prototypes, metric, weights)
+            one = forward_backward(x, prototypes, metric, weights)
         with _deterministic(2):
-            two = _run(x, prototypes, metric, weights)
+            two = forward_backward(x, prototypes, metric, weights)
     if case == "single-position":
         one, two = one[:2], two[:2]
-    _assert_bitwise_equal(one, two, f"cpu, {case}, {metric}, 1 vs 2 threads")
+    assert_bitwise_equal(one, two, f"cpu, {case}, {metric}, 1 vs 2 threads")
 
 
 def test_deterministic_setting_is_restored(backend):
     x, prototypes = _maps()
     with _deterministic(1):
-        _run(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
+        forward_backward(x, prototypes, "sqeuclidean", torch.ones(x.shape[0], prototypes.shape[0]))
     assert not torch.are_deterministic_algorithms_enabled()
 
 
@@ -151,7 +134,8 @@ def test_autotuned_triton_kernels_launch_their_first_config_when_deterministic()
 
     kernel = launch.Tuned(block_of, [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
                           key=["n"])
-    out = torch.zeros(2, dtype=torch.int32)
+    device = "cpu" if env.flag("TRITON_INTERPRET") else "cuda"  # where triton runs kernels
+    out = torch.zeros(2, dtype=torch.int32, device=device)
     with _deterministic(1):
         kernel[(2,)](out, 5)
         assert out.tolist() == [16, 16]

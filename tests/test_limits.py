@@ -6,7 +6,8 @@ before any kernel runs; never a wrong answer or a crash.
   ``PROTOKERN_BIG_TESTS=1`` (9 minutes: it loops over a few prototypes at a time).
 - Offsets past 2**31 elements (``B L D``, ``M D`` and every stride product): a view with huge
   strides into a large allocation that is never touched except where the view's elements lie,
-  so it costs a few pages of memory, not 4-8 GB; every backend must give bit for bit what it
+  so it costs a few pages of memory, not 4-8 GB (on CUDA tensors the allocation is real: 4 GB
+  of GPU memory per test); every backend must give bit for bit what it
   gives on a compact copy of the same values, values and gradients. A real ``B L D > 2**31``
   float16 x (4 GB) runs only with ``PROTOKERN_BIG_TESTS=1``.
 - ``L >= 2**31`` positions per image: the fused backends refuse with a ValueError naming the
@@ -15,20 +16,14 @@ before any kernel runs; never a wrong answer or a crash.
   problems are refused with a ValueError naming the limit (checked with stride-0 prototypes).
 """
 
-import os
-
 import pytest
 import torch
-from helpers import assert_matches_brute_force
+from cases import METRICS, backend_params, big, interpreted
+from helpers import assert_matches_brute_force, forward_backward
 
 import protokern as pk
 from protokern.ops import canonicalize
 
-BIG = os.environ.get("PROTOKERN_BIG_TESTS") == "1"
-big = pytest.mark.skipif(not BIG, reason="needs PROTOKERN_BIG_TESTS=1 (minutes or > 4 GB)")
-CPU_BACKENDS = pk.available_backends("cpu")
-FUSED = [name for name in CPU_BACKENDS if name != "reference"]
-METRICS = ["sqeuclidean", "cosine"]
 INT31 = 2**31
 
 
@@ -60,16 +55,19 @@ def _check_lattice_answer(backend: str, batch: int, side: int, num: int) -> None
 
 def test_cpu_more_than_2_31_distances_in_one_call():
     """B M L = 2**31 + 2**17: 2 images of 65536 tokens against 16385 prototypes."""
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu" not in pk.available_backends("cpu"):
         pytest.skip("cpu extension not built")
     _check_lattice_answer("cpu", 2, 256, 2**14 + 1)
 
 
 @big
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in ("cpu", "triton")])
+@pytest.mark.parametrize("backend", backend_params(
+    where=lambda name, device: device != "cpu" or not (name == "cpu" or interpreted(name))),
+    indirect=True)
 def test_more_than_2_31_distances_in_one_call(backend):
-    """The reference: 9 minutes on 2 cores. (Triton's interpreter would take about an hour;
-    its one B M L offset, into distance_map's output, is computed in int64.)"""
+    """The reference on CPU tensors: 9 minutes on 2 cores; every backend on CUDA tensors. (The
+    cpu backend runs this in CI, above; Triton's interpreter would take about an hour: its one
+    B M L offset, into distance_map's output, is computed in int64.)"""
     _check_lattice_answer(backend, 2, 256, 2**14 + 1)
 
 
@@ -83,7 +81,7 @@ def _huge_view(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor
     extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
     try:
         storage = torch.empty(extent, dtype=dtype)  # virtual: untouched pages cost nothing
-    except RuntimeError as error:  # e.g. vm.overcommit_memory = 2 on a small machine
+    except RuntimeError as error:  # vm.overcommit_memory = 2 on a small machine, a small GPU
         pytest.skip(f"cannot reserve {extent * dtype.itemsize / 2**30:.0f} GB of address "
                     f"space: {error}")
     view = storage.as_strided(shape, strides)
@@ -107,14 +105,6 @@ HUGE_STRIDES = {
 }
 
 
-def _grads(x, prototypes, metric, weights):
-    x = x.detach().requires_grad_()
-    prototypes = prototypes.detach().requires_grad_()
-    values, indices = pk.min_distance(x, prototypes, metric)
-    (values * weights).sum().backward()
-    return values.detach(), indices, x.grad, prototypes.grad
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", sorted(HUGE_STRIDES))
@@ -129,8 +119,8 @@ def test_offsets_past_2_31_elements(backend, case, metric, deterministic):
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        huge = _grads(x, prototypes, metric, weights)
-        compact = _grads(x.contiguous(), prototypes.contiguous(), metric, weights)
+        huge = forward_backward(x, prototypes, metric, weights)
+        compact = forward_backward(x.contiguous(), prototypes.contiguous(), metric, weights)
     finally:
         torch.use_deterministic_algorithms(was)
     assert_matches_brute_force(x, prototypes, metric, huge[0], huge[1])
@@ -147,22 +137,24 @@ def _expanded_map(height: int, width: int) -> torch.Tensor:
     return torch.randn(1, 1, 1, 1).expand(1, 1, height, width)
 
 
-@pytest.mark.parametrize("backend_name", FUSED)
-def test_too_many_positions_per_image_is_a_value_error(backend_name):
+@pytest.mark.parametrize("backend", backend_params(where=lambda name, _: name != "reference"),
+                         indirect=True)
+def test_too_many_positions_per_image_is_a_value_error(backend):
+    """The fused backends (the reference has no such limit)."""
     x = _expanded_map(2**16, 2**15 + 1)  # 2**31 + 2**16 positions
     prototypes = torch.randn(3, 1)
-    with pk.use_backend(backend_name), pytest.raises(ValueError, match=r"2\^31"):
+    with pytest.raises(ValueError, match=r"2\^31"):
         pk.min_distance(x, prototypes)
 
 
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
+@pytest.mark.skipif("triton" not in pk.available_backends(), reason="triton unavailable")
 def test_triton_refuses_grids_past_cuda_limits():
-    """M past 65535 blocks of prototypes: a ValueError naming the limit, before any launch."""
-    if not pk.backends.triton.INTERPRET:
-        pytest.skip("CPU tensors run on triton only in its interpreter")
+    """M past 65535 blocks of prototypes: a ValueError naming the limit, before any launch (on
+    CPU tensors in the interpreter, else on CUDA tensors)."""
+    device = "cpu" if interpreted("triton") else "cuda"
     num = 65536 * 256  # past 65535 blocks of the largest BLOCK_M of any configuration
-    prototypes = torch.randn(1, 2).expand(num, 2)  # stride 0: no memory
-    x = torch.randn(1, 3, 2)
+    prototypes = torch.randn(1, 2, device=device).expand(num, 2)  # stride 0: no memory
+    x = torch.randn(1, 3, 2, device=device)
     with pk.use_backend("triton"):
         with pytest.raises(ValueError, match="65535"):
             pk.min_distance(x, prototypes)
@@ -171,13 +163,13 @@ def test_triton_refuses_grids_past_cuda_limits():
         x4, p4, _ = canonicalize(x, prototypes, "sqeuclidean", "test")
         from protokern.backends.triton.min_distance_backward import min_distance_backward
         with pytest.raises(ValueError, match="65535"):
-            min_distance_backward(torch.ones(1, num), x4, p4,
-                                  torch.zeros(1, num, dtype=torch.int64), "sqeuclidean")
+            min_distance_backward(torch.ones(1, num, device=device), x4, p4,
+                                  torch.zeros(1, num, dtype=torch.int64, device=device),
+                                  "sqeuclidean")
 
 
 @big
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_more_than_2_31_elements_of_x(backend_name):
+def test_more_than_2_31_elements_of_x(backend):
     """A real float16 x of B L D = 2**31 + 2**15 elements (4 GB): the last images, addressed
     past 2**31, give what they give alone."""
     dim = 2**15
@@ -186,7 +178,7 @@ def test_more_than_2_31_elements_of_x(backend_name):
     x[:-2] = 0.5
     x[-2:] = torch.randn(2, 1, dim)
     prototypes = torch.randn(3, dim, dtype=torch.float16)
-    with pk.use_backend(backend_name), torch.no_grad():
+    with torch.no_grad():
         values, indices = pk.min_distance(x, prototypes)
         tail_values, tail_indices = pk.min_distance(x[-2:].clone(), prototypes)
     assert torch.equal(values[-2:], tail_values) and torch.equal(indices[-2:], tail_indices)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from cases import METRICS
 
 import protokern as pk
 
@@ -23,7 +24,7 @@ def test_shape_properties_and_repr():
     assert "num_prototypes=12, dim=7, patch=(3, 3), metric='cosine'" in repr(layer)
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_forward_and_distance_map_are_the_ops(backend, metric):
     layer = pk.nn.PrototypeLayer(9, 5, patch=(2, 3), metric=metric)
     x = torch.randn(4, 5, 6, 7, requires_grad=True)

@@ -1,8 +1,22 @@
-"""The op contract (DESIGN.md §2), run on every backend this install has for CPU tensors."""
+"""The op contract (DESIGN.md §2), run on every backend of this install (the ``backend``
+fixture: CPU tensors, and CUDA tensors where CUDA is present)."""
 
 import pytest
 import torch
 from brute_force import distances, first_min
+from cases import (
+    DTYPES,
+    FULL_PRECISION,
+    GRADCHECK_SHAPES,
+    HALF_PRECISION,
+    METRICS,
+    SHAPES,
+    make,
+    map_layout,
+    prototype_layout,
+    random_inputs,
+    token_layout,
+)
 from helpers import (
     TOLERANCE,
     assert_matches_brute_force,
@@ -13,43 +27,26 @@ from helpers import (
 from torch.library import opcheck
 
 import protokern as pk
+from protokern import ops
 from protokern.backends import reference
 from protokern.ops import canonicalize
 
-METRICS = ["sqeuclidean", "cosine"]
 
-# name -> (x shape, prototypes shape); a 3-d x is (B, L, D) tokens
-CASES = {
-    "map-MD": ((2, 5, 4, 6), (7, 5)),
-    "map-MD11": ((2, 5, 4, 6), (7, 5, 1, 1)),
-    "patch2x3-M37": ((3, 4, 5, 6), (37, 4, 2, 3)),
-    "M1": ((2, 6, 3, 3), (1, 6)),
-    "M37-D3": ((2, 3, 5, 5), (37, 3)),
-    "D300-patch2x2": ((2, 300, 3, 4), (11, 300, 2, 2)),
-    "L1-map": ((3, 8, 1, 1), (5, 8)),
-    "L1-window-fills-map": ((2, 3, 2, 3), (4, 3, 2, 3)),
-    "tokens": ((3, 9, 16), (10, 16)),
-    "tokens-L1": ((2, 1, 8), (6, 8, 1, 1)),
-}
+def test_the_shared_metrics_are_the_ops_metrics():
+    """tests/cases.py's METRICS, which the brute force computes, are every metric the ops take."""
+    assert METRICS == ops.METRICS
 
 
-def make(case: str, dtype=torch.float32, requires_grad=False):
-    x_shape, p_shape = CASES[case]
-    x = torch.randn(x_shape, dtype=dtype, requires_grad=requires_grad)
-    p = torch.randn(p_shape, dtype=dtype, requires_grad=requires_grad)
-    return x, p
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", FULL_PRECISION)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SHAPES)
 def test_min_distance_matches_brute_force(backend, case, metric, dtype):
     x, p = make(case, dtype)
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF_PRECISION)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", ["patch2x3-M37", "D300-patch2x2", "tokens"])
 def test_half_precision_inputs(backend, case, metric, dtype):
@@ -94,14 +91,14 @@ def test_many_prototype_blocks_give_the_same_answer(backend, metric, chunk, monk
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed-prototypes"])
 def test_strided_inputs(backend, metric, layout):
     if layout == "channels_last":
-        x = torch.randn(3, 6, 5, 7).to(memory_format=torch.channels_last)
-        p = torch.randn(9, 6, 2, 2)
+        x, p = random_inputs((3, 6, 5, 7), (9, 6, 2, 2))
+        x = map_layout(x, "channels_last")
     elif layout == "sliced":
-        x = torch.randn(3, 12, 8, 9)[:, ::2, 1:, :-2]
-        p = torch.randn(9, 6, 3, 2)
+        x, p = random_inputs((3, 6, 7, 7), (9, 6, 3, 2))
+        x = map_layout(x, "sliced")
     else:
-        x = torch.randn(3, 6, 5, 7)
-        p = torch.randn(6, 9).t()
+        x, p = random_inputs((3, 6, 5, 7), (9, 6))
+        p = prototype_layout(p, "transposed")
     assert not x.is_contiguous() or not p.is_contiguous()
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
@@ -110,8 +107,8 @@ def test_strided_inputs(backend, metric, layout):
 
 
 def test_strided_tokens(backend):
-    x = torch.randn(4, 16, 10)[:, ::2, 1:]  # (B, L, D) non-contiguous
-    p = torch.randn(7, 9)
+    x, p = random_inputs((4, 8, 9), (7, 9))
+    x = token_layout(x, "sliced")  # (B, L, D) non-contiguous
     values, indices = pk.min_distance(x, p)
     assert_matches_brute_force(x, p, "sqeuclidean", values, indices)
 
@@ -160,7 +157,7 @@ def test_ties_between_identical_tokens_of_odd_width(backend, metric):
 def test_pushed_prototypes_on_positive_features(backend, metric):
     """ProtoPNet after push: sigmoid features, each prototype a copy of one patch, with a
     near-duplicate patch elsewhere. Every backend's pick lies within the tolerance of the true
-    minimum despite cancellation (the reference's pick is exact: test_reference.py)."""
+    minimum despite cancellation (the reference's pick is exact: backends/test_reference.py)."""
     x, p = pushed_prototypes()
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
@@ -255,9 +252,9 @@ def test_zero_vectors_under_cosine(backend):
     assert torch.equal(values, torch.ones(1, 2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SHAPES)
 def test_distance_map_matches_brute_force(backend, case, metric, dtype):
     x, p = make(case, dtype)
     dmap = pk.distance_map(x, p, metric)
@@ -272,9 +269,9 @@ def test_distance_map_matches_brute_force(backend, case, metric, dtype):
     assert relative_error(dmap.flatten(2), ref) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", FULL_PRECISION)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SHAPES)
 def test_gradients_match_brute_force(backend, case, metric, dtype):
     x, p = make(case, dtype, requires_grad=True)
     values = pk.min_distance(x, p, metric).values
@@ -288,9 +285,9 @@ def test_gradients_match_brute_force(backend, case, metric, dtype):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_gradients_of_strided_and_half_inputs(backend, metric):
-    x = torch.randn(3, 12, 8, 9)[:, ::2, 1:, :-2].to(memory_format=torch.channels_last)
-    p = torch.randn(9, 6, 3, 2)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    x, p = random_inputs((3, 6, 7, 7), (9, 6, 3, 2))
+    x = map_layout(x, "channels_last")
+    for dtype in (torch.float32, *HALF_PRECISION):
         xd = x.detach().to(dtype).requires_grad_()
         pd = p.detach().to(dtype).requires_grad_()
         values, _ = pk.min_distance(xd, pd, metric)
@@ -322,21 +319,11 @@ def test_double_backward_raises(backend, op):
         grad_x.sum().backward()
 
 
-# small enough for finite differences: (x shape, prototypes shape)
-GRADCHECK_CASES = {
-    "patch2x3": ((2, 3, 4, 5), (4, 3, 2, 3)),
-    "tokens": ((2, 5, 4), (3, 4)),
-    "L1-map": ((2, 4, 1, 1), (3, 4, 1, 1)),
-}
-
-
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("case", GRADCHECK_CASES)
+@pytest.mark.parametrize("case", GRADCHECK_SHAPES)
 def test_gradcheck_reference(case, metric):
     """The oracle's gradients against finite differences (DESIGN.md §5)."""
-    x_shape, p_shape = GRADCHECK_CASES[case]
-    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
-    p = torch.randn(p_shape, dtype=torch.float64, requires_grad=True)
+    x, p = random_inputs(*GRADCHECK_SHAPES[case], torch.float64, requires_grad=True)
     with pk.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda a, b: pk.min_distance(a, b, metric).values, (x, p))
         assert torch.autograd.gradcheck(lambda a, b: pk.distance_map(a, b, metric), (x, p))

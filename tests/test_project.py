@@ -31,7 +31,7 @@ def test_readme_usage_example_runs():
 
 def test_selfcheck_checks_every_backend(capsys):
     # Triton's interpreter (tests set TRITON_INTERPRET) would take minutes at the self-check's
-    # sizes; tests/test_triton.py and the contract tests cover it.
+    # sizes; tests/backends/test_triton.py and the contract tests cover it.
     names = [b for b in protokern.available_backends("cpu") if b != "triton"]
     assert cli.main(["selfcheck", "--device", "cpu", "--backends", *names]) == 0
     out = capsys.readouterr().out

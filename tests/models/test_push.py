@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from cases import METRICS
 
 from protokern.data import PlantedParts
 from protokern.models.backbones import build_backbone
@@ -35,9 +36,9 @@ def brute_force_push(features: torch.Tensor, labels: torch.Tensor, prototypes: t
     return image, position // w, position % w, best.values, distances
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("patch", [(1, 1), (2, 2)])
-def test_push_matches_brute_force(backend, metric, patch):
+def test_push_matches_brute_force(cpu_backend, metric, patch):
     data = PlantedParts(3, 7, 32, seed=3, motif_size=8)
     model = ProtoPNet(build_backbone(), 3, 32, prototypes_per_class=3, prototype_dim=16,
                       prototype_patch=patch, metric=metric).eval()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cases import METRICS
 from gloo import run_on_gloo
 
 import protokern as pk
@@ -57,7 +58,7 @@ class Case:
 CASES = [
     Case(metric, num_prototypes, patch, data_parallel)
     for data_parallel in (False, True)
-    for metric in ("sqeuclidean", "cosine")
+    for metric in METRICS
     for num_prototypes in (6, 7)
     for patch in ((1, 1), (2, 2))
 ] + [
@@ -184,8 +185,8 @@ def test_errors_are_raised_on_every_rank(ranks):
         assert "[[2, 5, 4, 4], [2, 5, 5, 4]]" in results["errors"]["mismatch"]
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
-def test_without_a_process_group_it_is_a_prototype_layer(backend, metric):
+@pytest.mark.parametrize("metric", METRICS)
+def test_without_a_process_group_it_is_a_prototype_layer(cpu_backend, metric):
     torch.manual_seed(1)
     sharded = pk.nn.ShardedPrototypeLayer(7, DIM, (2, 2), metric, data_parallel=True)
     torch.manual_seed(1)

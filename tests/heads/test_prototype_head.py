@@ -44,7 +44,7 @@ def explicit_means(features, labels, num_classes):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
-def test_logits_match_brute_force(backend, metric):
+def test_logits_match_brute_force(cpu_backend, metric):
     features, labels = torch.randn(40, 12), torch.randint(0, 4, (40,))
     labels[labels == 3] = 2  # class 3 gets no sample: masked
     head = PrototypeHead(12, num_classes=4, metric=metric, scale=3.0)
@@ -90,7 +90,7 @@ def test_growth_keeps_old_logits(protos_per_class):
     assert torch.isfinite(after).all()
 
 
-def test_several_prototypes_per_class_are_kmeans_centers_and_max_similarity(backend):
+def test_several_prototypes_per_class_are_kmeans_centers_and_max_similarity(cpu_backend):
     # each class: two tight blobs far apart, so its 2 k-means centers are the blob means
     gen = torch.Generator().manual_seed(1)
     centers = torch.randn(3, 2, 6, generator=gen) * 10

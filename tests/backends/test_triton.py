@@ -6,13 +6,13 @@ Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRI
 tests marked ``cuda`` need a real GPU (TF32, large shapes) and skip here.
 """
 
-import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
 from brute_force import distances
+from cases import DTYPES, METRICS, random_inputs
 from helpers import assert_matches_brute_force, brute_force_grads
 
 import protokern as pk
@@ -34,7 +34,6 @@ from protokern.backends.triton import min_distance as min_distance_module  # noq
 from protokern.backends.triton import min_distance_backward as backward_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-METRICS = ["sqeuclidean", "cosine"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +63,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(backward_module, "PIXELS", triton.Config({"BLOCK_D": 16}, num_warps=1))
 
 
-def _random(x_shape, p_shape, dtype=torch.float32):
-    x = torch.randn(x_shape, device=DEVICE).to(dtype).requires_grad_()
-    p = torch.randn(p_shape, device=DEVICE).to(dtype).requires_grad_()
-    return x, p
-
-
 # name -> (x shape, prototypes shape), against blocks of 16 rows, prototypes and entries
 BOUNDARY_CASES = {
     # L = 35 positions: three chunks of 16, the last ragged; M = 37: three prototype blocks
@@ -86,7 +79,7 @@ BOUNDARY_CASES = {
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", BOUNDARY_CASES)
 def test_block_boundaries(small_blocks, case, metric):
-    x, p = _random(*BOUNDARY_CASES[case])
+    x, p = random_inputs(*BOUNDARY_CASES[case], requires_grad=True, device=DEVICE)
     values, indices = pk.min_distance(x, p, metric)
     assert_matches_brute_force(x, p, metric, values, indices)
     dmap = pk.distance_map(x, p, metric)
@@ -106,7 +99,7 @@ def test_block_boundaries(small_blocks, case, metric):
 
 def _backward_inputs(x_shape, p_shape, metric, dtype):
     """Canonical inputs, the triton forward's positions and random incoming gradients."""
-    x, p = _random(x_shape, p_shape, dtype)
+    x, p = random_inputs(x_shape, p_shape, dtype, device=DEVICE)
     x4, p4, _ = canonicalize(x.detach(), p.detach(), metric, "test")
     _, indices = min_distance_module.min_distance(x4, p4, metric)
     grad = torch.randn(indices.shape, device=DEVICE).to(dtype)
@@ -116,7 +109,6 @@ def _backward_inputs(x_shape, p_shape, metric, dtype):
 # (x shape, prototypes shape): 1x1, a 2x3 patch, tokens; several prototypes share positions
 PATCHES = {"1x1": ((3, 6, 4, 5), (40, 6)), "2x3": ((2, 5, 4, 5), (30, 5, 2, 3)),
            "tokens": ((4, 7, 9), (25, 9))}
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

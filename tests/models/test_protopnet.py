@@ -3,6 +3,7 @@ gradients, with the same weights wired through naive PyTorch (written here, inde
 
 import pytest
 import torch
+from cases import METRICS
 from torch.nn import functional
 
 from protokern.models.backbones import build_backbone, receptive_field, small_cnn
@@ -36,9 +37,9 @@ def paper_logits(model: ProtoPNet, images: torch.Tensor) -> torch.Tensor:
     return model.last_layer(similarities)
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("patch", [(1, 1), (2, 2), (1, 2)])
-def test_logits_and_gradients_match_the_paper_formulas(backend, metric, patch):
+def test_logits_and_gradients_match_the_paper_formulas(cpu_backend, metric, patch):
     torch.manual_seed(1)
     model = ProtoPNet(build_backbone(), num_classes=3, image_size=32, prototypes_per_class=4,
                       prototype_dim=16, prototype_patch=patch, metric=metric)

@@ -59,7 +59,7 @@ def test_per_class_matches_explicit_inverse(normalize):
     assert relative_error(head(queries.double()), expected) <= F64
 
 
-def test_shared_matches_explicit_inverse(backend):
+def test_shared_matches_explicit_inverse(cpu_backend):
     gen = torch.Generator().manual_seed(1)
     x, y = clustered(4, 12, 5, gen)
     head = FeCAMHead(5, 5, covariance="shared")  # class 4 without samples: -inf

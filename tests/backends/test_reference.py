@@ -6,6 +6,7 @@
 import pytest
 import torch
 from brute_force import distances, first_min
+from cases import METRICS
 from helpers import pushed_prototypes
 
 import protokern as pk
@@ -18,7 +19,7 @@ def _reference():
         yield
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_pushed_prototype_is_found_despite_a_near_duplicate(metric):
     x, p = pushed_prototypes()
     values, indices = pk.min_distance(x, p, metric)
@@ -28,7 +29,7 @@ def test_pushed_prototype_is_found_despite_a_near_duplicate(metric):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("offset", [0.0, 3.0])
 def test_indices_are_the_brute_force_first_minimum(metric, dtype, offset):
     """Positive offsets make |x|^2 large against the distances (cancellation in float32)."""
@@ -56,7 +57,7 @@ def test_exact_sums_do_not_depend_on_batching_or_threads():
     torch.testing.assert_close(batched, rows.sum(-1))
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_ties_at_very_large_width(metric, monkeypatch):
     x = torch.randn(40000).expand(1, 9, 40000).contiguous()
     p = torch.randn(3, 40000)
@@ -99,7 +100,7 @@ def test_new_matmul_precision_settings_keep_the_exact_minimum(matmul_precision, 
     matmul_precision(scope, value)
     x = 3.0 + 1e-2 * torch.randn(4, 64, 6, 6)
     p = 3.0 + 1e-2 * torch.randn(30, 64)
-    for metric in ("sqeuclidean", "cosine"):
+    for metric in METRICS:
         values, indices = pk.min_distance(x, p, metric)
         true_values, true_indices = first_min(distances(x, p, metric))
         assert torch.equal(indices, true_indices)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from cases import METRICS
 
 from protokern.heads import PartPrototypeHead
 from protokern.testing import TOLERANCE, relative_error
@@ -35,8 +36,8 @@ def similarity(d, metric):
     return 1 - d if metric == "cosine" else torch.log((d + 1) / (d + 1e-4))
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
-def test_forward_matches_brute_force(backend, metric):
+@pytest.mark.parametrize("metric", METRICS)
+def test_forward_matches_brute_force(cpu_backend, metric):
     head = PartPrototypeHead(4, patch=2, metric=metric)
     head.add_task(2, protos_per_class=3, init="random", seed=1)
     head.add_task(1, protos_per_class=2, init="random", seed=2)

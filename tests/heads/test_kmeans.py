@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from cases import METRICS
 
 from protokern.heads import kmeans
 from protokern.heads.kmeans import assign
 from protokern.testing import TOLERANCE, relative_error
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
-def test_assignment_is_the_nearest_center(backend, metric):
+@pytest.mark.parametrize("metric", METRICS)
+def test_assignment_is_the_nearest_center(cpu_backend, metric):
     points, centers = torch.randn(50, 7), torch.randn(6, 7)
     values, indices = assign(points, centers, metric)
     for i in range(50):
@@ -23,7 +24,7 @@ def test_assignment_is_the_nearest_center(backend, metric):
         assert abs(float(values[i]) - d[best]) <= TOLERANCE[torch.float32] * max(1, abs(d[best]))
 
 
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_result_is_a_lloyd_fixed_point(metric):
     gen = torch.Generator().manual_seed(0)
     points = torch.cat([torch.randn(30, 4, generator=gen) + 6 * torch.randn(4, generator=gen)
@@ -68,7 +69,7 @@ def test_fewer_points_than_k_and_errors():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_non_finite_points_raise_a_clear_error(bad, metric):
     points = torch.randn(12, 4)
     points[5, 2] = bad
