@@ -11,6 +11,14 @@ whole ``(B, M, H', W')`` (or ``(B L', M)``) distance tensor, keeping it alive fo
   (``naive_cdist``, ``protokern selfcheck``'s baseline);
 - `loop_mm_min`: per image, ``torch.mm`` then ``min`` over positions, with a hand-written
   backward that gathers the chosen patch and scatters its gradient (``naive_loop``).
+
+The reduction over prototypes (the k nearest prototypes of every window), as anomalib's
+PatchCore and vector-quantize-pytorch write it:
+
+- `cdist_topk`: ``torch.cdist(rows, prototypes) ** 2`` ``(N, M)`` then ``topk`` (``min`` for
+  ``k = 1``);
+- `chunked_cdist_topk`: the same a block of rows at a time, so only ``(chunk, M)`` is alive in
+  the forward (autograd still keeps every block for the backward).
 """
 
 import torch
@@ -91,3 +99,35 @@ def loop_mm_min(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     """The plain loop: per image ``mm`` ``(M, K) @ (K, L')`` and min over ``L'``."""
     rows = patches(x, prototypes.shape[2], prototypes.shape[3])
     return _LoopMinDistance.apply(rows, prototypes.flatten(1))
+
+
+def _rows(x: Tensor, prototypes: Tensor) -> Tensor:
+    """Every window of ``x`` as a row, ``(B L', K)``."""
+    rows = patches(x, prototypes.shape[2], prototypes.shape[3])
+    return rows.reshape(-1, rows.shape[-1])
+
+
+def _smallest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if k == 1:
+        values, indices = dist.min(1, keepdim=True)
+        return values, indices
+    return dist.topk(k, dim=1, largest=False)
+
+
+def cdist_topk(x: Tensor, prototypes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Values and indices ``(B, L', k)``: ``torch.cdist`` of every window with every prototype,
+    squared, then the ``k`` smallest."""
+    values, indices = _smallest(torch.cdist(_rows(x, prototypes), prototypes.flatten(1)) ** 2, k)
+    shape = (x.shape[0], -1, k)
+    return values.view(shape), indices.view(shape)
+
+
+def chunked_cdist_topk(x: Tensor, prototypes: Tensor, k: int, chunk: int = 4096
+                       ) -> tuple[Tensor, Tensor]:
+    """`cdist_topk`, ``chunk`` rows at a time."""
+    rows, protos = _rows(x, prototypes), prototypes.flatten(1)
+    parts = [_smallest(torch.cdist(rows[s:s + chunk], protos) ** 2, k)
+             for s in range(0, rows.shape[0], chunk)]
+    shape = (x.shape[0], -1, k)
+    return (torch.cat([v for v, _ in parts]).view(shape),
+            torch.cat([i for _, i in parts]).view(shape))

@@ -73,3 +73,64 @@ def pushed_prototypes() -> tuple[Tensor, Tensor]:
     first[0, :, 0, 5] = first[0, :, 4, 2] + 1e-4 * torch.randn(128)
     x = torch.cat([first, torch.sigmoid(torch.randn(3, 128, 7, 7))])
     return x, torch.cat([x[0, :, 4, 2][None], x[[0, 0, 1, 2, 3], :, 3, 3]])
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest_prototypes
+
+
+def nearest_brute_force(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+    """Every distance ``(rows, M)`` in float64, rows in `pk.nearest_prototypes`' order
+    (flattened); ``x`` may be ``(N, D)`` vectors too. Cosine distances are clamped to their
+    range [0, 2], as the op's are: a copied vector's -2e-16 is its 0."""
+    as_tokens = x[None] if x.dim() == 2 else x
+    d = distances(as_tokens, prototypes, metric)  # (B, M, L')
+    if metric == "cosine":
+        d = d.clamp(0, 2)
+    return d.transpose(1, 2).reshape(-1, d.shape[1])
+
+
+def first_k(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest of each row, NaN first, ties to the lowest column."""
+    key = torch.where(d.isnan(), float("-inf"), d)
+    order = key.argsort(dim=-1, stable=True)[:, :k]
+    return d.gather(1, order), order
+
+
+def expected_shape(x, prototypes, k):
+    if x.dim() == 2:
+        return (x.shape[0], k)
+    if x.dim() == 3:
+        return (x.shape[0], x.shape[1], k)
+    ph, pw = (prototypes.shape[2:] if prototypes.dim() == 4 else (1, 1))
+    return (x.shape[0], x.shape[2] - ph + 1, x.shape[3] - pw + 1, k)
+
+
+def assert_nearest(x, prototypes, metric, k, values, indices, tol=None):
+    """Values within tolerance of the k smallest true distances; each returned index's true
+    distance is its value; indices exact wherever the k + 1 smallest are clearly apart."""
+    tol = TOLERANCE[x.dtype] if tol is None else tol
+    assert values.shape == indices.shape == expected_shape(x, prototypes, k)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    d = nearest_brute_force(x, prototypes, metric)
+    want_values, want_indices = first_k(d, k)
+    values, indices = values.reshape(-1, k), indices.reshape(-1, k)
+    if values.numel() == 0:
+        return
+    # norm-wise relative error; cosine distances lie in [0, 2], so their scale is at least 1
+    # (minima of 0 for copies are then checked absolutely: the exact float64 recompute of a
+    # vector against itself rounds to +-1e-16)
+    floor = 1.0 if metric == "cosine" else 1e-30
+    ref_scale = want_values.abs().max().clamp_min(floor)
+    assert ((values.double() - want_values).abs().max() / ref_scale) <= tol
+    scale = want_values.abs().max().clamp_min(1.0)
+    at_indices = d.gather(1, indices)
+    assert ((at_indices - values.double()).abs() <= tol * scale).all(), \
+        "a value is not the distance at its index"
+    assert (values.double().diff(dim=1) >= -tol * scale).all(), "values do not ascend"
+    if x.dtype in (torch.float32, torch.float64):
+        ordered = d.sort(1).values[:, :k + 1]
+        if ordered.shape[1] == k:  # k = M
+            ordered = torch.cat([ordered, ordered[:, -1:] + 2 * scale], 1)
+        clear = ((ordered.diff(dim=1)) > tol * scale).all(1)
+        assert torch.equal(indices[clear], want_indices[clear])

@@ -3,16 +3,17 @@ install runs, against an independent float64 brute force (tests/brute_force.py).
 
 import pytest
 import torch
-from brute_force import distances
+from cases import FULL_PRECISION, HALF_PRECISION, METRICS
+from helpers import assert_nearest, first_k, nearest_brute_force
 from torch.library import opcheck
 
 import protokern as pk
 from protokern.ops import canonicalize
 from protokern.testing import TOLERANCE, relative_error
 
-METRICS = ["sqeuclidean", "cosine"]
 
 # name -> (x shape, prototypes shape, k); x is (B, D, H, W), (B, L, D) tokens or (N, D) vectors
+# (the contract's shapes of tests/cases.py, plus k, vectors and prototype blocks past 256)
 CASES = {
     "map-1x1-k1": ((2, 5, 4, 6), (7, 5), 1),
     "map-1x1-k3": ((2, 5, 4, 6), (37, 5, 1, 1), 3),
@@ -34,52 +35,7 @@ def make(case, dtype=torch.float32, requires_grad=False):
     return x, p, k
 
 
-def brute_force(x, prototypes, metric):
-    """Every distance ``(rows, M)`` in float64, rows in the output's order (flattened)."""
-    as_tokens = x[None] if x.dim() == 2 else x
-    d = distances(as_tokens, prototypes, metric)  # (B, M, L')
-    return d.transpose(1, 2).reshape(-1, d.shape[1])
-
-
-def first_k(d, k):
-    key = torch.where(d.isnan(), float("-inf"), d)
-    order = key.argsort(dim=-1, stable=True)[:, :k]
-    return d.gather(1, order), order
-
-
-def expected_shape(x, prototypes, k):
-    if x.dim() == 2:
-        return (x.shape[0], k)
-    if x.dim() == 3:
-        return (x.shape[0], x.shape[1], k)
-    ph, pw = (prototypes.shape[2:] if prototypes.dim() == 4 else (1, 1))
-    return (x.shape[0], x.shape[2] - ph + 1, x.shape[3] - pw + 1, k)
-
-
-def assert_nearest(x, prototypes, metric, k, values, indices, tol=None):
-    """Values within tolerance of the k smallest true distances; each returned index's true
-    distance is its value; indices exact wherever the k + 1 smallest are clearly apart."""
-    tol = TOLERANCE[x.dtype] if tol is None else tol
-    assert values.shape == indices.shape == expected_shape(x, prototypes, k)
-    assert values.dtype == x.dtype and indices.dtype == torch.int64
-    d = brute_force(x, prototypes, metric)
-    want_values, want_indices = first_k(d, k)
-    values, indices = values.reshape(-1, k), indices.reshape(-1, k)
-    assert relative_error(values, want_values) <= tol
-    scale = want_values.abs().max().clamp_min(1.0)
-    at_indices = d.gather(1, indices)
-    assert ((at_indices - values.double()).abs() <= tol * scale).all(), \
-        "a value is not the distance at its index"
-    assert (values.double().diff(dim=1) >= -tol * scale).all(), "values do not ascend"
-    if x.dtype in (torch.float32, torch.float64):
-        ordered = d.sort(1).values[:, :k + 1]
-        if ordered.shape[1] == k:  # k = M
-            ordered = torch.cat([ordered, ordered[:, -1:] + 2 * scale], 1)
-        clear = ((ordered.diff(dim=1)) > tol * scale).all(1)
-        assert torch.equal(indices[clear], want_indices[clear])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", FULL_PRECISION)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_brute_force(backend, case, metric, dtype):
@@ -88,7 +44,7 @@ def test_matches_brute_force(backend, case, metric, dtype):
     assert_nearest(x, p, metric, k, values, indices)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF_PRECISION)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", ["map-2x3-k2", "tokens", "vectors-k7"])
 def test_half_precision(backend, case, metric, dtype):
@@ -111,7 +67,7 @@ def test_duplicated_prototypes_tie_to_the_lowest_index(backend, metric):
     p = torch.cat([base, base, base[:2]])  # prototype m and m + 6 (and m + 12) are equal
     values, indices = pk.nearest_prototypes(x, p, k=3, metric=metric)
     # each row's nearest distinct prototype appears at its lowest copy first, then its copy
-    d = brute_force(x, p, metric)
+    d = nearest_brute_force(x, p, metric)
     want_values, want_indices = first_k(d, 3)
     assert torch.equal(indices, want_indices)
     assert relative_error(values, want_values) <= TOLERANCE[torch.float32]
@@ -164,7 +120,7 @@ def test_infinite_entries(backend, metric):
     x, p = torch.randn(4, 6), torch.randn(5, 6)
     x[1, 0] = float("inf")
     values, indices = pk.nearest_prototypes(x, p, k=2, metric=metric)
-    want_values, want_indices = first_k(brute_force(x, p, metric), 2)
+    want_values, want_indices = first_k(nearest_brute_force(x, p, metric), 2)
     assert torch.equal(values.double().isnan(), want_values.isnan())
     finite = want_values.isfinite()
     assert torch.equal(values.double()[~finite].isinf(), want_values[~finite].isinf())
@@ -189,13 +145,13 @@ def test_strided_inputs(backend, layout):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("case", ["map-2x3-k2", "tokens", "vectors-k7", "map-k-equals-M"])
-def test_gradients_match_brute_force(backend, case, metric):
+def test_gradients_match_nearest_brute_force(backend, case, metric):
     x, p, k = make(case, torch.float64, requires_grad=True)
     values, indices = pk.nearest_prototypes(x, p, k, metric)
     weights = torch.randn_like(values)
     grads = torch.autograd.grad((values * weights).sum(), (x, p))
     xd, pd = x.detach().requires_grad_(), p.detach().requires_grad_()
-    d = brute_force(xd, pd, metric)
+    d = nearest_brute_force(xd, pd, metric)
     chosen = d.gather(1, indices.reshape(-1, k))
     want = torch.autograd.grad((chosen * weights.reshape(-1, k)).sum(), (xd, pd))
     for got, expected in zip(grads, want):

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_utils.h"
@@ -136,22 +137,30 @@ void single_position_backward(const acc_t* grad_values, const in_t* x, const Fea
           .mul_(2);
     return;
   }
-  const at::Tensor row_norm = rows.norm(2, 1, true);          // (B, 1)
-  const at::Tensor proto_norm = protos.norm(2, 1, true).t();  // (1, M)
+  // float32 norms of entries past ~1e18 overflow when squared (NaN gradients): take such
+  // inputs in double, as the scatter path takes its coefficients.
+  const double largest = std::max(rows.numel() ? rows.abs().max().item<double>() : 0.0,
+                                  protos.numel() ? protos.abs().max().item<double>() : 0.0);
+  const bool wide = std::is_same_v<acc_t, float> && largest * std::sqrt(double(size)) > 1e18;
+  const at::Tensor r = wide ? rows.to(at::kDouble) : rows;
+  const at::Tensor p = wide ? protos.to(at::kDouble) : protos;
+  const at::Tensor g = wide ? grad.to(at::kDouble) : grad;
+  const at::Tensor row_norm = r.norm(2, 1, true);          // (B, 1)
+  const at::Tensor proto_norm = p.norm(2, 1, true).t();  // (1, M)
   const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
   const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
-  const at::Tensor scale = grad / (row_bound * proto_bound);  // (B, M)
-  const at::Tensor scaled_dots = scale * at::mm(rows, protos.t());
+  const at::Tensor scale = g / (row_bound * proto_bound);  // (B, M)
+  const at::Tensor scaled_dots = scale * at::mm(r, p.t());
   if (grad_rows.defined()) {
     const at::Tensor row_coef =
         at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
-    at::sub_out(grad_rows, row_coef * rows, at::mm(scale, protos));
+    grad_rows.copy_(row_coef * r - at::mm(scale, p));
   }
   if (grad_protos.defined()) {
     const at::Tensor proto_coef =
         at::where(proto_norm.t() >= kNormFloor,
                   (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
-    at::sub_out(grad_protos, proto_coef * protos, at::mm(scale.t(), rows));
+    grad_protos.copy_(proto_coef * p - at::mm(scale.t(), r));
   }
 }
 

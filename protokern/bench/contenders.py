@@ -1,8 +1,9 @@
-"""The contenders of the benchmark: every way to compute min-over-positions distances.
+"""The contenders of the benchmark: every way to compute each op's distances.
 
-All take ``x`` ``(B, D, H, W)`` and ``prototypes`` ``(M, D, ph, pw)`` (sqeuclidean metric, the
-one ProtoPNet uses) and return ``values`` ``(B, M)`` and ``indices`` ``(B, M)`` (flat over
-``H' x W'``), differentiable in ``values`` with respect to both inputs:
+All take ``x`` ``(B, D, H, W)`` and ``prototypes`` ``(M, D, ph, pw)`` (sqeuclidean metric) and
+return ``values`` and ``indices`` differentiable in ``values`` with respect to both inputs:
+``(B, M)`` (flat over ``H' x W'``) for ``min_distance``, ``(B, L', k)`` for
+``nearest_prototypes`` (`NamedShape.op`). For ``min_distance``:
 
 - ``protokern:<backend>``: every backend `protokern.available_backends(device)` lists when the
   bench runs, so a backend added later is benchmarked without editing this file;
@@ -10,7 +11,15 @@ one ProtoPNet uses) and return ``values`` ``(B, M)`` and ``indices`` ``(B, M)`` 
   convolutions and min-pool, ``torch.cdist`` then ``min``, a per-image ``torch.mm`` loop);
 - ``keops``: a pykeops ``LazyTensor`` ``min_argmin`` reduction, when pykeops is importable (its
   own kind ``keops``: a fused library, not naive PyTorch, so never the "best naive" baseline);
-- ``floor_mm``: a bare ``torch.mm`` ``(B L') x K @ K x M`` of the same FLOPs: the floor.
+- ``floor_mm``: a bare ``torch.mm`` ``(B L') x K @ K x M`` of the same FLOPs: the floor (of
+  both ops).
+
+For ``nearest_prototypes``: ``protokern:<backend>``; ``naive_cdist_topk`` and
+``naive_chunked_cdist`` (`protokern.baselines`: anomalib's and vector-quantize-pytorch's
+formulation, whole or by blocks of rows); ``faiss``, an exact ``IndexFlatL2`` search when
+faiss-cpu is importable; ``keops``, a ``Kmin_argKmin`` reduction when pykeops is importable
+(neither has a gradient: with one, the values are recomputed at their indices in PyTorch, as
+their users do).
 
 ``estimate_bytes`` is each contender's peak memory beyond its inputs (a conservative model,
 checked against measurements in benchmarks/NOTES.md), so a case that cannot fit is skipped
@@ -18,6 +27,7 @@ with the reason rather than run out of memory.
 """
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +36,16 @@ from torch import Tensor
 
 import protokern as pk
 from protokern.backends.reference import CHUNK_ELEMENTS, patches
-from protokern.baselines import cdist_min, loop_mm_min, protopnet_min_distance
+from protokern.baselines import (
+    cdist_min,
+    cdist_topk,
+    chunked_cdist_topk,
+    loop_mm_min,
+    protopnet_min_distance,
+)
 from protokern.bench.shapes import NamedShape
 
-KINDS = ("protokern", "naive", "keops", "floor")
+KINDS = ("protokern", "naive", "keops", "faiss", "floor")
 """Contender kinds; ``--contenders`` and ``--exclude`` accept a kind for all its contenders."""
 
 FORWARD = "forward"
@@ -69,6 +85,55 @@ def _protokern_backend(name: str) -> MinDistanceFn:
     return run
 
 
+def _protokern_nearest(name: str, k: int) -> MinDistanceFn:
+    def run(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+        with pk.use_backend(name):
+            values, indices = pk.nearest_prototypes(x, prototypes, k)
+        return values.flatten(1, -2), indices.flatten(1, -2)  # (B, L', k)
+
+    run.__name__ = f"protokern_{name}_nearest"
+    return run
+
+
+def _values_at(rows: Tensor, protos: Tensor, indices: Tensor) -> Tensor:
+    """``|row - p|^2`` at the given ``(N, k)`` prototype indices, differentiable."""
+    return (rows[:, None, :] - protos[indices]).square().sum(-1)
+
+
+def faiss_search(x: Tensor, prototypes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """faiss-cpu's exact ``IndexFlatL2`` search (float32, on the CPU), on torch's threads."""
+    import faiss
+
+    rows = patches(x, prototypes.shape[2], prototypes.shape[3])
+    shape = (rows.shape[0], rows.shape[1], k)
+    rows = rows.reshape(-1, rows.shape[-1])
+    protos = prototypes.flatten(1)
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexFlatL2(protos.shape[1])
+    index.add(protos.detach().float().contiguous().numpy())
+    values, indices = index.search(rows.detach().float().contiguous().numpy(), k)
+    indices = torch.from_numpy(indices)
+    if x.requires_grad or prototypes.requires_grad:
+        return _values_at(rows, protos, indices).view(shape), indices.view(shape)
+    return torch.from_numpy(values).to(x.dtype).view(shape), indices.view(shape)
+
+
+def keops_nearest(x: Tensor, prototypes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """pykeops: a symbolic ``(N, M)`` distance reduced by ``Kmin_argKmin`` over ``M``."""
+    from pykeops.torch import LazyTensor
+
+    rows = patches(x, prototypes.shape[2], prototypes.shape[3])
+    shape = (rows.shape[0], rows.shape[1], k)
+    rows = rows.reshape(-1, rows.shape[-1]).contiguous()
+    protos = prototypes.flatten(1).contiguous()
+    sq = ((LazyTensor(rows.detach()[:, None, :]) - LazyTensor(protos.detach()[None])) ** 2).sum(-1)
+    values, indices = sq.Kmin_argKmin(k, dim=1)
+    indices = indices.long()
+    if x.requires_grad or prototypes.requires_grad:
+        return _values_at(rows, protos, indices).view(shape), indices.view(shape)
+    return values.view(shape), indices.view(shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Contenders
 
@@ -90,6 +155,7 @@ class Contender:
         estimate_bytes: ``(shape, dtype, pass) ->`` peak bytes beyond the inputs.
         backend: the protokern backend every kernel call must run on (``protokern:<backend>``);
             None for the others, which must run no protokern kernel at all.
+        op: the op it computes (`NamedShape.op`); None for the floor, which serves every op.
     """
 
     name: str
@@ -98,6 +164,11 @@ class Contender:
     min_distance: MinDistanceFn | None
     estimate_bytes: Callable[[NamedShape, torch.dtype, str], int]
     backend: str | None = None
+    op: str | None = "min_distance"
+
+    def runs(self, shape: NamedShape) -> bool:
+        """Whether this contender computes ``shape``'s op."""
+        return self.op is None or self.op == shape.op
 
     def wrong_backends(self, ran_on: list[str]) -> str | None:
         """Why the backends that ran this contender's calls (``ran_on``, from `pk.recording`)
@@ -165,8 +236,8 @@ WORKSPACE_BYTES = 128 << 20
 
 
 def _outputs(shape: NamedShape, dtype: torch.dtype) -> int:
-    """values + int64 indices + a gradient of the values, ``(B, M)`` each."""
-    return shape.batch * shape.num_prototypes * (2 * _size(dtype) + 8)
+    """values + int64 indices + a gradient of the values, `NamedShape.output_shape` each."""
+    return math.prod(shape.output_shape) * (2 * _size(dtype) + 8)
 
 
 def _input_grads(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
@@ -226,25 +297,87 @@ NAIVE_CONTENDERS = (
 KEOPS = Contender("keops", "keops", "pykeops LazyTensor min_argmin reduction", keops_min,
                   _keops_estimate)
 FLOOR = Contender("floor_mm", "floor", "bare torch.mm (B*L') x K @ K x M: same FLOPs", None,
-                  _floor_estimate)
+                  _floor_estimate, op=None)
+
+NEAREST = "nearest_prototypes"
+
+
+def _cdist_estimate(full: float, backward: float) -> Callable[[NamedShape, torch.dtype, str],
+                                                              int]:
+    """``full`` (forward; ``backward`` with a backward) float32 ``(N, M)`` matrices + the rest."""
+    def estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
+        count = full if pass_name == FORWARD else backward
+        return (int(count * shape.distances * max(4, _size(dtype))) + _outputs(shape, dtype)
+                + _input_grads(shape, dtype, pass_name) + WORKSPACE_BYTES)
+    return estimate
+
+
+def _chunked_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
+    if pass_name == FORWARD_BACKWARD:  # autograd keeps every block's matrices
+        return _cdist_estimate(2, 3)(shape, dtype, pass_name)
+    block = 2 * 4096 * shape.num_prototypes * max(4, _size(dtype))
+    return block + _outputs(shape, dtype) + WORKSPACE_BYTES
+
+
+def _gathered_estimate(shape: NamedShape, dtype: torch.dtype, pass_name: str) -> int:
+    """faiss/KeOps: the outputs; with a backward, the gathered prototypes ``(N, k, K)``."""
+    gathered = 3 * math.prod(shape.output_shape) * shape.row_size * max(4, _size(dtype))
+    return (_outputs(shape, dtype) + 2 * shape.input_bytes(dtype) + WORKSPACE_BYTES
+            + (gathered + _input_grads(shape, dtype, pass_name)
+               if pass_name == FORWARD_BACKWARD else 0))
+
+
+def _nearest(name: str, kind: str, description: str, function, estimate) -> Callable[
+        [int], Contender]:
+    return lambda k: Contender(name, kind, description, lambda x, p: function(x, p, k),
+                               estimate, op=NEAREST)
+
+
+NEAREST_NAIVE = (
+    _nearest("naive_cdist_topk", "naive", "torch.cdist(rows, p) ** 2 (N, M), then topk / min",
+             cdist_topk, _cdist_estimate(2, 4)),
+    _nearest("naive_chunked_cdist", "naive", "the same, 4096 rows at a time",
+             chunked_cdist_topk, _chunked_estimate),
+)
+FAISS = _nearest("faiss", "faiss", "faiss-cpu IndexFlatL2 exact search (values recomputed "
+                 "for a gradient)", faiss_search, _gathered_estimate)
+KEOPS_NEAREST = _nearest("keops", "keops", "pykeops LazyTensor Kmin_argKmin reduction",
+                         keops_nearest, _gathered_estimate)
 
 
 def keops_available() -> bool:
     return importlib.util.find_spec("pykeops") is not None
 
 
-def protokern_contender(backend: str) -> Contender:
-    """The contender running ``pk.min_distance`` on ``backend``."""
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def protokern_contender(backend: str, op: str = "min_distance", k: int = 1) -> Contender:
+    """The contender running ``op`` (``pk.min_distance``, ``pk.nearest_prototypes`` with ``k``)
+    on ``backend``."""
+    if op == NEAREST:
+        return Contender(f"protokern:{backend}", "protokern",
+                         f"pk.nearest_prototypes, backend {backend}",
+                         _protokern_nearest(backend, k), _protokern_estimate, backend, op=NEAREST)
     return Contender(f"protokern:{backend}", "protokern", f"pk.min_distance, backend {backend}",
                      _protokern_backend(backend), _protokern_estimate, backend)
 
 
-def all_contenders(device: str) -> list[Contender]:
-    """Every contender that can run on ``device`` in this install, discovered now."""
-    found = [protokern_contender(b) for b in pk.available_backends(device)]
-    found += list(NAIVE_CONTENDERS)
-    if keops_available():
-        found.append(KEOPS)
+def all_contenders(device: str, op: str = "min_distance", k: int = 1) -> list[Contender]:
+    """Every contender of ``op`` (``k``: how many nearest prototypes) that can run on
+    ``device`` in this install, discovered now."""
+    found = [protokern_contender(b, op, k) for b in pk.available_backends(device)]
+    if op == NEAREST:
+        found += [make(k) for make in NEAREST_NAIVE]
+        if faiss_available() and device == "cpu":
+            found.append(FAISS(k))
+        if keops_available():
+            found.append(KEOPS_NEAREST(k))
+    else:
+        found += list(NAIVE_CONTENDERS)
+        if keops_available():
+            found.append(KEOPS)
     return found + [FLOOR]
 
 
@@ -254,20 +387,25 @@ def _names(names: str | list[str]) -> list[str]:
     return list(names)
 
 
-def select_contenders(device: str, names: str | list[str] | None) -> list[Contender]:
-    """The contenders named in ``names`` (comma-separated or a list of names or `KINDS`:
-    ``protokern`` selects every backend, ``naive`` every naive one, ``keops`` KeOps), all of
-    them for None; ValueError on a name or kind with no available contender."""
-    available = all_contenders(device)
+def select_contenders(device: str, names: str | list[str] | None, op: str = "min_distance",
+                      k: int = 1) -> list[Contender]:
+    """The contenders of ``op`` named in ``names`` (comma-separated or a list of names or
+    `KINDS`: ``protokern`` selects every backend, ``naive`` every naive one, ``keops`` KeOps),
+    all of them for None; ValueError on a name or kind with no available contender of any op."""
+    available = all_contenders(device, op, k)
+    if names is not None:
+        everything = [c for o in ("min_distance", NEAREST) for c in all_contenders(device, o)]
+        for name in _names(names):
+            if not any(name in (c.name, c.kind) for c in everything):
+                raise ValueError(
+                    f"--contenders: {name!r} is not available on {device}; available: "
+                    f"{', '.join(sorted({c.name for c in everything}))} (or a kind: "
+                    f"{', '.join(KINDS)})")
     if names is None:
         return available
     chosen = []
     for name in _names(names):
         matches = [c for c in available if name in (c.name, c.kind)]
-        if not matches:
-            raise ValueError(
-                f"--contenders: {name!r} is not available on {device}; available: "
-                f"{', '.join(c.name for c in available)} (or a kind: {', '.join(KINDS)})")
         chosen += [c for c in matches if c.name not in {d.name for d in chosen}]
     return chosen
 
@@ -280,13 +418,16 @@ def exclude_contenders(device: str, contenders: list[Contender],
     names = _names(names or [])
     kinds = [n for n in names if n in KINDS]
     named = [n for n in names if n not in KINDS]
-    excluded = {c.name for c in select_contenders(device, named)} if named else set()
+    if named:
+        select_contenders(device, named)  # a name no op has: ValueError
+    excluded = set(named)
     return [c for c in contenders if c.name not in excluded and c.kind not in kinds]
 
 
-def contender_named(device: str, name: str) -> Contender:
-    """One contender by its exact name (what a worker process receives)."""
-    for contender in all_contenders(device):
+def contender_named(device: str, name: str, op: str = "min_distance", k: int = 1
+                    ) -> Contender:
+    """One contender of ``op`` by its exact name (what a worker process receives)."""
+    for contender in all_contenders(device, op, k):
         if contender.name == name:
             return contender
     raise ValueError(f"no contender {name!r} on {device}")

@@ -68,12 +68,13 @@ class CaseSpec:
 def make_inputs(shape: NamedShape, dtype: torch.dtype, device: str, seed: int = 0
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded inputs: ``x`` ``(B, D, H, W)``, prototypes ``(M, D, ph, pw)`` and an upstream
-    gradient ``(B, M)``, identical for every contender of a case."""
+    gradient of the op's values (`NamedShape.output_shape`), identical for every contender of a
+    case."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.batch, shape.dim, shape.height, shape.width, generator=generator)
     prototypes = torch.randn(shape.num_prototypes, shape.dim, shape.patch, shape.patch,
                              generator=generator)
-    grad = torch.rand(shape.batch, shape.num_prototypes, generator=generator)
+    grad = torch.rand(shape.output_shape, generator=generator)
     return tuple(t.to(device=device, dtype=dtype) for t in (x, prototypes, grad))
 
 
@@ -207,7 +208,7 @@ def run_case(spec: CaseSpec, part: str = "time and memory") -> dict:
     result = {"status": "ok", "reason": "", "threads": torch.get_num_threads()}
     calls: list[tuple[str, str]] = []  # (kernel, backend) of every protokern call
     try:
-        contender = contender_named(spec.device, spec.contender)
+        contender = contender_named(spec.device, spec.contender, spec.shape.op, spec.shape.k)
         x, prototypes, grad = make_inputs(spec.shape, DTYPES[spec.dtype], spec.device, spec.seed)
         step = contender.make_step(x, prototypes, grad, spec.pass_name)
         memory = (None if part == "time" else _CudaMemory() if spec.device == "cuda"

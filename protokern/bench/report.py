@@ -22,6 +22,8 @@ def _group_title(r: dict) -> str:
     dims = f"B={r['batch']} D={r['dim']} {r['height']}x{r['width']} M={r['num_prototypes']}"
     if r["patch"] > 1:
         dims += f" {r['patch']}x{r['patch']} patches"
+    if r.get("op") == "nearest_prototypes":
+        dims += f", {r['k']} nearest per window"
     return f"{r['shape']} ({dims})  {r['dtype']}  {r['pass']}  [{r['gemm_flops'] / 1e9:.2f} GFLOP]"
 
 

@@ -70,9 +70,11 @@ class BenchConfig:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
                              f"{self.warmup}")
 
-    def selected_contenders(self) -> list[Contender]:
-        """``contenders`` (all if None) less ``exclude`` (names or kinds)."""
-        chosen = select_contenders(self.device, self.contenders)
+    def selected_contenders(self, shape: NamedShape | None = None) -> list[Contender]:
+        """``contenders`` (all if None) of ``shape``'s op (default: min_distance) less
+        ``exclude`` (names or kinds)."""
+        op, k = (shape.op, shape.k) if shape is not None else ("min_distance", 1)
+        chosen = select_contenders(self.device, self.contenders, op, k)
         return exclude_contenders(self.device, chosen, self.exclude)
 
 
@@ -82,7 +84,8 @@ def case_record(shape: NamedShape, dtype: str, device: str, contender: Contender
     return {
         "shape": shape.name, "batch": shape.batch, "dim": shape.dim, "height": shape.height,
         "width": shape.width, "num_prototypes": shape.num_prototypes, "patch": shape.patch,
-        "positions": shape.positions, "dtype": dtype, "device": device,
+        "positions": shape.positions, "op": shape.op, "k": shape.k, "dtype": dtype,
+        "device": device,
         "contender": contender.name, "kind": contender.kind, "pass": pass_name,
         "gemm_flops": shape.gemm_flops(),
     }
@@ -98,8 +101,8 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
-    contenders = config.selected_contenders()
-    plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes for c in contenders]
+    plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes
+            for c in config.selected_contenders(s)]
     results = []
     runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
     progress = tqdm(plan, desc=description, unit="case", dynamic_ncols=True)

@@ -26,6 +26,17 @@ class NamedShape:
     num_prototypes: int
     patch: int = 1
     note: str = ""
+    op: str = "min_distance"
+    """``"min_distance"`` (min over positions, outputs ``(B, M)``) or ``"nearest_prototypes"``
+    (the ``k`` nearest prototypes of every window, outputs ``(B, L', k)``)."""
+    k: int = 1
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of the op's values (and of the gradient a backward pass receives)."""
+        if self.op == "nearest_prototypes":
+            return (self.batch, self.positions, self.k)
+        return (self.batch, self.num_prototypes)
 
     @property
     def positions(self) -> int:
@@ -59,8 +70,9 @@ class NamedShape:
 
     def describe(self) -> str:
         patch = f", {self.patch}x{self.patch} patches" if self.patch > 1 else ""
+        nearest = f", {self.k} nearest" if self.op == "nearest_prototypes" else ""
         return (f"B={self.batch} D={self.dim} {self.height}x{self.width} "
-                f"M={self.num_prototypes}{patch}")
+                f"M={self.num_prototypes}{patch}{nearest}")
 
 
 SHAPES: dict[str, NamedShape] = {
@@ -71,10 +83,20 @@ SHAPES: dict[str, NamedShape] = {
         NamedShape("imagenet", 64, 256, 7, 7, 10000),
         NamedShape("large_bank", 32, 256, 14, 14, 50000),
         NamedShape("cil_vectors", 1024, 768, 1, 1, 10000, note="class-incremental head, tokens"),
+        # the reduction over prototypes (DESIGN §6): N queries, D, M, k
+        NamedShape("vq", 32, 256, 1024, 1, 16384, op="nearest_prototypes",
+                   note="a VQ codebook: 32 x 1024 tokens"),
+        NamedShape("patchcore", 8, 1024, 28, 28, 16384, op="nearest_prototypes",
+                   note="a PatchCore memory bank, k = 1"),
+        NamedShape("patchcore_k9", 8, 1024, 28, 28, 16384, op="nearest_prototypes", k=9,
+                   note="a PatchCore memory bank, k = 9 (reweighting)"),
+        NamedShape("kmeans", 100000, 128, 1, 1, 1024, op="nearest_prototypes",
+                   note="a k-means assignment step"),
         # tiny shapes: tests and smoke runs
         NamedShape("tiny", 4, 16, 5, 5, 40),
         NamedShape("tiny_patch", 3, 8, 6, 5, 24, patch=2),
         NamedShape("tiny_vectors", 32, 24, 1, 1, 50),
+        NamedShape("tiny_nearest", 4, 16, 5, 5, 60, op="nearest_prototypes", k=3),
     )
 }
 """The named shapes of DESIGN §6, plus tiny ones for tests."""
@@ -85,6 +107,10 @@ GPU_SHAPES = ("cub", "imagenet", "large_bank", "cil_vectors")
 CPU_SHAPES = ("cub", "cub14", "imagenet", "cil_vectors")
 """The default on CPU: ``large_bank``'s naive contenders are estimated (`Contender.estimate_bytes`)
 to need ~8 GB, and its GEMM is ~160 GFLOP."""
+
+
+NEAREST_SHAPES = ("vq", "patchcore", "patchcore_k9", "kmeans")
+"""The shapes of the reduction over prototypes, on either device."""
 
 
 def parse_shapes(names: str | list[str]) -> list[NamedShape]:

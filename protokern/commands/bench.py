@@ -96,12 +96,14 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for shape in SHAPES.values():
             print(f"shape {shape.name:<14} {shape.describe()}")
-        for contender in all_contenders(args.device):
-            print(f"contender {contender.name:<22} {contender.description}")
+        for op in ("min_distance", "nearest_prototypes"):
+            for contender in all_contenders(args.device, op):
+                print(f"contender {contender.name:<22} {op:<18} {contender.description}")
         return 0
     try:
         config = config_from_args(args)
-        config.selected_contenders()
+        for shape in config.shapes:
+            config.selected_contenders(shape)
         scaling_shape = parse_shapes(args.scaling_shape)[0]
         scaling_m = [int(m) for m in _csv(args.scaling_m)]
     except ValueError as error:

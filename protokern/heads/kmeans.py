@@ -1,4 +1,4 @@
-"""k-means whose assignment step is protokern's fused min-distance op.
+"""k-means whose assignment step is protokern's fused nearest-prototypes op.
 
 Used to find several prototypes per class (`PrototypeHead(protos_per_class=K)`) and to place
 new part prototypes (`PartPrototypeHead.add_task(init="kmeans")`).
@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern.ops import check_metric, min_distance
+from protokern.ops import check_metric, nearest_prototypes
 
 
 class KMeansResult(NamedTuple):
@@ -21,15 +21,11 @@ class KMeansResult(NamedTuple):
 
 
 def assign(points: Tensor, centers: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """Nearest center of every point: ``(distances (N,), indices (N,) int64)``.
-
-    The centers are passed to `protokern.min_distance` as the ``k`` tokens of one image
-    ``(1, k, D)`` and the points as its prototypes ``(N, D)``: the op's reduction over
-    positions is then exactly the argmin over centers, fused, without materialising the
-    ``(N, k)`` distance matrix, with ties going to the lowest center index.
-    """
-    values, indices = min_distance(centers[None], points, metric)
-    return values[0], indices[0]
+    """Nearest center of every point: ``(distances (N,), indices (N,) int64)``, by
+    `protokern.nearest_prototypes` with the centers as the prototypes: fused, without the
+    ``(N, k)`` distance matrix, ties going to the lowest center index."""
+    values, indices = nearest_prototypes(points, centers, 1, metric)
+    return values[:, 0], indices[:, 0]
 
 
 def _normalized(t: Tensor) -> Tensor:

@@ -14,7 +14,13 @@ from protokern.heads.growth import (
     shape_of,
 )
 from protokern.heads.kmeans import kmeans
-from protokern.ops import check_metric, min_distance
+from protokern.ops import check_metric, min_distance, nearest_prototypes
+
+
+def _first_occurrences(values: Tensor) -> Tensor:
+    """``(N, n)`` bool: whether each entry is the first of its value in its row."""
+    earlier = values[:, :, None] == values[:, None, :]  # (N, n, n), small: n = topk * K
+    return ~torch.tril(earlier, diagonal=-1).any(-1)
 
 
 class PrototypeHead(nn.Module):
@@ -227,12 +233,29 @@ class PrototypeHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, features: Tensor, topk: int = 1) -> Tensor:
-        """``(N, topk)`` int64 class indices, best first."""
-        seen = int(self.seen().sum())
+        """``(N, topk)`` int64 class indices, best first (ties: the lowest class).
+
+        By `protokern.nearest_prototypes` over the seen classes' prototypes: no ``(N, C)``
+        matrix. A class's distance is its nearest prototype's, so the ``topk * K`` nearest
+        prototypes (K per class) hold the ``topk`` nearest classes."""
+        seen_mask = self.seen()
+        seen = int(seen_mask.sum())
         if not isinstance(topk, int) or not 1 <= topk <= max(seen, 1) or seen == 0:
             raise ValueError(f"PrototypeHead.predict: topk must be an int in [1, {seen}] (the "
                              f"classes with samples), got {topk!r}")
-        return self.forward(features).topk(topk, dim=1).indices
+        check_features(features, self.dim, "PrototypeHead.predict")
+        classes = seen_mask.nonzero().flatten().to(features.device)
+        bank = self._bank_for(features.dtype, features.device)[classes]  # (S, K, D)
+        per_class = bank.shape[1]
+        _, nearest = nearest_prototypes(features, bank.reshape(-1, bank.shape[-1]),
+                                        topk * per_class, self.metric)
+        owners = classes[nearest // per_class]  # (N, topk * K), classes in order of distance
+        if per_class == 1:
+            return owners
+        # each row's first topk distinct classes, in order (there are at least topk)
+        first = _first_occurrences(owners)
+        keep = first & (first.cumsum(1) <= topk)
+        return owners[keep].view(-1, topk)
 
     # ------------------------------------------------------------------------------------------
     # TEEN

@@ -46,6 +46,42 @@ def test_contenders_agree_with_reference(contender, shape):
     assert relative_error(grad_p, ref_grad_p) <= tol
 
 
+NEAREST = all_contenders("cpu", "nearest_prototypes", k=3)
+
+
+@pytest.mark.parametrize("contender", [c for c in NEAREST if c.kind != "floor"],
+                         ids=lambda c: c.name)
+def test_nearest_prototypes_contenders_agree_with_reference(contender):
+    """The contenders of the reduction over prototypes (every backend, cdist + topk whole and
+    by blocks, faiss where installed): values, indices up to near-ties and both gradients."""
+    shape = SHAPES["tiny_nearest"]
+    x, prototypes, grad = make_inputs(shape, torch.float32, "cpu", seed=3)
+    values, indices, grad_x, grad_p = contender.evaluate(x, prototypes, grad)
+    x64 = x.double().requires_grad_()
+    p64 = prototypes.double().requires_grad_()
+    with pk.use_backend("reference"):
+        ref_values, _ = pk.nearest_prototypes(x64, p64, shape.k)
+    ref_values = ref_values.flatten(1, -2)
+    ref_grad_x, ref_grad_p = torch.autograd.grad(ref_values, (x64, p64), grad.double())
+    d = reference.distance_map(x64.detach(), p64.detach(), "sqeuclidean").flatten(2)
+    tol = TOLERANCE[torch.float32]
+    assert values.shape == indices.shape == ref_values.shape == shape.output_shape
+    assert relative_error(values, ref_values) <= tol
+    chosen = d.transpose(1, 2).gather(-1, indices)  # the true distance at each returned index
+    assert relative_error(chosen, ref_values) <= tol
+    assert relative_error(grad_x, ref_grad_x) <= tol
+    assert relative_error(grad_p, ref_grad_p) <= tol
+
+
+def test_faiss_is_benchmarked_where_installed():
+    names = [c.name for c in NEAREST]
+    assert ("faiss" in names) == bench_contenders.faiss_available()
+    if not bench_contenders.faiss_available():
+        pytest.skip("faiss-cpu is not installed (pip install faiss-cpu); its contender is "
+                    "checked where it is")
+    assert next(c for c in NEAREST if c.name == "faiss").kind == "faiss"
+
+
 def test_a_backend_registered_later_is_a_contender(monkeypatch):
     late = dataclasses.replace(backends.registered_backend("reference"), name="bench_test_late",
                                device_types=frozenset({"cpu"}))

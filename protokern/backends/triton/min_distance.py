@@ -87,7 +87,7 @@ def _choose_kernel(
         image_bad = tl.maximum(image_bad, tl.max(tl.reshape(x_bad.to(tl.int32),
                                                             (IMAGES, BLOCK_L)), axis=1))
         low, high = tiles.distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC)
-        skip = (x_bad | ~x_ok)[:, None]
+        skip = (x_bad | ~x_ok)[:, None] | p_bad[None, :]
         low = tl.reshape(tl.where(skip, float("inf"), low), (IMAGES, BLOCK_L, BLOCK_M))
         high = tl.reshape(tl.where(skip, float("inf"), high), (IMAGES, BLOCK_L, BLOCK_M))
         chunk_low, chunk_at = tl.min(low, axis=1, return_indices=True,

@@ -11,7 +11,6 @@ benchmarks use, so a spilling default cannot land (tests/backends/test_triton_of
 """
 
 import argparse
-import os
 import re
 import subprocess
 import tempfile
@@ -144,7 +143,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the Markdown report here")
     parser.add_argument("--targets", default="sm_90,sm_80", help="comma-separated targets")
     args = parser.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
+    from protokern.backends import triton as backend
+
+    if backend.INTERPRET:
+        parser.error("run without TRITON_INTERPRET: the kernels are compiled for a GPU here")
     rows = []
     for target in args.targets.split(","):
         rows += min_distance_reports(target)

@@ -22,7 +22,7 @@ from protokern.backends import cuda as cuda_backend
 from protokern.ops import canonicalize
 from protokern.testing import TF32_TOLERANCE, TOLERANCE, relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ["sqeuclidean", "cosine"]
 
 # name -> (x shape, prototypes shape); a 3-d x is (B, L, D) tokens. The kernels' tiles are
