@@ -17,7 +17,8 @@ which builds its inputs, runs the case once to warm up, then resets the kernel's
 runs the case again and reports ``VmHWM - VmRSS before``: the extra resident memory the call
 needed, ATen allocations included (tracemalloc would not see them). glibc is told to serve
 allocations above 64 KiB with mmap (`protokern.bench.measure.fix_malloc_threshold`), so freed
-tensors go back to the kernel and a reused heap cannot hide a peak. Reported in ``extra_info["peak_mib"]``.
+tensors go back to the kernel and a reused heap cannot hide a peak. Reported in
+``extra_info["peak_mib"]``.
 
     pytest benchmarks/test_bench_cil_heads.py --benchmark-only
 """

@@ -33,7 +33,6 @@ import pytest
 import torch
 
 from protokern import env
-
 from protokern.bench.contenders import PASSES, all_contenders, exclude_contenders
 from protokern.bench.measure import (
     DTYPES,

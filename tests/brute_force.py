@@ -1,7 +1,8 @@
 """An independent float64 brute force of protokern's contract (DESIGN.md §2), for the tests.
 
 No GEMM expansion and no unfold: every window offset is compared directly, so it shares no
-code path or rounding behaviour with `protokern.backends.reference`. Differentiable, for gradient tests.
+code path or rounding behaviour with `protokern.backends.reference`. Differentiable, for
+gradient tests.
 """
 
 import torch

@@ -53,7 +53,7 @@ def assert_bitwise_equal(first, second, what: str,
     """The tensors of ``first`` and ``second`` (e.g. two `forward_backward`s) are equal bit for
     bit: viewed as integers, so NaN equals NaN and -0.0 differs from 0.0."""
     assert len(first) == len(second) <= len(names)
-    for name, a, b in zip(names, first, second):
+    for name, a, b in zip(names, first, second, strict=False):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {what}"
         if a.is_floating_point():
             bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]

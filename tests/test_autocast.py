@@ -29,7 +29,7 @@ def test_cpu_bfloat16_autocast_equals_casting_by_hand(backend, op, metric):
     prototypes.grad = None
     by_hand = _as_tuple(function(x.bfloat16(), prototypes.bfloat16(), metric))
     by_hand[0].float().sum().backward()
-    for got, want in zip(out, by_hand):
+    for got, want in zip(out, by_hand, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(grad_under_autocast, prototypes.grad)
 

@@ -44,7 +44,7 @@ def test_compiled_module_matches_eager(backend, compiler, metric, patch):
     torch.testing.assert_close(compiled_out[0], eager_out[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(compiled_out[1], eager_out[1])
     torch.testing.assert_close(compiled_out[2], eager_out[2], rtol=1e-5, atol=1e-5)
-    for compiled_grad, eager_grad in zip(compiled_out[3], eager_out[3]):
+    for compiled_grad, eager_grad in zip(compiled_out[3], eager_out[3], strict=True):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 

@@ -97,7 +97,8 @@ def test_two_runs_are_bitwise_equal_in_other_dtypes(backend, metric, dtype):
 def test_cpu_kernel_does_not_depend_on_the_thread_count(case, metric):
     """The cpu forward is exact (a fixed-order recompute) and its backward with more than one
     position sums in a fixed order whatever the thread count; its single-position backward is
-    two BLAS products, deterministic for a given thread count only (protokern/backends/cpu.py says so)."""
+    two BLAS products, deterministic for a given thread count only (protokern/backends/cpu.py
+    says so)."""
     x, prototypes = CASES[case]()
     x = x.repeat(9, *[1] * (x.dim() - 1))  # enough images for several tasks per thread
     weights = torch.randn(x.shape[0], prototypes.shape[0])

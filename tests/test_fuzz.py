@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from brute_force import EPS, distances, first_min
-from cases import interpreted as runs_interpreted
 from cases import (
     DTYPES,
     HALF_PRECISION,
@@ -39,6 +38,7 @@ from cases import (
     prototype_layout,
     token_layout,
 )
+from cases import interpreted as runs_interpreted
 from helpers import assert_matches_brute_force, brute_force_grads
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st

@@ -115,7 +115,7 @@ def check(problem: Problem) -> None:
             1, out.indices.reshape(-1, problem.k))
         want = torch.autograd.grad((chosen * weights.reshape(-1, problem.k).double()).sum(),
                                    (xd, pd))
-        for got, expected in zip((xg.grad, pg.grad), want):
+        for got, expected in zip((xg.grad, pg.grad), want, strict=True):
             # the brute force's autograd goes through sqrt(0) at an all-zero vector (cosine):
             # NaN where the op's floor passes no gradient; compare the rest
             known = expected.isfinite()

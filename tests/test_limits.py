@@ -78,7 +78,7 @@ def test_more_than_2_31_distances_in_one_call(backend):
 def _huge_view(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A ``shape`` view with ``strides`` (in elements) into a fresh allocation just large enough,
     holding random values; only the pages under the view's elements are ever touched."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
     try:
         storage = torch.empty(extent, dtype=dtype)  # virtual: untouched pages cost nothing
     except RuntimeError as error:  # vm.overcommit_memory = 2 on a small machine, a small GPU
@@ -113,7 +113,8 @@ def test_offsets_past_2_31_elements(backend, case, metric, deterministic):
     dtype = torch.float16  # the allocations stay below 8 GB of virtual memory
     x = _huge_view(x_shape, x_strides, dtype)
     prototypes = _huge_view(p_shape, p_strides, dtype)
-    last = max(sum((s - 1) * st for s, st in zip(t.shape, t.stride())) for t in (x, prototypes))
+    last = max(sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+               for t in (x, prototypes))
     assert last >= INT31
     weights = torch.randn(x.shape[0], prototypes.shape[0], dtype=dtype)
     was = torch.are_deterministic_algorithms_enabled()
@@ -124,7 +125,8 @@ def test_offsets_past_2_31_elements(backend, case, metric, deterministic):
     finally:
         torch.use_deterministic_algorithms(was)
     assert_matches_brute_force(x, prototypes, metric, huge[0], huge[1])
-    for name, a, b in zip(("values", "indices", "x.grad", "prototypes.grad"), huge, compact):
+    names = ("values", "indices", "x.grad", "prototypes.grad")
+    for name, a, b in zip(names, huge, compact, strict=True):
         assert torch.equal(a, b), f"{name} differ from those of a compact copy"
 
 

@@ -11,7 +11,6 @@ import protokern as pk
 from protokern.ops import canonicalize
 from protokern.testing import TOLERANCE, relative_error
 
-
 # name -> (x shape, prototypes shape, k); x is (B, D, H, W), (B, L, D) tokens or (N, D) vectors
 # (the contract's shapes of tests/cases.py, plus k, vectors and prototype blocks past 256)
 CASES = {
@@ -154,7 +153,7 @@ def test_gradients_match_nearest_brute_force(backend, case, metric):
     d = nearest_brute_force(xd, pd, metric)
     chosen = d.gather(1, indices.reshape(-1, k))
     want = torch.autograd.grad((chosen * weights.reshape(-1, k)).sum(), (xd, pd))
-    for got, expected in zip(grads, want):
+    for got, expected in zip(grads, want, strict=True):
         assert relative_error(got, expected) <= 1e-10
 
 
@@ -236,7 +235,7 @@ def test_compiles_without_graph_breaks(backend):
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss)
     assert torch.equal(indices, eager_indices)
-    for got, want in zip(grads, (x.grad, p.grad)):
+    for got, want in zip(grads, (x.grad, p.grad), strict=True):
         torch.testing.assert_close(got, want)
     torch._dynamo.reset()
 

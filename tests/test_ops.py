@@ -78,12 +78,12 @@ def test_many_prototype_blocks_give_the_same_answer(backend, metric, chunk, monk
     torch.testing.assert_close(blocked.values, whole.values)
     assert torch.equal(blocked.indices, whole.indices)
     for got, want in zip(torch.autograd.grad((blocked.values * weights).sum(), (x, p)),
-                         whole_grads):
+                         whole_grads, strict=True):
         torch.testing.assert_close(got, want)
     blocked_map = pk.distance_map(x, p, metric)
     torch.testing.assert_close(blocked_map, whole_map)
     for got, want in zip(torch.autograd.grad((blocked_map * blocked_map).sum(), (x, p)),
-                         whole_map_grads):
+                         whole_map_grads, strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -10,6 +10,9 @@
 Importing this package registers every backend; each is available only where it can run.
 """
 
+# Importing a backend module registers it; the order does not matter (the choice goes by
+# priority).
+from protokern.backends import cpu, cuda, reference, triton  # noqa: F401
 from protokern.backends.registry import (
     Backend,
     available_backends,
@@ -24,10 +27,6 @@ from protokern.backends.registry import (
     set_backend,
     use_backend,
 )
-
-# Registration order does not matter: the choice goes by priority.
-from protokern.backends import reference  # noqa: E402,I001  (registers itself)
-from protokern.backends import cpu, cuda, triton  # noqa: E402,F401
 
 __all__ = [
     "Backend",

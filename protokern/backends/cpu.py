@@ -38,7 +38,8 @@ def _gemm_rounding(x: Tensor) -> float:
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """``(values (B, M), indices (B, M) int64)``; canonical inputs as `protokern.backends.reference`."""
+    """``(values (B, M), indices (B, M) int64)``; canonical inputs as in
+    `protokern.backends.reference`."""
     values, indices = torch.ops.protokern_cpu.min_distance(x, prototypes, metric,
                                                            _gemm_rounding(x))
     return values, indices

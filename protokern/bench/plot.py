@@ -7,7 +7,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 LINE_STYLES = {"protokern": "-", "naive": "--", "keops": (0, (5, 1, 1, 1, 1, 1)), "floor": ":"}
 """Line style per contender kind; KeOps (dash-dot-dot) is not drawn as naive PyTorch."""
 

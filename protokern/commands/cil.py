@@ -156,7 +156,8 @@ def _format_table(results: dict[str, CILMetrics], seconds: dict[str, float]) -> 
             m.new_accuracy, m.harmonic_mean)), f"{seconds[name]:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def all_gather_uneven(tensor: Tensor, sizes: list[int], dim: int, group: Process
     block[: moved.shape[0]] = moved
     blocks = [torch.empty_like(block) for _ in sizes]
     dist.all_gather(blocks, block, group=group)
-    return torch.cat([b[:n].movedim(0, dim) for b, n in zip(blocks, sizes)], dim=dim)
+    return torch.cat([b[:n].movedim(0, dim) for b, n in zip(blocks, sizes, strict=True)], dim=dim)
 
 
 class _Gather(torch.autograd.Function):

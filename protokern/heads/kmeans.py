@@ -105,7 +105,8 @@ def kmeans(points: Tensor, k: int, metric: str = "sqeuclidean", iterations: int 
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
             distances = assign(points, centers, metric)[0]
-            for cluster, point in zip(empty, distances.argsort(descending=True).tolist()):
+            farthest = distances.argsort(descending=True).tolist()
+            for cluster, point in zip(empty, farthest, strict=False):
                 new_centers[cluster] = points[point]
         centers = new_centers
         new_assignments = assign(points, centers, metric)[1]

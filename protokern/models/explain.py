@@ -63,7 +63,7 @@ def top_prototype_positions(model: ProtoPNet, images: Tensor) -> tuple[Tensor, T
     rows, cols = _unflatten(model, flat)
     field, patch = model.receptive_field, model.prototype_layer.patch
     centers = torch.tensor([field.center(r, c, patch)
-                            for r, c in zip(rows.tolist(), cols.tolist())])
+                            for r, c in zip(rows.tolist(), cols.tolist(), strict=True)])
     return predicted, top, centers.reshape(-1, 2)
 
 
@@ -132,7 +132,7 @@ def render_explanation(explanation: Explanation, image: Tensor, path: str | Path
     rows = max(1, len(explanation.evidence))
     figure, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
     pixels = image.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
-    for row, evidence in zip(axes, explanation.evidence):
+    for row, evidence in zip(axes, explanation.evidence, strict=True):
         x0, y0, x1, y1 = evidence.box
         row[0].imshow(pixels)
         row[0].add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,

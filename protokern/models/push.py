@@ -53,9 +53,9 @@ def push_prototypes(model: ProtoPNet, dataset: Dataset, batch_size: int = 64,
     the lowest position (`min_distance`'s rule). The model is put in eval mode for the pass and
     its mode restored.
 
-    With several processes (`protokern.distributed.processes`), each searches a contiguous run of whole
-    batches of the dataset, the same batches one process would read, so its distances are the
-    ones a single process computes; per prototype the smallest distance over the processes
+    With several processes (`protokern.distributed.processes`), each searches a contiguous run
+    of whole batches of the dataset, the same batches one process would read, so its distances
+    are the ones a single process computes; per prototype the smallest distance over the processes
     wins, ties going to the lowest image index, and every process sets the winning patch. The
     result equals a single-process push; every process must hold the whole ``dataset``.
     """
@@ -114,7 +114,8 @@ def _nearest_patches(model: ProtoPNet, dataset: Dataset, first_index: int, batch
             position = indices[image, which]
             width = features.shape[3] - pw + 1
             rows, cols = position // width, position % width
-            for m, b, r, c in zip(which.tolist(), image.tolist(), rows.tolist(), cols.tolist()):
+            for m, b, r, c in zip(which.tolist(), image.tolist(), rows.tolist(), cols.tolist(),
+                                  strict=True):
                 best_patch[m] = features[b, :, r:r + ph, c:c + pw]
             best_distance[which] = batch_min[which]
             best_image[which] = image + offset
@@ -147,9 +148,10 @@ def _record(model: ProtoPNet, dataset: Dataset, image_index: Tensor, position: T
     rows, cols = position // width, position % width
     size = model.image_size
     boxes = torch.tensor([model.receptive_field.box(r, c, (ph, pw), size)
-                          for r, c in zip(rows.tolist(), cols.tolist())], dtype=torch.int64)
+                          for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
+                         dtype=torch.int64)
     source_patches = []
-    for (x0, y0, x1, y1), index in zip(boxes.tolist(), image_index.tolist()):
+    for (x0, y0, x1, y1), index in zip(boxes.tolist(), image_index.tolist(), strict=True):
         image = dataset[index][0] if index >= 0 else torch.zeros(3, 0, 0)
         crop = image[:, y0:y1, x0:x1] if index >= 0 else image
         source_patches.append((crop * 255).round().clamp(0, 255).to(torch.uint8))

@@ -213,7 +213,7 @@ def train_epoch(model: ProtoPNet, loader: DataLoader, optimizer: torch.optim.Opt
     totals = sum_across_processes(torch.tensor([*sums.values(), correct, seen],
                                                dtype=torch.float64, device=device)).tolist()
     seen = totals[-1]
-    return {**{f"train_{k}": v / seen for k, v in zip(sums, totals)},
+    return {**{f"train_{k}": v / seen for k, v in zip(sums, totals, strict=True)},
             "train_accuracy": totals[-2] / seen}
 
 
@@ -303,8 +303,8 @@ def train_protopnet(model: ProtoPNet, train_set: Dataset, test_set: Dataset,
         extra_state: stored in the checkpoint as is (e.g. class names; tensors, containers and
             primitives only).
 
-    With several processes (`protokern.distributed.processes`) every process calls this with the same
-    arguments and data; ``model``'s batch norm is synchronised in place. Only rank 0 writes.
+    With several processes (`protokern.distributed.processes`) every process calls this with the
+    same arguments and data; ``model``'s batch norm is synchronised in place. Only rank 0 writes.
 
     Raises:
         FileNotFoundError: ``resume`` without a checkpoint. CheckpointError: ``resume`` with a

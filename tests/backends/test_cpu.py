@@ -112,7 +112,7 @@ def test_results_do_not_depend_on_the_thread_count(metric):
         three = _grads("cpu", x, prototypes, metric, weights)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, three):
+    for a, b in zip(one, three, strict=True):
         assert torch.equal(a, b)
 
 
@@ -121,7 +121,7 @@ def test_repeated_runs_are_bitwise_equal():
     weights = torch.randn(x.shape[0], prototypes.shape[0])
     first = _grads("cpu", x, prototypes, "sqeuclidean", weights)
     second = _grads("cpu", x, prototypes, "sqeuclidean", weights)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 

@@ -236,7 +236,7 @@ def test_backward_computes_only_the_gradients_autograd_needs(registry_, op):
                 out2 = function(x2, p2)
                 (out2[0] if isinstance(out2, tuple) else out2).sum().backward()
             want = [t.grad for t, needed in ((x2, needs_x), (p2, needs_p)) if needed]
-            for got, expected in zip(grads, want):
+            for got, expected in zip(grads, want, strict=True):
                 assert torch.equal(got, expected)
 
 

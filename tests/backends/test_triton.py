@@ -22,7 +22,8 @@ from protokern.ops import canonicalize
 from protokern.testing import TF32_TOLERANCE, TOLERANCE, near_tie_ok, relative_error
 
 if "triton" not in pk.available_backends():
-    pytest.skip(f"triton backend unavailable: {backends.registered_backend('triton').unavailable_reason()}",
+    pytest.skip(f"triton backend unavailable: "
+                f"{backends.registered_backend('triton').unavailable_reason()}",
                 allow_module_level=True)
 
 import triton  # noqa: E402
@@ -141,7 +142,7 @@ def test_deterministic_path_is_bitwise_reproducible_and_agrees_with_atomics(metr
     finally:
         torch.use_deterministic_algorithms(False)
     atomic = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
-    for a, b, c in zip(first, second, atomic):
+    for a, b, c in zip(first, second, atomic, strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
@@ -161,7 +162,7 @@ def test_deterministic_path_with_every_prototype_on_one_position():
         got = backward_module.min_distance_backward(grad, x4, p4, indices, "sqeuclidean")
     finally:
         torch.use_deterministic_algorithms(False)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) <= TOLERANCE[torch.float32]
 
 
@@ -255,7 +256,7 @@ def test_compiled_fullgraph_runs_the_triton_kernels():
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss)
     assert torch.equal(indices, eager_indices)
-    for got, want in zip(grads, (x.grad, p.grad)):
+    for got, want in zip(grads, (x.grad, p.grad), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -305,9 +306,9 @@ def test_protopnet_shape_against_reference(metric, dtype):
         second = backward_module.min_distance_backward(grad, x4, p4, indices, metric)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     want = reference.min_distance_backward(grad, x4, p4, indices, metric)
-    for got, ref in zip(first, want):
+    for got, ref in zip(first, want, strict=True):
         assert relative_error(got, ref) <= TOLERANCE[dtype]
 
 

@@ -20,8 +20,8 @@ from torch.utils.data import Subset, TensorDataset
 from protokern import cli
 from protokern.data import PlantedParts
 from protokern.models.checkpoint import load_checkpoint
-from protokern.models.protopnet import build_protopnet
 from protokern.models.losses import LossCoefficients
+from protokern.models.protopnet import build_protopnet
 from protokern.models.push import push_prototypes
 from protokern.models.training import (
     TrainingConfig,

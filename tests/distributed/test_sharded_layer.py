@@ -35,7 +35,8 @@ class Case:
     def id(self) -> str:
         mode = "data_parallel" if self.data_parallel else "replicated"
         layout = "tokens" if self.tokens else f"patch{self.patch[0]}x{self.patch[1]}"
-        return f"{mode}-{self.metric}-M{self.num_prototypes}-{layout}-B{self.batch[0]}_{self.batch[1]}"
+        batches = f"B{self.batch[0]}_{self.batch[1]}"
+        return f"{mode}-{self.metric}-M{self.num_prototypes}-{layout}-{batches}"
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole batch ``x``, and weights of the loss on the values and the distance map."""

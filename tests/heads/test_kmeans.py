@@ -52,9 +52,9 @@ def test_recovers_separated_clusters_and_is_deterministic():
     first = kmeans(points, 4, seed=7)
     assert torch.equal(first.centers, kmeans(points, 4, seed=7).centers)
     # same partition as the truth, up to renaming
-    mapping = {int(t): int(a) for t, a in zip(labels, first.assignments)}
+    mapping = {int(t): int(a) for t, a in zip(labels, first.assignments, strict=True)}
     assert len(set(mapping.values())) == 4
-    assert all(mapping[int(t)] == int(a) for t, a in zip(labels, first.assignments))
+    assert all(mapping[int(t)] == int(a) for t, a in zip(labels, first.assignments, strict=True))
 
 
 def test_fewer_points_than_k_and_errors():

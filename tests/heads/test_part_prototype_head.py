@@ -129,7 +129,7 @@ def test_state_dict_round_trips_across_growth():
     expected = head(fmap).logits
     for tasks in (0, 1, 3):
         fresh = PartPrototypeHead(4, patch=(1, 2), metric="cosine")
-        for t in range(tasks):
+        for _t in range(tasks):
             fresh.add_task(1, protos_per_class=1, init="random")
         fresh.load_state_dict(head.state_dict())
         assert fresh.num_tasks == 2 and torch.equal(fresh(fmap).logits, expected)

@@ -64,7 +64,7 @@ def test_streaming_updates_equal_one_big_update():
     one.update(features, labels)
     many = PrototypeHead(16, 7, metric="sqeuclidean")
     bounds = [0, 1, 2, 5, 5, 37, 38, 120, 121, 300, 499, 500]  # includes empty and 1-row calls
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         many.update(features[lo:hi], labels[lo:hi])
     assert torch.equal(one.class_counts, many.class_counts)
     assert relative_error(many.class_sums, one.class_sums) <= F64

@@ -64,7 +64,8 @@ def test_push_matches_brute_force(cpu_backend, metric, patch):
     assert torch.equal(data.labels[record.image_index], model.prototype_classes)
     ph, pw = patch
     pushed = model.prototype_layer.prototype_vectors
-    for m, (i, (r, c)) in enumerate(zip(record.image_index.tolist(), record.position.tolist())):
+    pairs = zip(record.image_index.tolist(), record.position.tolist(), strict=True)
+    for m, (i, (r, c)) in enumerate(pairs):
         assert torch.equal(pushed[m], features[i, :, r:r + ph, c:c + pw])
         x0, y0, x1, y1 = record.box[m].tolist()
         assert record.source_patches[m].shape == (3, y1 - y0, x1 - x0)

@@ -18,6 +18,7 @@ first use.
 
 import functools
 import importlib
+
 import torch
 
 from protokern import env

@@ -117,7 +117,7 @@ def smallest_block(configs: list[triton.Config], name: str) -> int:
 def check_grid(grid: tuple[int, ...], what: str, x: Tensor, prototypes: Tensor) -> None:
     """Raise ValueError, naming the limit, if ``grid`` exceeds CUDA's launch limits (checked in
     the interpreter too, so that it refuses what a GPU would)."""
-    for axis, (programs, limit) in enumerate(zip(grid, CUDA_GRID_LIMITS)):
+    for axis, (programs, limit) in enumerate(zip(grid, CUDA_GRID_LIMITS, strict=False)):
         if programs > limit:
             raise ValueError(
                 f"protokern triton {what}: x {tuple(x.shape)} and prototypes "

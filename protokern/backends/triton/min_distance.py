@@ -163,7 +163,8 @@ def rounding_bound(x: Tensor, size: int, metric: str) -> tuple[float, float]:
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """`protokern.backends.reference.min_distance` on canonical inputs, fused (see the module doc)."""
+    """`protokern.backends.reference.min_distance` on canonical inputs, fused (see the module
+    doc)."""
     batch, dim, height, width = x.shape
     num, _, ph, pw = prototypes.shape
     out_w = width - pw + 1

@@ -3,7 +3,8 @@
 With ``r`` the chosen window of image ``b`` for prototype ``m`` and ``g`` its incoming
 gradient, the window gets ``a r - c p`` and the prototype ``e p - c r``, where ``(a, c, e)`` are
 per-pair coefficients (sqeuclidean: all ``2 g``, and the differences are taken first; cosine:
-`_cosine_coefficients_kernel`, the formulas of `protokern.backends.reference.distance_at_grad`). Then:
+`_cosine_coefficients_kernel`, the formulas of
+`protokern.backends.reference.distance_at_grad`). Then:
 
 - ``grad_prototypes``: `_prototype_gather_kernel`, each program sums over images in order, so it
   is deterministic;

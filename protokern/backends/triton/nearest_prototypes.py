@@ -27,6 +27,7 @@ from torch import Tensor
 from protokern.backends.triton import launch, tiles
 from protokern.backends.triton.min_distance import rounding_bound
 
+
 def _config(rows, block_m, block_k, warps, stages):
     return triton.Config({"BLOCK_ROWS": rows, "BLOCK_M": block_m, "BLOCK_K": block_k},
                          num_warps=warps, num_stages=stages)
@@ -69,7 +70,7 @@ def _offer_with_index(keep, keep_at, tile, first, COUNT: tl.constexpr, BLOCK_M: 
     values the kept, earlier prototype stays; among equal largest kept values the one with the
     highest prototype is the one replaced, so ties go to the lowest index."""
     column = tl.arange(0, BLOCK_M)[None, :]
-    slot = tl.arange(0, keep.shape[1])[None, :]
+    tl.arange(0, keep.shape[1])[None, :]
     for _ in tl.static_range(COUNT):
         value, at = tl.min(tile, axis=1, return_indices=True, return_indices_tie_break_left=True)
         tile = tl.where(column == at[:, None], float("inf"), tile)
