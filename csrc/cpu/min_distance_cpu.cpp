@@ -63,12 +63,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
                    indices.scalar_type());
   const at::Tensor index = indices.contiguous();
-  if (index.numel() > 0) {
-    // A bad index would write out of bounds: refuse it instead.
-    const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < map.positions(), op, ": indices must lie in [0, ",
-                      map.positions(), "), got values in [", low, ", ", high, "]");
-  }
+  check_indices(op, index, map.positions());
   const at::Tensor protos = flat_prototypes(prototypes);
   const at::ScalarType acc = protos.scalar_type();
   const at::Tensor grad = grad_values.to(acc).contiguous();

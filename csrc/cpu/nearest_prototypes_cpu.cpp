@@ -64,12 +64,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_backward_op(
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
                    indices.scalar_type());
   const at::Tensor index = indices.contiguous();
-  if (index.numel() > 0) {
-    // A bad index would read and write out of bounds: refuse it instead.
-    const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < num, op, ": indices must lie in [0, ", num,
-                      "), got values in [", low, ", ", high, "]");
-  }
+  check_indices(op, index, num);
   const at::Tensor protos = flat_prototypes(prototypes);
   const at::ScalarType acc = protos.scalar_type();
   const at::Tensor grad = grad_values.to(acc).contiguous();

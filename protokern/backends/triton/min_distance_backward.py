@@ -41,21 +41,15 @@ def _pair_gradient(u, v, a, c, METRIC: tl.constexpr):
 
 
 @triton.jit
-def _cosine_coefficients_kernel(
-    x_ptr, p_ptr, indices_ptr, grad_ptr, a_ptr, c_ptr, e_ptr,
-    M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    image = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = m < M
-    pair = image.to(tl.int64) * M + m
-    chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
-    x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
-    p_rows = m.to(tl.int64) * spm
-    dots = tl.zeros((BLOCK_M,), ACC)
-    x_sq = tl.zeros((BLOCK_M,), ACC)
-    p_sq = tl.zeros((BLOCK_M,), ACC)
+def pair_coefficients(x_ptr, x_rows, p_ptr, p_rows, ok, grad_ptr, pair, a_ptr, c_ptr, e_ptr, K,
+                      PH, PW, sxd, sxh, sxw, spd, sph, spw,
+                      ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Stores the cosine coefficients ``(a, c, e)`` of ``BLOCK`` pairs (windows at ``x_rows``,
+    prototypes at ``p_rows``, incoming gradients at ``grad_ptr + pair``) at ``pair``: the
+    formulas of `protokern.backends.reference.distance_at_grad`, in ``ACC``."""
+    dots = tl.zeros((BLOCK,), ACC)
+    x_sq = tl.zeros((BLOCK,), ACC)
+    p_sq = tl.zeros((BLOCK,), ACC)
     for k0 in range(0, K, BLOCK_K):
         x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
                                 sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
@@ -73,6 +67,23 @@ def _cosine_coefficients_kernel(
     tl.store(a_ptr + pair, a, mask=ok)
     tl.store(c_ptr + pair, scale, mask=ok)
     tl.store(e_ptr + pair, e, mask=ok)
+
+
+@triton.jit
+def _cosine_coefficients_kernel(
+    x_ptr, p_ptr, indices_ptr, grad_ptr, a_ptr, c_ptr, e_ptr,
+    M, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    image = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = m < M
+    pair = image.to(tl.int64) * M + m
+    chosen = tl.load(indices_ptr + pair, mask=ok, other=0)
+    x_rows = tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw)
+    p_rows = m.to(tl.int64) * spm
+    pair_coefficients(x_ptr, x_rows, p_ptr, p_rows, ok, grad_ptr, pair, a_ptr, c_ptr, e_ptr, K,
+                      PH, PW, sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_M, BLOCK_K)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from protokern.backends.triton import launch, tiles
-from protokern.backends.triton.min_distance_backward import _pair_gradient
+from protokern.backends.triton.min_distance_backward import _pair_gradient, pair_coefficients
 
 PAIRS = launch.fixed_config({"BLOCK_ROWS": 32, "BLOCK_K": 32}, {"BLOCK_ROWS": 128,
                                                                 "BLOCK_K": 128})
@@ -49,27 +49,9 @@ def _cosine_coefficients_kernel(
     j = tl.program_id(1)
     x_rows, p_rows = _pair_offsets(tl.where(ok, row, 0), j, indices_ptr, L, OUT_W, sxb, sxh,
                                    sxw, spm, K_NEAREST)
-    dots = tl.zeros((BLOCK_ROWS,), ACC)
-    x_sq = tl.zeros((BLOCK_ROWS,), ACC)
-    p_sq = tl.zeros((BLOCK_ROWS,), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
-        dots += tl.sum(x * p, axis=1)
-        x_sq += tl.sum(x * x, axis=1)
-        p_sq += tl.sum(p * p, axis=1)
-    # d = 1 - s / (u v), u = max(|r|, EPS), v = max(|p|, EPS); the bound passes no gradient
-    x_norm = tl.sqrt(x_sq)
-    p_norm = tl.sqrt(p_sq)
-    x_bound = tl.where(x_norm < tiles.EPS, tiles.EPS, x_norm)
-    p_bound = tl.where(p_norm < tiles.EPS, tiles.EPS, p_norm)
-    pair = row * K_NEAREST + j
-    scale = tl.load(grad_ptr + pair, mask=ok, other=0.0) / (x_bound * p_bound)
-    tl.store(a_ptr + pair, tl.where(x_norm >= tiles.EPS, scale * dots / (x_bound * x_bound), 0.0),
-             mask=ok)
-    tl.store(c_ptr + pair, scale, mask=ok)
-    tl.store(e_ptr + pair, tl.where(p_norm >= tiles.EPS, scale * dots / (p_bound * p_bound), 0.0),
-             mask=ok)
+    pair_coefficients(x_ptr, x_rows, p_ptr, p_rows, ok, grad_ptr, row * K_NEAREST + j, a_ptr,
+                      c_ptr, e_ptr, K, PH, PW, sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_ROWS,
+                      BLOCK_K)
 
 
 @triton.jit
