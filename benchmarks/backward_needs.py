@@ -10,7 +10,6 @@ machine hits them alike; the table gives each one's median and its ratio to "bot
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 
 import protokern as pk
 from protokern.bench.measure import make_inputs
+from protokern.bench.runner import cpu_isa, device_name
 from protokern.bench.shapes import SHAPES
 
 VARIANTS = {"both": (True, True), "prototypes only": (False, True), "x only": (True, False)}
@@ -59,12 +59,16 @@ def main() -> None:
     ran_on = sorted({backend for _, backend in calls})
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     print(f"{shape.name}: forward+backward, {args.threads} threads, backend {', '.join(ran_on)}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{device_name('cpu')} ({', '.join(cpu_isa())})")
     for name, median in medians.items():
         print(f"  {name:<16} {median:8.2f} ms   {median / medians['both']:.2f}x of both")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"shape": shape.name, "threads": args.threads, "ran_on": ran_on,
+                       "cpu_name": device_name("cpu"), "cpu_isa": cpu_isa(),
+                       "command": "python benchmarks/backward_needs.py " + " ".join(
+                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                           if v is not None),
                        "median_ms": medians,
                        "times_s": times, "torch": torch.__version__}, out, indent=2)
 

@@ -192,6 +192,19 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> list[str]:
+    """The vector instruction sets of this CPU that matter to the kernels and to BLAS, from
+    /proc/cpuinfo: AMX, AVX-512, AVX2 (the host differs between sessions: see NOTES.md)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    names = {"amx_tile": "AMX", "avx512f": "AVX-512", "avx2": "AVX2"}
+    return [name for flag, name in names.items() if flag in flags]
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed: ``protokern bench ...`` (or ``python -m protokern.cli ...``)."""
     argv = sys.argv if argv is None else argv
@@ -209,6 +222,8 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "git_commit": git_commit(),
         "device": config.device,
         "device_name": device_name(config.device),
+        "cpu_name": device_name("cpu"),
+        "cpu_isa": cpu_isa(),
         "cpu_count": _cpu_count(),
         # other processes' load makes CPU numbers noisy: say how busy the machine was
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -219,6 +234,7 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": _version("triton"),
         "pykeops": _version("pykeops"),
+        "faiss": _version("faiss-cpu"),
         "protokern": protokern.__version__,
         "protokern_backends": protokern.available_backends(config.device),
         "python": platform.python_version(),

@@ -1,4 +1,4 @@
-"""`torch.nn` modules built on protokern's ops."""
+"""ProtoPNet's prototype layer, and a bank of prototypes sharded over a process group."""
 
 import torch
 import torch.distributed as dist
