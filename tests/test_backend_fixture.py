@@ -22,7 +22,8 @@ pytest_plugins = ["pytester"]
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 CONTRACT = ["test_ops.py", "test_fuzz.py", "test_determinism.py", "test_limits.py",
-            "test_compile.py", "test_nn.py", "test_soak.py"]
+            "test_compile.py", "nn/test_prototype_layers.py", "test_soak.py",
+            "test_nearest_prototypes.py", "test_fuzz_nearest.py", "test_autocast.py"]
 
 
 def _python_path() -> str:

@@ -305,7 +305,8 @@ def _impostors(monkeypatch) -> None:
         lambda x, p: tuple(pk.min_distance(x, p)), bench_contenders._protokern_estimate)
     real = bench_contenders.all_contenders
     monkeypatch.setattr(bench_contenders, "all_contenders",
-                        lambda device: [*real(device), liar, fake_baseline])
+                        lambda device, op="min_distance", k=1: [*real(device, op, k), liar,
+                                                                fake_baseline])
 
 
 def test_a_protokern_row_that_ran_another_backend_is_an_error_not_a_time(monkeypatch):

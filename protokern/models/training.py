@@ -213,7 +213,8 @@ def train_epoch(model: ProtoPNet, loader: DataLoader, optimizer: torch.optim.Opt
     totals = sum_across_processes(torch.tensor([*sums.values(), correct, seen],
                                                dtype=torch.float64, device=device)).tolist()
     seen = totals[-1]
-    return {**{f"train_{k}": v / seen for k, v in zip(sums, totals, strict=True)},
+    # totals ends with (correct, seen): zip stops at the last loss term on purpose.
+    return {**{f"train_{k}": v / seen for k, v in zip(sums, totals[:-2], strict=True)},
             "train_accuracy": totals[-2] / seen}
 
 
