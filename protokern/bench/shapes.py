@@ -109,10 +109,6 @@ CPU_SHAPES = ("cub", "cub14", "imagenet", "cil_vectors")
 to need ~8 GB, and its GEMM is ~160 GFLOP."""
 
 
-NEAREST_SHAPES = ("vq", "patchcore", "patchcore_k9", "kmeans")
-"""The shapes of the reduction over prototypes, on either device."""
-
-
 def parse_shapes(names: str | list[str]) -> list[NamedShape]:
     """Named shapes from ``"cub,imagenet"`` or a list of names; ValueError on an unknown one."""
     if isinstance(names, str):

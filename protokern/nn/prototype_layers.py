@@ -298,7 +298,7 @@ class _SharedHandle:
     def __init__(self, value: object) -> None:
         self.value = value
 
-    def __deepcopy__(self, memo: dict) -> "_SharedHandle":
+    def __deepcopy__(self, _memo: dict) -> "_SharedHandle":
         return self
 
 
