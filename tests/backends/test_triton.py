@@ -184,6 +184,29 @@ def test_deterministic_path_with_every_prototype_on_one_position():
         assert relative_error(g, w) <= TOLERANCE[torch.float32]
 
 
+@triton.jit
+def _no_second_pass(x_ptr, p_ptr, values_ptr, indices_ptr, M, L, K, OUT_W, PH, PW,
+                    sxb, sxd, sxh, sxw, spm, spd, sph, spw, CONTIGUOUS: tl.constexpr,
+                    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    pass
+
+
+def test_the_second_pass_gets_only_what_the_tile_cannot_give(monkeypatch):
+    """With `_exact_kernel` stubbed out, what `_choose_kernel` alone leaves: a prototype copied
+    from a window (the expansion cancels to its rounding) is marked for recomputation at its
+    certified position (-2 - position); prototypes far from every window are certified and
+    get their values from the tile, which match the float64 brute force."""
+    x = torch.randn(2, 16, 3, 3, device=DEVICE)
+    p = 5 + 3 * torch.randn(6, 16, device=DEVICE)  # far from every window
+    p[0] = x[0, :, 1, 2]  # position 5 of image 0
+    monkeypatch.setattr(min_distance_module, "_exact_kernel", _no_second_pass)
+    values, codes = pk.min_distance(x, p)
+    assert codes[0, 0] == -2 - 5
+    assert (codes[:, 1:] >= 0).all()
+    assert_matches_brute_force(x, p[1:], "sqeuclidean", values[:, 1:], codes[:, 1:])
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_undecided_pairs_are_searched_exactly_and_alone(small_blocks, metric):
     """Image 2's norms overflow float32 and it shares tiles with ordinary images: only pairs
