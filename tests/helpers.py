@@ -75,6 +75,37 @@ def pushed_prototypes() -> tuple[Tensor, Tensor]:
     return x, torch.cat([x[0, :, 4, 2][None], x[[0, 0, 1, 2, 3], :, 3, 3]])
 
 
+def pushed_patches(device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Prototypes within 1e-4 of their patches (ProtoPNet right after push), where nothing
+    else is near: sigmoid features, two identical images (2, 64, 5, 5), and prototype ``m``
+    (of 8) the patch at position ``3 m`` plus 1e-4 noise. Every pair's gradient is then
+    ~1e-4 of the entries, which cancellation (``2 g p - 2 g x``) would swamp."""
+    x = torch.sigmoid(torch.randn(1, 64, 5, 5, device=device)).expand(2, -1, -1, -1)
+    patches = x[0].flatten(1).T[::3][:8]
+    return x.contiguous(), patches + 1e-4 * torch.randn_like(patches)
+
+
+def gradients_at(x: Tensor, prototypes: Tensor, metric: str, weights: Tensor,
+                 indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(weights * distance at indices)`` by autograd through the float64
+    brute force, at the given positions (a backend's own choice: a near-tie cannot swap it)."""
+    xd = x.detach().double().requires_grad_()
+    pd = prototypes.detach().double().requires_grad_()
+    values = distances(xd, pd, metric).gather(-1, indices[..., None])[..., 0]
+    return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))
+
+
+def assert_gradients_at_own_positions(x: Tensor, prototypes: Tensor, metric: str,
+                                      tol: float) -> None:
+    """The chosen backend's gradients of ``sum(weights * min distance)`` (random weights)
+    within ``tol`` of the float64 brute force's at the positions the backend chose."""
+    weights = torch.randn(x.shape[0], prototypes.shape[0], dtype=x.dtype, device=x.device)
+    _, indices, grad_x, grad_p = forward_backward(x, prototypes, metric, weights)
+    want_x, want_p = gradients_at(x, prototypes, metric, weights, indices)
+    assert relative_error(grad_x, want_x) <= tol
+    assert relative_error(grad_p, want_p) <= tol
+
+
 # ---------------------------------------------------------------------------------------------
 # nearest_prototypes
 

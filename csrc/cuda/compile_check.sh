@@ -7,8 +7,14 @@
 # the CUDA toolkit's, and every protokern::cuda symbol it calls must be defined by the kernels'
 # objects: a signature that drifts between the glue and a kernel fails here, not on a GPU.
 # Object files go to a temporary folder that is removed afterwards.
+# With PROTOKERN_CUDA_REPORT=FILE, ptxas also reports every kernel's registers, spills and
+# shared memory, the PTX is kept, and resource_report.py writes them as a Markdown table to FILE
+# (with whether each kernel's PTX has cp.async, mma or wgmma instructions).
 #   usage: csrc/cuda/compile_check.sh [ARCH ...]      e.g. csrc/cuda/compile_check.sh 90
 set -euo pipefail
+if [ -n "${PROTOKERN_CUDA_REPORT:-}" ]; then
+    PROTOKERN_CUDA_REPORT=$(realpath -m "$PROTOKERN_CUDA_REPORT")
+fi
 cd "$(dirname "$0")"
 
 archs=("$@")
@@ -23,31 +29,44 @@ jobs=${PROTOKERN_NVCC_JOBS:-$(nproc)}
 pids=()
 names=()
 status=0
+reap() {  # reap PID NAME: wait for one nvcc; on failure print its log
+    wait "$1" || { cat "$out/$2.log" >&2; echo "FAILED: nvcc $2" >&2; status=1; }
+}
 for arch in "${archs[@]}"; do
     for source in *.cu; do
+        report=()
+        if [ -n "${PROTOKERN_CUDA_REPORT:-}" ]; then
+            keep="$out/keep/${source%.cu}.sm_${arch}"
+            mkdir -p "$keep"
+            report=(-Xptxas -v --keep --keep-dir "$keep")
+        fi
         nvcc -std=c++20 -O3 -c -arch="sm_${arch}" -I.. \
             -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
             -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
             -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-            --expt-relaxed-constexpr \
-            -o "$out/${source%.cu}.sm_${arch}.o" "$source" &
+            --expt-relaxed-constexpr "${report[@]}" \
+            -o "$out/${source%.cu}.sm_${arch}.o" "$source" 2> "$out/${source%.cu}.sm_${arch}.log" &
         pids+=($!)
-        names+=("$source for sm_${arch}")
+        names+=("${source%.cu}.sm_${arch}")
         if [ ${#pids[@]} -ge "$jobs" ]; then
-            wait "${pids[0]}" || { echo "FAILED: nvcc ${names[0]}" >&2; status=1; }
+            reap "${pids[0]}" "${names[0]}"
             pids=("${pids[@]:1}")
             names=("${names[@]:1}")
         fi
     done
 done
 for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "FAILED: nvcc ${names[$i]}" >&2; status=1; }
+    reap "${pids[$i]}" "${names[$i]}"
 done
 if [ "$status" -ne 0 ]; then
     exit "$status"
 fi
 printf -v targets 'sm_%s ' "${archs[@]}"
 echo "csrc/cuda: every .cu compiles with nvcc for ${targets% } (warnings as errors)"
+if [ -n "${PROTOKERN_CUDA_REPORT:-}" ]; then
+    python3 resource_report.py "$out" > "$PROTOKERN_CUDA_REPORT"
+    echo "csrc/cuda: kernel resources written to $PROTOKERN_CUDA_REPORT"
+fi
 
 torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null) \
     || { echo "torch not importable: skipping the glue check of min_distance_cuda.cpp"; exit 0; }

@@ -184,6 +184,12 @@ __device__ __forceinline__ int64_t unpack_position(unsigned long long candidate)
   return static_cast<int64_t>(candidate & 0xffffffffull);
 }
 
+// The distance of a packed candidate (NaN for the NaN key).
+__device__ __forceinline__ float unpack_distance(unsigned long long candidate) {
+  const unsigned key = static_cast<unsigned>(candidate >> 32);
+  return key == 0u ? __uint_as_float(0x7fc00000u) : __uint_as_float(key - 1u);
+}
+
 // The number of blocks of a 1-d grid, or 0 when it does not fit a grid (glue: an error).
 inline int64_t blocks_for(int64_t work_items, int64_t items_per_block) {
   const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;

@@ -1,8 +1,15 @@
 // Backward of min_distance from the saved indices: only the chosen position of each
-// (image, prototype) pair carries gradient. Per pair, the gradient is a linear combination of
-// the chosen row and the prototype (coefficients from selected_pair_coefficients_kernel); the
-// prototypes' gradient gathers it over images, and the rows' gradient scatters it to the chosen
-// positions, deterministically unless the caller allows atomics.
+// (image, prototype) pair carries gradient. Per pair, the gradient is a combination of the chosen
+// row x and the prototype p (coefficients from selected_pair_coefficients_kernel); the prototypes'
+// gradient gathers it over images, and the rows' gradient scatters it to the chosen positions,
+// deterministically unless the caller allows atomics.
+//
+// Two numeric choices (tests/backends/test_cuda.py):
+// - sqeuclidean takes the difference first, 2 g (x - p): exact where x and p are close (a
+//   prototype pushed onto its patch, ProtoPNet's state after push), where 2 g x - 2 g p, with
+//   its products rounded (or FMA-contracted) apart, cancels.
+// - cosine's coefficients are double: with norms past ~1.8e19, |v|^2 overflows float32 and
+//   g / |v|^2 underflows it, though the gradients themselves are in range.
 #include "cuda/device_utils.cuh"
 
 namespace protokern::cuda {
@@ -12,58 +19,67 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kWarpThreads = kWarpsPerBlock * kWarpSize;
 constexpr int kSortThreads = 256;
 
-// One warp per (b, m): coefficients c with d/dx = c0 x + c1 p and d/dp = c2 p + c3 x, the
-// formulas of protokern.reference.distance_at_grad (the cosine norm bound passes gradient
-// where |v| >= eps, as clamp_min does).
+// One warp per (b, m): coefficients of grad_values[b, m] * distance(x[b, l], p[m]), the
+// formulas of protokern.reference.distance_at_grad (the cosine norm bound passes gradient where
+// |v| >= eps, as clamp_min does), as PairCoefficients.
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
     selected_pair_coefficients_kernel(Metric metric, RowsView x, RowsView protos,
                                       const int64_t* __restrict__ indices,
                                       const T* __restrict__ grad_values,
-                                      float* __restrict__ coeffs) {
+                                      PairCoefficients* __restrict__ coeffs) {
   const int64_t pair = (static_cast<int64_t>(blockIdx.x) * kWarpThreads + threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   const int64_t num_protos = protos.rows_per_image;
   if (pair >= x.num_images * num_protos) {
     return;  // uniform across the warp
   }
-  const float grad = to_float(grad_values[pair]);
-  float* out = coeffs + pair * 4;
-  if (metric == Metric::kSqEuclidean) {  // d = |x - p|^2: d/dx = 2 (x - p) = -d/dp
+  const double grad = to_float(grad_values[pair]);
+  if (metric == Metric::kSqEuclidean) {  // d = |x - p|^2: d/dx = 2 g (x - p) = -d/dp
     if (lane == 0) {
-      out[0] = 2.f * grad;
-      out[1] = -2.f * grad;
-      out[2] = 2.f * grad;
-      out[3] = -2.f * grad;
+      coeffs[pair] = PairCoefficients{2.0 * grad, -2.0 * grad, 2.0 * grad};
     }
     return;
   }
-  // d = 1 - s / (a b), s = x.p, a = max(|x|, eps), b = max(|p|, eps)
+  // d = 1 - s / (a b), s = x.p, a = max(|x|, eps), b = max(|p|, eps). The sums are of the
+  // power-of-two-scaled vectors (float32 cannot overflow there); the rest is in double.
   const int64_t image = pair / num_protos;
   const int64_t m = pair - image * num_protos;
   const PairSums sums = warp_pair_sums(row_pointer<T>(x, image, indices[pair]),
                                        row_pointer<T>(protos, 0, m), x.dim, lane);
   if (lane == 0) {
-    const float row_norm = true_row_norm(sums);
-    const float proto_norm = true_proto_norm(sums);
-    const float dot = true_dot(sums);
-    const float row_bound = clamp_min_keep_nan(row_norm, kNormFloorFloat);
-    const float proto_bound = clamp_min_keep_nan(proto_norm, kNormFloorFloat);
-    const float scale = grad / (row_bound * proto_bound);
-    out[0] = row_norm >= kNormFloorFloat ? scale * dot / (row_bound * row_bound) : 0.f;
-    out[1] = -scale;
-    out[2] = proto_norm >= kNormFloorFloat ? scale * dot / (proto_bound * proto_bound) : 0.f;
-    out[3] = -scale;
+    const double row_norm = static_cast<double>(sums.row_scale) * sqrt(double{sums.row_squared});
+    const double proto_norm =
+        static_cast<double>(sums.proto_scale) * sqrt(double{sums.proto_squared});
+    const double dot = double{sums.dot} * sums.row_scale * sums.proto_scale;
+    const double row_bound = row_norm < kNormFloor ? kNormFloor : row_norm;  // NaN stays
+    const double proto_bound = proto_norm < kNormFloor ? kNormFloor : proto_norm;
+    const double scale = grad / (row_bound * proto_bound);
+    coeffs[pair] = PairCoefficients{
+        row_norm >= kNormFloor ? scale * dot / (row_bound * row_bound) : 0.0, -scale,
+        proto_norm >= kNormFloor ? scale * dot / (proto_bound * proto_bound) : 0.0};
   }
 }
 
-// grad_protos[m, k] = sum over b = 0..B-1 of c2 p[m, k] + c3 x[b, l, k]. Blocks of 32 channels
-// (coalesced) x 8 prototypes.
+// The gradient of a pair's term w.r.t. u (a row or a prototype; v the other), given u's own
+// coefficient `self` and the cross coefficient: sqeuclidean self (u - v) (self == -cross), cosine
+// self u + cross v in double, rounded once to float32.
+__device__ __forceinline__ float pair_gradient(Metric metric, double self, double cross, float u,
+                                               float v) {
+  if (metric == Metric::kSqEuclidean) {
+    return static_cast<float>(self) * (u - v);
+  }
+  return static_cast<float>(fma(self, double{u}, cross * double{v}));
+}
+
+// grad_protos[m, k] = sum over b = 0..B-1 of the pair gradient w.r.t. p[m, k]. Blocks of 32
+// channels (coalesced) x 8 prototypes.
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
-    prototype_gradient_kernel(RowsView x, RowsView protos, const int64_t* __restrict__ indices,
-                              const float* __restrict__ coeffs, float* __restrict__ grad_protos,
-                              int64_t channel_tiles) {
+    prototype_gradient_kernel(Metric metric, RowsView x, RowsView protos,
+                              const int64_t* __restrict__ indices,
+                              const PairCoefficients* __restrict__ coeffs,
+                              float* __restrict__ grad_protos, int64_t channel_tiles) {
   const int64_t num_protos = protos.rows_per_image;
   const int64_t m = (blockIdx.x / channel_tiles) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int64_t k = (blockIdx.x % channel_tiles) * kWarpSize + threadIdx.x % kWarpSize;
@@ -74,9 +90,9 @@ __global__ void __launch_bounds__(kWarpThreads)
   float acc = 0.f;
   for (int64_t image = 0; image < x.num_images; ++image) {
     const int64_t pair = image * num_protos + m;
-    const float* c = coeffs + pair * 4;
+    const PairCoefficients c = coeffs[pair];
     const float row_value = to_float(row_pointer<T>(x, image, indices[pair])[k]);
-    acc += c[2] * proto_value + c[3] * row_value;
+    acc += pair_gradient(metric, c.proto_self, c.cross, proto_value, row_value);
   }
   grad_protos[m * x.dim + k] = acc;
 }
@@ -163,11 +179,12 @@ __global__ void __launch_bounds__(kSortThreads)
   }
 }
 
-// One warp per (b, l): the sum, in increasing m, of c0 x[b, l] + c1 p[m] over the prototypes
-// that chose (b, l). Writes every entry of grad_rows, zeros included.
+// One warp per (b, l): the sum, in increasing m, of the pair gradients w.r.t. x[b, l] of the
+// prototypes that chose (b, l). Writes every entry of grad_rows, zeros included.
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
-    gather_row_gradient_kernel(RowsView x, RowsView protos, const float* __restrict__ coeffs,
+    gather_row_gradient_kernel(Metric metric, RowsView x, RowsView protos,
+                               const PairCoefficients* __restrict__ coeffs,
                                const int32_t* __restrict__ workspace,
                                float* __restrict__ grad_rows) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpThreads + threadIdx.x) / kWarpSize;
@@ -190,19 +207,20 @@ __global__ void __launch_bounds__(kWarpThreads)
     float acc = 0.f;
     for (int32_t s = begin; s < end; ++s) {
       const int64_t m = order[s];
-      const float* c = coeffs + (image * num_protos + m) * 4;
-      acc += c[0] * row_value + c[1] * to_float(row_pointer<T>(protos, 0, m)[k]);
+      const PairCoefficients c = coeffs[image * num_protos + m];
+      acc += pair_gradient(metric, c.row_self, c.cross, row_value,
+                           to_float(row_pointer<T>(protos, 0, m)[k]));
     }
     out[k] = acc;
   }
 }
 
-// One warp per (b, m): atomically adds c0 x[b, l] + c1 p[m] to the chosen row.
+// One warp per (b, m): atomically adds the pair gradient w.r.t. x[b, l] to the chosen row.
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
-    scatter_row_gradient_atomic_kernel(RowsView x, RowsView protos,
+    scatter_row_gradient_atomic_kernel(Metric metric, RowsView x, RowsView protos,
                                        const int64_t* __restrict__ indices,
-                                       const float* __restrict__ coeffs,
+                                       const PairCoefficients* __restrict__ coeffs,
                                        float* __restrict__ grad_rows) {
   const int64_t pair = (static_cast<int64_t>(blockIdx.x) * kWarpThreads + threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
@@ -213,13 +231,13 @@ __global__ void __launch_bounds__(kWarpThreads)
   const int64_t image = pair / num_protos;
   const int64_t m = pair - image * num_protos;
   const int64_t position = indices[pair];
-  const float c0 = coeffs[pair * 4];
-  const float c1 = coeffs[pair * 4 + 1];
+  const PairCoefficients c = coeffs[pair];
   const T* row_data = row_pointer<T>(x, image, position);
   const T* proto = row_pointer<T>(protos, 0, m);
   float* out = grad_rows + (image * x.rows_per_image + position) * x.dim;
   for (int64_t k = lane; k < x.dim; k += kWarpSize) {
-    atomicAdd(&out[k], c0 * to_float(row_data[k]) + c1 * to_float(proto[k]));
+    atomicAdd(&out[k], pair_gradient(metric, c.row_self, c.cross, to_float(row_data[k]),
+                                     to_float(proto[k])));
   }
 }
 
@@ -227,7 +245,7 @@ __global__ void __launch_bounds__(kWarpThreads)
 
 cudaError_t launch_selected_pair_coefficients(ScalarKind kind, Metric metric, RowsView x,
                                               RowsView protos, const int64_t* indices,
-                                              const void* grad_values, float* coeffs,
+                                              const void* grad_values, PairCoefficients* coeffs,
                                               cudaStream_t stream) {
   const int64_t num_pairs = x.num_images * protos.rows_per_image;
   if (num_pairs == 0) {
@@ -246,8 +264,8 @@ cudaError_t launch_selected_pair_coefficients(ScalarKind kind, Metric metric, Ro
   });
 }
 
-cudaError_t launch_prototype_gradient(ScalarKind kind, RowsView x, RowsView protos,
-                                      const int64_t* indices, const float* coeffs,
+cudaError_t launch_prototype_gradient(ScalarKind kind, Metric metric, RowsView x, RowsView protos,
+                                      const int64_t* indices, const PairCoefficients* coeffs,
                                       float* grad_protos, cudaStream_t stream) {
   const int64_t num_protos = protos.rows_per_image;
   if (num_protos == 0 || x.dim == 0) {
@@ -265,13 +283,14 @@ cudaError_t launch_prototype_gradient(ScalarKind kind, RowsView x, RowsView prot
   return dispatch_scalar_kind(kind, [&](auto tag) {
     using T = typename decltype(tag)::type;
     prototype_gradient_kernel<T><<<static_cast<unsigned>(blocks), kWarpThreads, 0, stream>>>(
-        x, protos, indices, coeffs, grad_protos, channel_tiles);
+        metric, x, protos, indices, coeffs, grad_protos, channel_tiles);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_row_gradient(ScalarKind kind, bool deterministic, RowsView x, RowsView protos,
-                                const int64_t* indices, const float* coeffs, int32_t* workspace,
+cudaError_t launch_row_gradient(ScalarKind kind, Metric metric, bool deterministic, RowsView x,
+                                RowsView protos, const int64_t* indices,
+                                const PairCoefficients* coeffs, int32_t* workspace,
                                 float* grad_rows, cudaStream_t stream) {
   const int64_t num_rows = x.num_images * x.rows_per_image;
   if (num_rows == 0 || x.dim == 0) {
@@ -290,7 +309,7 @@ cudaError_t launch_row_gradient(ScalarKind kind, bool deterministic, RowsView x,
     return dispatch_scalar_kind(kind, [&](auto tag) {
       using T = typename decltype(tag)::type;
       scatter_row_gradient_atomic_kernel<T><<<static_cast<unsigned>(blocks), kWarpThreads, 0,
-                                              stream>>>(x, protos, indices, coeffs, grad_rows);
+                                              stream>>>(metric, x, protos, indices, coeffs, grad_rows);
       return cudaGetLastError();
     });
   }
@@ -308,7 +327,7 @@ cudaError_t launch_row_gradient(ScalarKind kind, bool deterministic, RowsView x,
   return dispatch_scalar_kind(kind, [&](auto tag) {
     using T = typename decltype(tag)::type;
     gather_row_gradient_kernel<T><<<static_cast<unsigned>(gather_blocks), kWarpThreads, 0,
-                                    stream>>>(x, protos, coeffs, workspace, grad_rows);
+                                    stream>>>(metric, x, protos, coeffs, workspace, grad_rows);
     return cudaGetLastError();
   });
 }

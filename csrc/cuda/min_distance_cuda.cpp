@@ -146,9 +146,12 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
              tensor_cores ? "min_distance_search_tensor_core_kernel"
                           : "min_distance_search_simt_kernel",
              shapes);
+  // TF32 rounds the GEMM's operands: then every value is recomputed
+  const bool from_search = kind != ScalarKind::kFloat32 || path == GemmPath::kSimt;
   check_cuda(launch_min_distance_recompute(kind, metric, x_rows.view, proto_rows.view, best_data,
-                                           values.data_ptr(), indices.data_ptr<int64_t>(),
-                                           stream),
+                                           from_search, x_sq.data_ptr<float>(),
+                                           proto_sq.data_ptr<float>(), values.data_ptr(),
+                                           indices.data_ptr<int64_t>(), stream),
              "min_distance_recompute_kernel", shapes);
   return {values, indices};
 }
@@ -187,7 +190,10 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
   const at::Tensor grad_values_c = grad_values.contiguous();
   const at::Tensor indices_c = indices.contiguous();
   const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor coeffs = at::empty({batch, num_protos, 4}, float_options);
+  // PairCoefficients (three doubles) per (b, m)
+  static_assert(sizeof(PairCoefficients) == 3 * sizeof(double));
+  at::Tensor coeffs = at::empty({batch, num_protos, 3}, x.options().dtype(at::kDouble));
+  auto* coeffs_data = reinterpret_cast<PairCoefficients*>(coeffs.data_ptr<double>());
   // A gradient nobody asked for is not computed: an empty tensor stands for it.
   at::Tensor grad_protos = at::empty({needs_prototypes ? num_protos : 0, dim}, float_options);
   at::Tensor grad_rows = at::empty({needs_x ? batch : 0, height * width, dim}, float_options);
@@ -201,18 +207,17 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
 
   check_cuda(launch_selected_pair_coefficients(kind, metric, x_rows.view, proto_rows.view,
                                                indices_c.data_ptr<int64_t>(),
-                                               grad_values_c.data_ptr(),
-                                               coeffs.data_ptr<float>(), stream),
+                                               grad_values_c.data_ptr(), coeffs_data, stream),
              "selected_pair_coefficients_kernel", shapes);
   if (needs_prototypes) {
-    check_cuda(launch_prototype_gradient(kind, x_rows.view, proto_rows.view,
-                                         indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+    check_cuda(launch_prototype_gradient(kind, metric, x_rows.view, proto_rows.view,
+                                         indices_c.data_ptr<int64_t>(), coeffs_data,
                                          grad_protos.data_ptr<float>(), stream),
                "prototype_gradient_kernel", shapes);
   }
   if (needs_x) {
-    check_cuda(launch_row_gradient(kind, deterministic, x_rows.view, proto_rows.view,
-                                   indices_c.data_ptr<int64_t>(), coeffs.data_ptr<float>(),
+    check_cuda(launch_row_gradient(kind, metric, deterministic, x_rows.view, proto_rows.view,
+                                   indices_c.data_ptr<int64_t>(), coeffs_data,
                                    deterministic ? workspace.data_ptr<int32_t>() : nullptr,
                                    grad_rows.data_ptr<float>(), stream),
                deterministic ? "sort_prototypes_by_position_kernel/gather_row_gradient_kernel"

@@ -55,24 +55,37 @@ cudaError_t launch_min_distance_search(ScalarKind kind, GemmPath path, Metric me
                                        unsigned long long* best, cudaStream_t stream);
 
 // The exact float32 distance at the chosen position: values (B, M) in the input's storage type,
-// indices (B, M) int64 (the position l of best).
+// indices (B, M) int64 (the position l of best). from_search: the search's products were exact
+// (no TF32), so a pair whose searched value is as good as a direct sum (see the kernel) keeps
+// it and reads only x_sq and proto_sq (from launch_squared_norms) instead of its rows.
 cudaError_t launch_min_distance_recompute(ScalarKind kind, Metric metric, RowsView x,
                                           RowsView protos, const unsigned long long* best,
-                                          void* values, int64_t* indices, cudaStream_t stream);
+                                          bool from_search, const float* x_sq,
+                                          const float* proto_sq, void* values,
+                                          int64_t* indices, cudaStream_t stream);
 
-// Backward, step 1: per (b, m), coefficients c such that the gradient of grad_values[b, m] *
-// distance(x[b, l], p[m]) (l = indices[b, m]) is
-//   d/dx[b, l] = c0 * x[b, l] + c1 * p[m]      d/dp[m] = c2 * p[m] + c3 * x[b, l].
-// coeffs: (B, M, 4) float32. grad_values: (B, M) contiguous, in the input's storage type.
+// Per (b, m), the coefficients of the gradient of grad_values[b, m] * distance(x[b, l], p[m])
+// (l = indices[b, m]):
+//   d/dx[b, l] = row_self x[b, l] + cross p[m]      d/dp[m] = proto_self p[m] + cross x[b, l].
+// Double: cosine's ~ g / |v|^2 underflows float32 where |v|^2 overflows it (norms past ~1.8e19).
+// For sqeuclidean (row_self = proto_self = -cross = 2 g) the kernels take the difference
+// first, 2 g (x - p), which stays exact where x and p nearly coincide.
+struct PairCoefficients {
+  double row_self;
+  double cross;
+  double proto_self;
+};
+
+// Backward, step 1: coeffs (B, M). grad_values: (B, M) contiguous, in the input's storage type.
 cudaError_t launch_selected_pair_coefficients(ScalarKind kind, Metric metric, RowsView x,
                                               RowsView protos, const int64_t* indices,
-                                              const void* grad_values, float* coeffs,
+                                              const void* grad_values, PairCoefficients* coeffs,
                                               cudaStream_t stream);
 
 // Backward, step 2: grad_protos (M, K) float32, contiguous: a gather over the images in the
 // order b = 0..B-1 (deterministic).
-cudaError_t launch_prototype_gradient(ScalarKind kind, RowsView x, RowsView protos,
-                                      const int64_t* indices, const float* coeffs,
+cudaError_t launch_prototype_gradient(ScalarKind kind, Metric metric, RowsView x, RowsView protos,
+                                      const int64_t* indices, const PairCoefficients* coeffs,
                                       float* grad_protos, cudaStream_t stream);
 
 // Backward, step 3: grad_rows (B, L, K) float32, contiguous, zeroed or filled here.
@@ -81,8 +94,9 @@ cudaError_t launch_prototype_gradient(ScalarKind kind, RowsView x, RowsView prot
 // of the prototypes that chose it in increasing m. Otherwise: float atomics (faster, summation
 // order varies between runs; workspace unused, may be null). indices must come from the
 // forward: every entry in [0, L).
-cudaError_t launch_row_gradient(ScalarKind kind, bool deterministic, RowsView x, RowsView protos,
-                                const int64_t* indices, const float* coeffs, int32_t* workspace,
+cudaError_t launch_row_gradient(ScalarKind kind, Metric metric, bool deterministic, RowsView x,
+                                RowsView protos, const int64_t* indices,
+                                const PairCoefficients* coeffs, int32_t* workspace,
                                 float* grad_rows, cudaStream_t stream);
 
 // int32 entries of the deterministic row gradient's workspace: per image, the L + 1 bucket

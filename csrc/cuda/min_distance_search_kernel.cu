@@ -6,6 +6,12 @@
 // span several images, so that L = 1 tokens fill the tile too), then reduces it and merges its
 // candidates into best[b, m] with a 64-bit atomicMin on the packed key (pack_candidate). A min
 // is exact and order-independent, so the result is deterministic.
+//
+// Rows are the fast grid index: blocks running together share a prototype tile and sweep the
+// rows of x, which (B L K, 6.4 MB at large_bank) stay in L2, so the bank (M K, 51 MB there, past
+// an H200's 50 MB L2) is read from DRAM about once. With prototypes fast, every row tile walked
+// the whole bank: about 5 GB of DRAM traffic at large_bank.
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include "cuda/device_utils.cuh"
@@ -127,13 +133,61 @@ struct WmmaOperand<float> {
   static constexpr int kK = 8;
 };
 
+// 16-byte chunks: what one cp.async moves.
 template <typename T>
+constexpr int kChunkElements = 16 / static_cast<int>(sizeof(T));
+
+// Whether a tile of `rows` can be staged by 16-byte asynchronous copies: the data pointer and
+// every row 16-byte aligned, and `dim` a whole number of chunks (so that a chunk is entirely
+// inside the row or entirely past its end).
+template <typename T>
+bool rows_load_in_chunks(const RowsView& rows) {
+  const auto aligned = [](int64_t elements) {
+    return (elements * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  };
+  return reinterpret_cast<uintptr_t>(rows.data) % 16 == 0 && aligned(rows.row_stride) &&
+         (rows.num_images == 1 || aligned(rows.image_stride)) &&
+         rows.dim % kChunkElements<T> == 0;
+}
+
+// Stages channels k0 .. k0 + kTileK of the tile's rows into `tile`, zero outside the matrix:
+// with cp.async (kAsync; rows_load_in_chunks holds), which the caller commits and waits for,
+// else with plain loads and stores.
+template <typename T, bool kAsync>
+__device__ __forceinline__ void stage_tile(T (*tile)[kLdTensorCore], const T* data,
+                                           const int64_t* offsets, int64_t k0, int64_t dim) {
+  if constexpr (kAsync) {
+    constexpr int kChunksPerRow = kTileK / kChunkElements<T>;
+    for (int c = static_cast<int>(threadIdx.x); c < kTileN * kChunksPerRow;
+         c += kSearchThreads) {
+      const int row = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * kChunkElements<T>;
+      const int64_t offset = offsets[row];
+      const bool inside = offset >= 0 && k0 + col < dim;
+      // zfill 16: nothing is read (src is only a valid address), 16 zero bytes are written
+      __pipeline_memcpy_async(&tile[row][col], inside ? data + offset + k0 + col : data, 16,
+                              inside ? 0 : 16);
+    }
+  } else {
+    // Consecutive threads read consecutive channels of a row: coalesced.
+    for (int e = static_cast<int>(threadIdx.x); e < kTileN * kTileK; e += kSearchThreads) {
+      const int row = e / kTileK;
+      const int col = e % kTileK;
+      tile[row][col] = tile_element(data, offsets, row, k0 + col, dim);
+    }
+  }
+}
+
+// The tile's GEMM is double-buffered: while the warps multiply stage s, the copies of stage
+// s + 1 are in flight (cp.async where the rows allow it). The two stages of both operands and,
+// after the loop, the dot tile share one shared buffer (static shared memory stops at 48 KB).
+template <typename T, bool kAsync>
 __global__ void __launch_bounds__(kSearchThreads)
     min_distance_search_tensor_core_kernel(Metric metric, RowsView x, RowsView protos,
                                            const float* __restrict__ x_sq,
                                            const float* __restrict__ proto_sq,
                                            unsigned long long* __restrict__ best,
-                                           int64_t proto_tiles) {
+                                           int64_t row_tiles) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using Operand = WmmaOperand<T>;
   constexpr int kK = Operand::kK;
@@ -142,15 +196,20 @@ __global__ void __launch_bounds__(kSearchThreads)
   using FragmentB = wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Operand::Element,
                                    wmma::col_major>;
   using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, kK, float>;
+  using Tile = T[kTileM][kLdTensorCore];
+  constexpr size_t kStagesBytes = 4 * sizeof(Tile);  // 2 stages x (prototypes, rows)
+  constexpr size_t kDotsBytes = sizeof(float) * kTileM * kLdC;
 
-  __shared__ __align__(128) T proto_tile[kTileM][kLdTensorCore];
-  __shared__ __align__(128) T row_tile[kTileN][kLdTensorCore];
-  __shared__ __align__(128) float dots[kTileM][kLdC];
+  __shared__ __align__(128) unsigned char buffer[kStagesBytes > kDotsBytes ? kStagesBytes
+                                                                          : kDotsBytes];
   __shared__ int64_t proto_offsets[kTileM];
   __shared__ int64_t row_offsets[kTileN];
+  Tile* proto_tiles = reinterpret_cast<Tile*>(buffer);  // [2]
+  Tile* row_tiles_shared = proto_tiles + 2;              // [2]
+  auto dots = reinterpret_cast<float (*)[kLdC]>(buffer);
 
-  const int64_t first_proto = (blockIdx.x % proto_tiles) * kTileM;
-  const int64_t first_row = (blockIdx.x / proto_tiles) * kTileN;
+  const int64_t first_proto = (blockIdx.x / row_tiles) * kTileM;
+  const int64_t first_row = (blockIdx.x % row_tiles) * kTileN;
   row_offsets_of_tile(protos, first_proto, proto_offsets);
   row_offsets_of_tile(x, first_row, row_offsets);
   const T* proto_data = static_cast<const T*>(protos.data);
@@ -168,21 +227,27 @@ __global__ void __launch_bounds__(kSearchThreads)
   }
   __syncthreads();  // the offsets
 
-  for (int64_t k0 = 0; k0 < dim; k0 += kTileK) {
-    // Consecutive threads read consecutive channels of a row: coalesced.
-    for (int e = static_cast<int>(threadIdx.x); e < kTileM * kTileK; e += kSearchThreads) {
-      const int row = e / kTileK;
-      const int col = e % kTileK;
-      proto_tile[row][col] = tile_element(proto_data, proto_offsets, row, k0 + col, dim);
-      row_tile[row][col] = tile_element(x_data, row_offsets, row, k0 + col, dim);
+  stage_tile<T, kAsync>(proto_tiles[0], proto_data, proto_offsets, 0, dim);
+  stage_tile<T, kAsync>(row_tiles_shared[0], x_data, row_offsets, 0, dim);
+  __pipeline_commit();
+  int stage = 0;
+  for (int64_t k0 = 0; k0 < dim; k0 += kTileK, stage ^= 1) {
+    if (k0 + kTileK < dim) {  // the next stage, into the buffer the last iteration read
+      stage_tile<T, kAsync>(proto_tiles[stage ^ 1], proto_data, proto_offsets, k0 + kTileK,
+                            dim);
+      stage_tile<T, kAsync>(row_tiles_shared[stage ^ 1], x_data, row_offsets, k0 + kTileK,
+                            dim);
     }
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // every group but the newest has landed: this stage
     __syncthreads();
     for (int kk = 0; kk < kTileK; kk += kK) {
       FragmentA a[2];
       FragmentB b[2];
       for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], &proto_tile[warp_m + 16 * i][kk], kLdTensorCore);
-        wmma::load_matrix_sync(b[i], &row_tile[warp_n + 16 * i][kk], kLdTensorCore);
+        wmma::load_matrix_sync(a[i], &proto_tiles[stage][warp_m + 16 * i][kk], kLdTensorCore);
+        wmma::load_matrix_sync(b[i], &row_tiles_shared[stage][warp_n + 16 * i][kk],
+                               kLdTensorCore);
         if constexpr (kK == 8) {  // TF32: round the float32 operands as the MMA expects
           for (int t = 0; t < a[i].num_elements; ++t) {
             a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
@@ -198,8 +263,9 @@ __global__ void __launch_bounds__(kSearchThreads)
         }
       }
     }
-    __syncthreads();  // before the next stage overwrites the tiles
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  // the stages are dead: the buffer now holds the dot tile
   for (int i = 0; i < 2; ++i) {
     for (int j = 0; j < 2; ++j) {
       wmma::store_matrix_sync(&dots[warp_m + 16 * i][warp_n + 16 * j], acc[i][j], kLdC,
@@ -223,7 +289,7 @@ __global__ void __launch_bounds__(kSearchThreads)
     min_distance_search_simt_kernel(Metric metric, RowsView x, RowsView protos,
                                     const float* __restrict__ x_sq,
                                     const float* __restrict__ proto_sq,
-                                    unsigned long long* __restrict__ best, int64_t proto_tiles) {
+                                    unsigned long long* __restrict__ best, int64_t row_tiles) {
   constexpr int kProtosPerThread = 4;
   constexpr int kRowsPerThread = 8;
   constexpr int kRowGroups = kTileN / kRowsPerThread;  // threads along rows
@@ -234,8 +300,8 @@ __global__ void __launch_bounds__(kSearchThreads)
   __shared__ int64_t proto_offsets[kTileM];
   __shared__ int64_t row_offsets[kTileN];
 
-  const int64_t first_proto = (blockIdx.x % proto_tiles) * kTileM;
-  const int64_t first_row = (blockIdx.x / proto_tiles) * kTileN;
+  const int64_t first_proto = (blockIdx.x / row_tiles) * kTileM;
+  const int64_t first_row = (blockIdx.x % row_tiles) * kTileN;
   row_offsets_of_tile(protos, first_proto, proto_offsets);
   row_offsets_of_tile(x, first_row, row_offsets);
   const T* proto_data = static_cast<const T*>(protos.data);
@@ -304,13 +370,19 @@ cudaError_t launch_min_distance_search(ScalarKind kind, GemmPath path, Metric me
   return dispatch_scalar_kind(kind, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (path == GemmPath::kTensorCore) {
-      min_distance_search_tensor_core_kernel<T>
-          <<<static_cast<unsigned>(blocks), kSearchThreads, 0, stream>>>(
-              metric, x, protos, x_sq, proto_sq, best, proto_tiles);
+      if (rows_load_in_chunks<T>(x) && rows_load_in_chunks<T>(protos)) {
+        min_distance_search_tensor_core_kernel<T, true>
+            <<<static_cast<unsigned>(blocks), kSearchThreads, 0, stream>>>(
+                metric, x, protos, x_sq, proto_sq, best, row_tiles);
+      } else {
+        min_distance_search_tensor_core_kernel<T, false>
+            <<<static_cast<unsigned>(blocks), kSearchThreads, 0, stream>>>(
+                metric, x, protos, x_sq, proto_sq, best, row_tiles);
+      }
     } else {
       min_distance_search_simt_kernel<T>
           <<<static_cast<unsigned>(blocks), kSearchThreads, 0, stream>>>(
-              metric, x, protos, x_sq, proto_sq, best, proto_tiles);
+              metric, x, protos, x_sq, proto_sq, best, row_tiles);
     }
     return cudaGetLastError();
   });

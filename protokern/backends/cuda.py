@@ -10,13 +10,21 @@ What it runs (inputs in the canonical forms of `protokern.backends.reference`), 
 bfloat16:
 
 - forward: float32 squared norms, then one kernel that runs the GEMM ``prototypes . x^T``
-  tile by tile (WMMA tensor cores for float16/bfloat16; for float32 TF32 tensor cores when
-  PyTorch's float32 matmul precision allows TF32, exact float32 FMAs otherwise), turns each
-  tile into distances with the norms and keeps the min/argmin over positions (lowest index on
-  ties, NaN first), and a last kernel that recomputes the distance at the chosen position
-  directly in float32. Pairs with an inf or NaN entry are computed directly, never by the
-  expansion. Deterministic.
-- backward, from the saved indices, only the gradients asked for: a gather over images for
+  tile by tile (WMMA tensor cores for float16/bfloat16, its two stages double-buffered with
+  cp.async where rows are 16-byte aligned; for float32 TF32 tensor cores when PyTorch's
+  float32 matmul precision allows TF32, exact float32 FMAs otherwise), turns each tile into
+  distances with the norms and keeps the min/argmin over positions (lowest index on ties, NaN
+  first). Rows are the grid's fast index: the blocks running together share a prototype tile
+  while the rows of ``x`` stream from L2, so the bank is read about once. A last kernel
+  recomputes the distance at the chosen position directly in float32 where the search's value
+  may be less exact (TF32 operands, or an expansion that cancelled more than one bit, e.g. a
+  prototype on its patch); elsewhere it keeps the search's, reading two norms instead of two
+  rows. Pairs with an inf or NaN entry are computed directly, never by the expansion.
+  Deterministic.
+- backward, from the saved indices, only the gradients asked for: per pair, coefficients in
+  double (cosine's ~ g / |v|^2 underflows float32 where |v|^2 overflows it, norms past ~1.8e19)
+  and, for sqeuclidean, ``2 g (x - p)`` with the difference taken first (exact for a prototype
+  pushed onto its patch, where ``2 g x - 2 g p`` cancels); then a gather over images for
   ``grad_prototypes``; for ``grad_x`` a scatter, deterministic (a stable counting sort of each
   image's prototypes by position, then fixed-order sums) when
   ``torch.are_deterministic_algorithms_enabled()``, float atomics otherwise.
@@ -27,10 +35,9 @@ It refuses (`Backend.supports`) ``ph x pw`` windows and float64: the automatic c
 takes the next backend (``triton``, then ``reference``), and an explicit choice of ``cuda`` is a
 ValueError with that reason.
 
-Known limits: where every distance of an (image, prototype) pair exceeds the float32 range, the
-value is inf (as the float64 truth cast to float32 is) but the index is the first position, not
-the float64 argmin; and, as in the reference's float32 backward, cosine gradients lose the
-``x`` term where ``|x|^2`` overflows float32.
+Known limit: where every distance of an (image, prototype) pair exceeds the float32 range,
+the value is inf (as the float64 truth cast to float32 is) but the index is the first position,
+not the float64 argmin.
 
 Available when ``protokern._C`` was built with its CUDA kernels (a CUDA PyTorch and nvcc at
 install time, ``pip install --no-build-isolation -e .``) and a GPU is visible.

@@ -102,7 +102,7 @@ SHAPES: dict[str, NamedShape] = {
 """The named shapes of DESIGN §6, plus tiny ones for tests."""
 
 GPU_SHAPES = ("cub", "imagenet", "large_bank", "cil_vectors")
-"""What `benchmarks/run_gpu.sh` runs."""
+"""What `benchmarks/gpu_check.sh` runs."""
 
 CPU_SHAPES = ("cub", "cub14", "imagenet", "cil_vectors")
 """The default on CPU: ``large_bank``'s naive contenders are estimated (`Contender.estimate_bytes`)

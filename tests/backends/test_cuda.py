@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from brute_force import distances, first_min
-from helpers import assert_matches_brute_force
+from helpers import (
+    assert_gradients_at_own_positions,
+    assert_matches_brute_force,
+    gradients_at,
+    pushed_patches,
+)
 from torch.library import opcheck
 
 import protokern as pk
@@ -71,15 +76,6 @@ def precision(request):
     torch.backends.cuda.matmul.fp32_precision = fp32_precision
     yield dtype, TF32_TOLERANCE if request.param == "tf32" else TOLERANCE[dtype]
     torch.backends.cuda.matmul.fp32_precision = saved
-
-
-def grads_at(x, p, metric, weights, indices):
-    """Gradients of sum(weights * distance at ``indices``) by autograd through the brute force
-    (at the backend's own choice, so that a near-tie cannot swap the position)."""
-    xd = x.detach().double().requires_grad_()
-    pd = p.detach().double().requires_grad_()
-    values = distances(xd, pd, metric).gather(-1, indices[..., None])[..., 0]
-    return torch.autograd.grad((values * weights.double()).sum(), (xd, pd))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,10 +236,44 @@ def test_gradients_match_brute_force(on_cuda_backend, case, metric, deterministi
         (values * weights).sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
-    ref_x, ref_p = grads_at(x, p, metric, weights, indices)
+    ref_x, ref_p = gradients_at(x, p, metric, weights, indices)
     assert x.grad.shape == x.shape and p.grad.shape == p.shape
     assert relative_error(x.grad, ref_x) <= TOLERANCE[torch.float32]
     assert relative_error(p.grad, ref_p) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_sqeuclidean_gradients_of_prototypes_on_their_patches(on_cuda_backend, deterministic):
+    """ProtoPNet after push: every pair's gradient 2 g (p - x) is ~1e-4 of the entries. The
+    kernels computed c2 p + c3 x (FMA-contracted), which cancels to float32's eps of the
+    entries: ~1e-3 relative error, past the 1e-5 tolerance."""
+    x, p = pushed_patches("cuda")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        assert_gradients_at_own_positions(x, p, "sqeuclidean", TOLERANCE[torch.float32])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("shape", [((2, 5, 16), (3, 16)), ((2, 16, 3, 3), (70, 16)),
+                                   ((3, 1, 40), (5, 40))])
+def test_cosine_gradients_of_huge_norms(on_cuda_backend, shape, deterministic):
+    """Norms ~1e21, past sqrt(float32 max) ~ 1.8e19: |v|^2 overflows float32 and the
+    coefficients ~ g / |v|^2 (~1e-42) underflow it, though the gradients (~1e-21) are in
+    range. With float32 coefficients the x term was lost (|x|^2 = inf) and the scale
+    subnormal (a few bits); in double both are right. Maps, tokens and one position per
+    image."""
+    x_shape, p_shape = shape
+    x = 1e20 * torch.randn(x_shape, device="cuda")
+    p = 1e20 * torch.randn(p_shape, device="cuda")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        assert_gradients_at_own_positions(x, p, "cosine", TOLERANCE[torch.float32])
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.cuda
@@ -254,7 +284,7 @@ def test_half_precision_gradients(on_cuda_backend, dtype, metric):
     values, indices = pk.min_distance(x, p, metric)
     weights = torch.randn_like(values)
     (values * weights).sum().backward()
-    ref_x, ref_p = grads_at(x, p, metric, weights, indices)
+    ref_x, ref_p = gradients_at(x, p, metric, weights, indices)
     assert x.grad.dtype == dtype and p.grad.dtype == dtype
     assert relative_error(x.grad, ref_x) <= TOLERANCE[dtype]
     assert relative_error(p.grad, ref_p) <= TOLERANCE[dtype]

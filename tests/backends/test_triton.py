@@ -13,7 +13,12 @@ import pytest
 import torch
 from brute_force import distances
 from cases import DTYPES, METRICS, random_inputs
-from helpers import assert_matches_brute_force, brute_force_grads
+from helpers import (
+    assert_gradients_at_own_positions,
+    assert_matches_brute_force,
+    brute_force_grads,
+    pushed_patches,
+)
 
 import protokern as pk
 from protokern import backends
@@ -132,6 +137,19 @@ def test_backward_matches_reference_at_the_same_positions(patch, metric, dtype):
         assert relative_error(got_p, want_p) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sqeuclidean_gradients_of_prototypes_on_their_patches(deterministic):
+    """ProtoPNet after push: each prototype within 1e-4 of its patch, so the gradients
+    2 g (p - x) are ~1e-4 of the entries; 2 g p - 2 g x cancels to float32's eps of the
+    entries there (1e-3 relative), the difference taken first does not."""
+    x, p = pushed_patches(DEVICE)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        assert_gradients_at_own_positions(x, p, "sqeuclidean", TOLERANCE[torch.float32])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_deterministic_path_is_bitwise_reproducible_and_agrees_with_atomics(metric):
     grad, x4, p4, indices = _backward_inputs(*PATCHES["2x3"], metric, torch.float32)
@@ -164,6 +182,29 @@ def test_deterministic_path_with_every_prototype_on_one_position():
         torch.use_deterministic_algorithms(False)
     for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) <= TOLERANCE[torch.float32]
+
+
+@triton.jit
+def _no_second_pass(x_ptr, p_ptr, values_ptr, indices_ptr, M, L, K, OUT_W, PH, PW,
+                    sxb, sxd, sxh, sxw, spm, spd, sph, spw, CONTIGUOUS: tl.constexpr,
+                    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    pass
+
+
+def test_the_second_pass_gets_only_what_the_tile_cannot_give(monkeypatch):
+    """With `_exact_kernel` stubbed out, what `_choose_kernel` alone leaves: a prototype copied
+    from a window (the expansion cancels to its rounding) is marked for recomputation at its
+    certified position (-2 - position); prototypes far from every window are certified and
+    get their values from the tile, which match the float64 brute force."""
+    x = torch.randn(2, 16, 3, 3, device=DEVICE)
+    p = 5 + 3 * torch.randn(6, 16, device=DEVICE)  # far from every window
+    p[0] = x[0, :, 1, 2]  # position 5 of image 0
+    monkeypatch.setattr(min_distance_module, "_exact_kernel", _no_second_pass)
+    values, codes = pk.min_distance(x, p)
+    assert codes[0, 0] == -2 - 5
+    assert (codes[:, 1:] >= 0).all()
+    assert_matches_brute_force(x, p[1:], "sqeuclidean", values[:, 1:], codes[:, 1:])
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -204,6 +245,22 @@ def test_offsets_do_not_overflow_32_bits(s_b, s_d):
     d, rest = divmod(k, ph * pw)
     i, j = divmod(rest, pw)
     assert out.tolist() == [image * s_b + oh * s_h + ow * s_w, d * s_d + i * s_h + j * s_w]
+
+
+@triton.jit
+def _positions_kernel(out_ptr, start, BLOCK_L: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    row = tl.arange(0, BLOCK_ROWS)
+    tl.store(out_ptr + row, tiles.chunk_positions(start, row, BLOCK_L))
+
+
+def test_chunk_positions_near_two_to_the_31():
+    """The last chunk of an image with 2**31 - 1 positions: its padding rows' positions pass
+    int32's range (they were computed as ``start + row % BLOCK_L`` in int32 and wrapped to
+    negative numbers, which the ``position < L`` mask let through)."""
+    start = 2**31 - 4
+    out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    _positions_kernel[(1,)](out, start, BLOCK_L=8, BLOCK_ROWS=16)
+    assert out.tolist() == [start + row % 8 for row in range(16)]
 
 
 def test_tiles_pack_several_images_when_windows_are_few():

@@ -21,14 +21,14 @@ def _distance_map_kernel(
     x_ptr, p_ptr, out_ptr,
     B, M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, IMAGES: tl.constexpr,
 ):
     m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     p_ok = m < M
     p_rows = m.to(tl.int64) * spm
-    p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
+    p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw, CONTIGUOUS,
                                ACC, BLOCK_M, BLOCK_K)
     row = tl.arange(0, BLOCK_ROWS)
     image = tl.program_id(0) * IMAGES + row // BLOCK_L
@@ -37,7 +37,8 @@ def _distance_map_kernel(
     x_rows = tiles.window_offsets(image, position, OUT_W, sxb, sxh, sxw)
     dist = tiles.expanded_distances(
         x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
-        sxd, sxh, sxw, spd, sph, spw, METRIC, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
+        sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, METRIC, PRECISION, ACC,
+        BLOCK_ROWS, BLOCK_M, BLOCK_K)
     # out is (B, M, L) contiguous
     out = (image.to(tl.int64)[:, None] * M + m[None, :]) * L + position[:, None]
     tl.store(out_ptr + out, dist.to(out_ptr.dtype.element_ty),
@@ -60,6 +61,7 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     if out.numel() == 0:
         return out
     _, acc = launch.accumulator(x.dtype)
+    x, prototypes, contiguous = launch.contiguous_entries(x, prototypes)
 
     def grid(meta):
         return (triton.cdiv(batch, meta["IMAGES"]), triton.cdiv(length, meta["BLOCK_L"]),
@@ -68,6 +70,6 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     with launch.on_device(x):
         _distance_map_kernel[grid](
             x, prototypes, out, batch, num, length, dim * ph * pw, out_w, ph, pw,
-            *x.stride(), *prototypes.stride(),
+            *x.stride(), *prototypes.stride(), CONTIGUOUS=contiguous,
             METRIC=metric, PRECISION=launch.dot_precision(x), ACC=acc)
     return out

@@ -38,9 +38,15 @@ class Tuned:
     ``configs`` and ``cache`` are the autotuner's (tests narrow them to one configuration).
     """
 
-    def __init__(self, kernel, configs: list[triton.Config], key: list[str]):
+    narrowed = False
+    """True: every tuned kernel launches its first configuration only, as under deterministic
+    algorithms (benchmarks/gpu_test_run.py sets it for a test run on a GPU, where tuning
+    every test's shape would cost more than the tests)."""
+
+    def __init__(self, kernel, configs: list[triton.Config], key: list[str], prune=None):
         self.kernel = kernel
-        self.autotuner = triton.autotune(configs, key=key)(kernel)
+        pruning = None if prune is None else {"early_config_prune": prune}
+        self.autotuner = triton.autotune(configs, key=key, prune_configs_by=pruning)(kernel)
 
     configs = property(lambda self: self.autotuner.configs,
                        lambda self, value: setattr(self.autotuner, "configs", value))
@@ -48,20 +54,22 @@ class Tuned:
                      lambda self, value: setattr(self.autotuner, "cache", value))
 
     def __getitem__(self, grid):
-        if torch.are_deterministic_algorithms_enabled():
+        if Tuned.narrowed or torch.are_deterministic_algorithms_enabled():
             return Fixed(self.kernel, self.configs[0])[grid]
         return self.autotuner[grid]
 
 
-def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
+def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config,
+          prune=None):
     """Decorator: autotune over ``configs`` keyed on the arguments named in ``key`` (`Tuned`:
-    not under deterministic algorithms); in the interpreter, run ``interpreted`` only
-    (autotuning there would run every config)."""
+    not under deterministic algorithms), less those ``prune(configs, named_args)`` drops for
+    the call's arguments; in the interpreter, run ``interpreted`` only (autotuning there would
+    run every config)."""
 
     def wrap(kernel):
         if INTERPRET:
             return Fixed(kernel, interpreted)
-        return Tuned(kernel, configs, key)
+        return Tuned(kernel, configs, key, prune)
 
     return wrap
 
@@ -135,6 +143,22 @@ def check_positions(length: int, what: str, x: Tensor, prototypes: Tensor) -> No
             f"{tuple(prototypes.shape)} has {length} window positions per image; at most "
             f"2^31 - 1 are supported"
         )
+
+
+def contiguous_entries(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(x, prototypes, contiguous)`` for the kernels' ``CONTIGUOUS`` (`tiles`): with 1x1
+    prototypes, ``x`` ``(B, D, H, W)`` with channels at stride 1 (channels_last: a copy unless
+    they already are, as for tokens and channels_last maps) and ``prototypes`` ``(M, D, 1, 1)``
+    likewise, and True; other windows unchanged, and False. The copy of a map is one pass over
+    ``x``; loading rows of contiguous channels instead of scalars is what keeps the GEMM's
+    loads vectorised (and asynchronous) and its registers unspilled."""
+    if prototypes.shape[-2:] != (1, 1):
+        return x, prototypes, False
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if prototypes.shape[1] > 1 and prototypes.stride(1) != 1:
+        prototypes = prototypes.contiguous()
+    return x, prototypes, True
 
 
 def on_device(x: Tensor):

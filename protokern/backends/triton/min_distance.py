@@ -4,17 +4,28 @@
    channels through ``tl.dot``, adds the norms (sqeuclidean) or divides by them (cosine), and
    keeps in registers, per pair and over positions, the smallest lower bound of the true
    distance (the expansion minus its rounding bound, the reference's), its position, the
-   runner-up lower bound and the smallest upper bound. It writes the position when the bounds
-   certify it (the runner-up is above every upper bound: no other position can be the minimum),
-   else -1: ties, near-ties within the rounding and non-finite distances or norms (NaN, inf,
-   overflow).
-2. `_exact_kernel`, per (image, block of prototypes): recomputes the value at the chosen
-   position directly (no expansion, accumulated in float32, float64 for float64), and for pairs
-   marked -1 searches every position directly, the first exact minimum winning; NaN wins at its
-   first position, as in `torch.min`.
+   runner-up lower bound and the smallest upper bound. The bounds certify the position when the
+   runner-up is above every upper bound (no other position can be the minimum); ties, near-ties
+   within the rounding and non-finite distances or norms (NaN, inf, overflow) do not certify.
+   A certified pair's value is the expansion's where the tile's products are exact (IEEE
+   float32, bfloat16/float16 operands, ``tf32x3``) and the expansion lost at most one bit to
+   cancellation (its rounding bound within twice the direct float32 sum's own); else it is
+   marked for recomputation.
+2. `_exact_kernel`, per (image, block of prototypes), touches only the pairs the first did not
+   finish: it recomputes the marked values directly at the chosen position (no expansion,
+   accumulated in float32, float64 for float64), and for uncertified pairs searches every
+   position directly, the first exact minimum winning; NaN wins at its first position, as in
+   `torch.min`. (It was a pass over every pair, reading ``2 K`` entries each: 63 GB at
+   cil_vectors. benchmarks/NOTES.md has the bytes per shape.)
 
-So ties go to the lowest index and a prototype pushed onto a patch finds that patch, whatever
-the GEMM's rounding (which differs between rows in Triton's interpreter, and may on a GPU).
+So ties go to the lowest index and a prototype pushed onto a patch finds that patch (and its
+value, recomputed, is exact), whatever the GEMM's rounding (which differs between rows in
+Triton's interpreter, and may on a GPU).
+
+With 1x1 prototypes the kernels read ``x`` as rows of contiguous channels (``CONTIGUOUS``,
+`launch.contiguous_entries`: NCHW maps are copied to channels_last first), so tiles load as
+vectors, asynchronously (the compile report, with registers and spills per configuration:
+benchmarks/results/triton-compile-report.md, `protokern.backends.triton.offline`).
 """
 
 import torch
@@ -30,13 +41,33 @@ def _config(rows, block_m, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-CONFIGS = [
-    _config(*c)
-    for c in [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
-              (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2),
-              (32, 64, 64, 4, 3), (128, 256, 32, 8, 3)]
-]
-"""Autotuned on a GPU, keyed on the problem's shape, metric and dot precision."""
+WINDOWS_CONFIGS = [_config(*c) for c in [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                           (128, 128, 64, 8, 3)]]
+"""For L > 1 (the maps): 64 rows for 7x7 maps (one image per tile), 128 x 128 for the
+GEMM-heavy shapes."""
+
+SINGLE_CONFIGS = WINDOWS_CONFIGS[:1] + [_config(*c) for c in [(64, 128, 64, 8, 3),
+                                                               (128, 64, 64, 8, 3)]]
+"""For L = 1 (token heads), whose epilogue keeps every pair's bounds: at most 64 x 128 tiles
+per 8 warps."""
+
+CONFIGS = WINDOWS_CONFIGS + SINGLE_CONFIGS[1:]
+"""Autotuned on a GPU, keyed on the problem's shape, metric and dot precision, among those of
+`configs_for` its L. BLOCK_K 64. In bfloat16 on sm_90 none spills
+(tests/backends/test_triton_offline.py); float32 without TF32 spills in all, TF32 in some
+(benchmarks/results/triton-compile-report.md). The first, which deterministic runs take,
+serves every L."""
+
+
+def configs_for(length: int) -> list[triton.Config]:
+    """The configurations `_choose_kernel` may run with ``length`` positions per image."""
+    return SINGLE_CONFIGS if length == 1 else WINDOWS_CONFIGS
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    allowed = [id(c) for c in configs_for(named_args["L"])]
+    return [c for c in configs if id(c) in allowed]
+
 
 INTERPRETED = _config(128, 128, 128, 4, 1)
 """The one configuration run in the interpreter, whose cost is per operation, not per element:
@@ -46,14 +77,44 @@ EXACT = launch.fixed_config({"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BL
 """`_exact_kernel`: gathers, no tuning."""
 
 
-@launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
+@triton.jit
+def _window_bounds(p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW,
+                   sxd, sxh, sxw, spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS: tl.constexpr,
+                   METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                   HUGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Lower and upper bounds ``(BLOCK_M, BLOCK_ROWS)`` of the distances between the
+    prototypes and the windows at ``x_rows`` (inf where a pair cannot be bounded: NaN, inf or
+    huge norms, or outside the problem), and which windows are bad ``(BLOCK_ROWS,)`` int32.
+
+    Prototypes are the MMA's rows, so that the reductions over positions run along the
+    accumulator's columns, within threads and quads; along its rows they crossed warps and
+    spilled registers. The upper bound is the lower plus `tiles.bound_widths`, so that the
+    inner products die with the lower bound."""
+    dots = tiles.inner_products(p_ptr, p_rows, p_ok, spd, sph, spw, x_ptr, x_rows, x_ok,
+                                sxd, sxh, sxw, K, PH, PW, CONTIGUOUS, PRECISION, ACC,
+                                BLOCK_M, BLOCK_ROWS, BLOCK_K)
+    x_sq = tiles.squared_norms(x_ptr, x_rows, x_ok, K, PH, PW, sxd, sxh, sxw, CONTIGUOUS,
+                               ACC, BLOCK_ROWS, BLOCK_K)
+    x_bad = (~(x_sq <= HUGE) & x_ok).to(tl.int32)
+    # distance_bounds is symmetric in its two operands: (prototypes, windows) bounds
+    low, _ = tiles.distance_bounds(dots, p_sq, x_sq, GROWTH, FLOOR, METRIC)
+    skip = p_bad[:, None] | (x_bad != 0)[None, :] | ~x_ok[None, :]
+    low = tl.where(skip, float("inf"), low)
+    high = low + tiles.bound_widths(p_sq, x_sq, GROWTH, FLOOR, METRIC)
+    return low, high, x_bad
+
+
+@launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED,
+              prune=_prune)
 @launch.tile_rows
 @triton.jit
 def _choose_kernel(
-    x_ptr, p_ptr, indices_ptr,
+    x_ptr, p_ptr, values_ptr, indices_ptr,
     B, M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw, GROWTH, FLOOR,
-    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, HUGE: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
+    VALUES: tl.constexpr, ACC: tl.constexpr, HUGE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, IMAGES: tl.constexpr,
 ):
@@ -61,52 +122,93 @@ def _choose_kernel(
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     p_ok = m < M
     p_rows = m.to(tl.int64) * spm
-    p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
+    p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw, CONTIGUOUS,
                                ACC, BLOCK_M, BLOCK_K)
     # NaN, inf or squares so large that sums overflow: the expansion cannot bound the pair
     p_bad = ~(p_sq <= HUGE)
-    # tile row r is position r % BLOCK_L (plus the chunk's start) of image r // BLOCK_L
+    # tile column r is position r % BLOCK_L (plus the chunk's start) of image r // BLOCK_L
     row = tl.arange(0, BLOCK_ROWS)
     row_image = first_image + row // BLOCK_L
-    slot = tl.arange(0, BLOCK_L)[None, :, None]
-    # Per (image, prototype): the smallest lower bound of the true distance over positions, its
-    # position, the smallest lower bound at any other position, the smallest upper bound.
-    lowest = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
-    lowest_at = tl.zeros((IMAGES, BLOCK_M), tl.int32)
-    runner_up = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
-    upper = tl.full((IMAGES, BLOCK_M), float("inf"), ACC)
-    image_bad = tl.zeros((IMAGES,), tl.int32)
-    for start in range(0, L, BLOCK_L):
-        position = tiles.chunk_positions(start, row, BLOCK_L)
-        x_ok = (row_image < B) & (position < L)
-        x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
-        dots, x_sq = tiles.dot_products(
-            x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-            PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
-        x_bad = ~(x_sq <= HUGE) & x_ok
-        image_bad = tl.maximum(image_bad, tl.max(tl.reshape(x_bad.to(tl.int32),
-                                                            (IMAGES, BLOCK_L)), axis=1))
-        low, high = tiles.distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC)
-        skip = (x_bad | ~x_ok)[:, None] | p_bad[None, :]
-        low = tl.reshape(tl.where(skip, float("inf"), low), (IMAGES, BLOCK_L, BLOCK_M))
-        high = tl.reshape(tl.where(skip, float("inf"), high), (IMAGES, BLOCK_L, BLOCK_M))
-        chunk_low, chunk_at = tl.min(low, axis=1, return_indices=True,
-                                     return_indices_tie_break_left=True)
-        chunk_runner_up = tl.min(tl.where(slot == chunk_at[:, None, :], float("inf"), low), axis=1)
-        runner_up = tl.minimum(tl.minimum(runner_up, chunk_runner_up),
-                               tl.maximum(lowest, chunk_low))
-        better = chunk_low < lowest  # strictly: on a tie the earlier chunk keeps its position
-        lowest = tl.where(better, chunk_low, lowest)
-        lowest_at = tl.where(better, start + chunk_at, lowest_at)
-        upper = tl.minimum(upper, tl.min(high, axis=1))
+    if BLOCK_L == 1:
+        # one position per image (L = 1): every tile column is a pair's only candidate
+        x_ok = row_image < B
+        x_rows = tiles.window_offsets(row_image, 0, OUT_W, sxb, sxh, sxw)
+        lowest, upper, image_bad = _window_bounds(
+            p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW, sxd, sxh, sxw,
+            spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS, METRIC, PRECISION, ACC, HUGE,
+            BLOCK_M, BLOCK_ROWS, BLOCK_K)
+        lowest_at = tl.zeros((BLOCK_M, IMAGES), tl.int32)
+        runner_up = tl.full((BLOCK_M, IMAGES), float("inf"), ACC)
+    else:
+        # Per (prototype, image): the smallest lower bound of the true distance over
+        # positions, its position, the smallest lower bound at any other position, the
+        # smallest upper bound.
+        lowest = tl.full((BLOCK_M, IMAGES), float("inf"), ACC)
+        lowest_at = tl.zeros((BLOCK_M, IMAGES), tl.int32)
+        runner_up = tl.full((BLOCK_M, IMAGES), float("inf"), ACC)
+        upper = tl.full((BLOCK_M, IMAGES), float("inf"), ACC)
+        image_bad = tl.zeros((IMAGES,), tl.int32)
+        for start in range(0, L, BLOCK_L):
+            position = tiles.chunk_positions(start, row, BLOCK_L)
+            x_ok = (row_image < B) & (position < L)
+            x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
+            low, high, x_bad = _window_bounds(
+                p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW,
+                sxd, sxh, sxw, spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS, METRIC, PRECISION,
+                ACC, HUGE, BLOCK_M, BLOCK_ROWS, BLOCK_K)
+            # The chunk's reduction over positions, per (prototype, image): the tile's
+            # columns are one image's positions (IMAGES == 1: L > 32, the GEMM-heavy shapes,
+            # plain 2-D) or a few images' (small maps: a 3-D reshape)
+            if IMAGES == 1:
+                image_bad = tl.maximum(image_bad, tl.max(x_bad, axis=0, keep_dims=True))
+                chunk_low, chunk_at = tl.min(low, axis=1, return_indices=True,
+                                             return_indices_tie_break_left=True,
+                                             keep_dims=True)
+                chunk_runner_up = tl.min(tl.where(row[None, :] == chunk_at, float("inf"), low),
+                                         axis=1, keep_dims=True)
+                chunk_high = tl.min(high, axis=1, keep_dims=True)
+            else:
+                image_bad = tl.maximum(image_bad,
+                                       tl.max(tl.reshape(x_bad, (IMAGES, BLOCK_L)), axis=1))
+                low = tl.reshape(low, (BLOCK_M, IMAGES, BLOCK_L))
+                chunk_low, chunk_at = tl.min(low, axis=2, return_indices=True,
+                                             return_indices_tie_break_left=True)
+                slot = tl.arange(0, BLOCK_L)[None, None, :]
+                chunk_runner_up = tl.min(
+                    tl.where(slot == chunk_at[:, :, None], float("inf"), low), axis=2)
+                chunk_high = tl.min(tl.reshape(high, (BLOCK_M, IMAGES, BLOCK_L)), axis=2)
+            runner_up = tl.minimum(tl.minimum(runner_up, chunk_runner_up),
+                                   tl.maximum(lowest, chunk_low))
+            better = chunk_low < lowest  # strictly: on a tie the earlier chunk keeps its place
+            lowest = tl.where(better, chunk_low, lowest)
+            lowest_at = tl.where(better, start + chunk_at, lowest_at)
+            upper = tl.minimum(upper, chunk_high)
     # Certified: every other position's lower bound is above the smallest upper bound, so the
-    # true minimum can only be at `lowest_at`. Otherwise (ties, near-ties within the rounding,
-    # non-finite or huge entries) -1 sends the pair to the direct search of _exact_kernel.
-    certified = (image_bad == 0)[:, None] & ~p_bad[None, :] & (runner_up > upper)
+    # true minimum can only be at `lowest_at` (and `upper` is the upper bound there). Otherwise
+    # (ties, near-ties within the rounding, non-finite or huge entries) the pair is searched
+    # directly by _exact_kernel.
+    certified = (image_bad == 0)[None, :] & ~p_bad[:, None] & (runner_up > upper)
+    value = (lowest + upper) * 0.5  # the expansion at the position (the bounds' midpoint)
+    if METRIC == "sqeuclidean":
+        # within twice the direct float32 sum's own error bound (GROWTH x the distance): the
+        # bound's width GROWTH (|x|^2 + |p|^2) is at most 2 GROWTH x the distance, i.e. the
+        # expansion cancelled at most one bit. A prototype on its patch is recomputed.
+        exact_enough = (upper - lowest) <= 4 * GROWTH * lowest
+        value = tl.where(value < 0, 0.0, value)
+    else:
+        # cosine's bound is absolute, GROWTH, as the direct computation's own error is
+        exact_enough = lowest == lowest
+        value = tl.where(value < 0, 0.0, tl.where(value > 2, 2.0, value))
+    # VALUES: the tile's products are exact (IEEE float32, or bfloat16/float16 operands, or
+    # tf32x3's split); with TF32 operands every value is recomputed.
+    from_tile = certified & exact_enough & VALUES
     image = first_image + tl.arange(0, IMAGES)
-    out = image.to(tl.int64)[:, None] * M + m[None, :]
-    tl.store(indices_ptr + out, tl.where(certified, lowest_at, -1).to(tl.int64),
-             mask=(image < B)[:, None] & p_ok[None, :])
+    out = image.to(tl.int64)[None, :] * M + m[:, None]
+    mask = (image < B)[None, :] & p_ok[:, None]
+    # the position; -2 - position: certified, its value to recompute; -1: to search
+    code = tl.where(certified, tl.where(from_tile, lowest_at, -2 - lowest_at), -1)
+    tl.store(indices_ptr + out, code.to(tl.int64), mask=mask)
+    tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=mask & from_tile)
 
 
 @triton.jit
@@ -114,52 +216,74 @@ def _exact_kernel(
     x_ptr, p_ptr, values_ptr, indices_ptr,
     M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     image = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = m < M
     out = image.to(tl.int64) * M + m
-    p_rows = m.to(tl.int64) * spm
-    chosen = tl.load(indices_ptr + out, mask=ok, other=0)
-    value = tiles.direct_distances(
-        x_ptr, tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw), p_ptr, p_rows,
-        ok & (chosen >= 0), K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-        METRIC, False, ACC, BLOCK_M, BLOCK_K)
-    search = ok & (chosen < 0)
-    if tl.max(search.to(tl.int32), axis=0) > 0:
-        best = tl.full((BLOCK_M,), float("inf"), ACC)
-        best_at = tl.zeros((BLOCK_M,), tl.int64)
-        for position in range(0, L):
-            x_rows = tl.zeros((BLOCK_M,), tl.int64) + tiles.window_offsets(
-                image, position, OUT_W, sxb, sxh, sxw)
-            dist = tiles.direct_distances(
-                x_ptr, x_rows, p_ptr, p_rows, search, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-                METRIC, True, ACC, BLOCK_M, BLOCK_K)
-            # the first minimum, or the first NaN, which then stays
-            take = (dist < best) | ((dist != dist) & (best == best))
-            best = tl.where(take, dist, best)
-            best_at = tl.where(take, position, best_at)
-        value = tl.where(search, best, value)
-        chosen = tl.where(search, best_at, chosen)
-        tl.store(indices_ptr + out, chosen, mask=search)
-    tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=ok)
+    code = tl.load(indices_ptr + out, mask=ok, other=0)
+    recompute = ok & (code <= -2)
+    search = ok & (code == -1)
+    # Pairs whose value came from the tile read nothing more here: a program whose pairs all
+    # did ends after loading their positions.
+    if tl.max((recompute | search).to(tl.int32), axis=0) > 0:
+        p_rows = m.to(tl.int64) * spm
+        chosen = tl.where(recompute, -2 - code, 0)
+        value = tiles.direct_distances(
+            x_ptr, tiles.window_offsets(image, chosen, OUT_W, sxb, sxh, sxw), p_ptr, p_rows,
+            recompute, K, PH, PW, sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS,
+            METRIC, False, ACC, BLOCK_M, BLOCK_K)
+        if tl.max(search.to(tl.int32), axis=0) > 0:
+            best = tl.full((BLOCK_M,), float("inf"), ACC)
+            best_at = tl.zeros((BLOCK_M,), tl.int64)
+            for position in range(0, L):
+                x_rows = tl.zeros((BLOCK_M,), tl.int64) + tiles.window_offsets(
+                    image, position, OUT_W, sxb, sxh, sxw)
+                dist = tiles.direct_distances(
+                    x_ptr, x_rows, p_ptr, p_rows, search, K, PH, PW, sxd, sxh, sxw,
+                    spd, sph, spw, CONTIGUOUS, METRIC, True, ACC, BLOCK_M, BLOCK_K)
+                # the first minimum, or the first NaN, which then stays
+                take = (dist < best) | ((dist != dist) & (best == best))
+                best = tl.where(take, dist, best)
+                best_at = tl.where(take, position, best_at)
+            value = tl.where(search, best, value)
+            chosen = tl.where(search, best_at, chosen)
+        tl.store(indices_ptr + out, chosen, mask=recompute | search)
+        tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty),
+                 mask=recompute | search)
 
 
-def rounding_bound(x: Tensor, size: int, metric: str) -> tuple[float, float]:
+def rounding_bound(x: Tensor, size: int, metric: str, precision: str = "ieee"
+                   ) -> tuple[float, float]:
     """``(growth, floor)``: the expansion of a pair of ``size``-entry vectors is within
     ``growth * (|x|^2 + |p|^2) + floor`` of its exactly rounded inputs' truth (sqeuclidean;
     cosine: within ``growth``), the summation bound of
     `protokern.backends.reference.expanded_distance` plus a few eps for the kernel's own
-    rearrangements (its norms, the clamp).
+    rearrangements (its norms, the clamp), and 8 more for ``tf32x3``'s dots (each product
+    within ~3 x 2^-22 of its inputs' magnitudes: the dropped low x low term and the low
+    parts' own rounding).
 
     TF32's rounding of the inputs is left out on purpose: it is the same for identical windows,
     so exact ties are still caught, and the contract lets near-ties within TF32's tolerance
-    move; counting it would send most pairs to the slow direct search."""
+    move; counting it would send most pairs to the slow direct search. (So with TF32 the
+    values are recomputed: `_choose_kernel`'s ``VALUES``.)"""
     finfo = torch.finfo(launch.accumulator(x.dtype)[0])
+    split = 8 * finfo.eps if precision == "tf32x3" else 0.0
     if metric == "sqeuclidean":
-        return (size + 12) * finfo.eps, 4 * (size + 1) * finfo.tiny
-    return (2 * size + 12) * finfo.eps, 0.0
+        return (size + 12) * finfo.eps + split, 4 * (size + 1) * finfo.tiny
+    return (2 * size + 12) * finfo.eps + split, 0.0
+
+
+def gemm_precision(x: Tensor, length: int) -> str:
+    """``tl.dot``'s precision for `_choose_kernel`: `launch.dot_precision`, except that with
+    one position per image (``length == 1``, e.g. token heads) TF32 becomes ``tf32x3``: every
+    pair's value is then an output, and three TF32 products (about float32's precision) let
+    the tile give it, where TF32 alone would send every pair back to the direct recompute (at
+    cil_vectors 63 GB read from L2 against a 16 GFLOP GEMM)."""
+    precision = launch.dot_precision(x)
+    return "tf32x3" if precision == "tf32" and length == 1 else precision
 
 
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -180,17 +304,20 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     if values.numel() == 0:
         return values, indices
     _, acc = launch.accumulator(x.dtype)
+    x, prototypes, contiguous = launch.contiguous_entries(x, prototypes)
     shape = (length, dim * ph * pw, out_w, ph, pw, *x.stride(), *prototypes.stride())
-    growth, floor = rounding_bound(x, dim * ph * pw, metric)
+    precision = gemm_precision(x, length)
+    growth, floor = rounding_bound(x, dim * ph * pw, metric, precision)
 
     def grid(meta):
         return triton.cdiv(batch, meta["IMAGES"]), triton.cdiv(num, meta["BLOCK_M"])
 
     with launch.on_device(x):
-        _choose_kernel[grid](x, prototypes, indices, batch, num, *shape, growth, floor,
-                             METRIC=metric, PRECISION=launch.dot_precision(x), ACC=acc,
-                             HUGE=launch.huge(x.dtype))
+        _choose_kernel[grid](x, prototypes, values, indices, batch, num, *shape, growth, floor,
+                             CONTIGUOUS=contiguous, METRIC=metric, PRECISION=precision,
+                             VALUES=precision != "tf32", ACC=acc, HUGE=launch.huge(x.dtype))
         launch.Fixed(_exact_kernel, EXACT)[
             lambda meta: (batch, triton.cdiv(num, meta["BLOCK_M"]))
-        ](x, prototypes, values, indices, num, *shape, METRIC=metric, ACC=acc)
+        ](x, prototypes, values, indices, num, *shape, CONTIGUOUS=contiguous, METRIC=metric,
+          ACC=acc)
     return values, indices

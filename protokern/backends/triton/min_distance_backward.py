@@ -52,7 +52,7 @@ def pair_coefficients(x_ptr, x_rows, p_ptr, p_rows, ok, grad_ptr, pair, a_ptr, c
     p_sq = tl.zeros((BLOCK,), ACC)
     for k0 in range(0, K, BLOCK_K):
         x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                                sxd, sxh, sxw, spd, sph, spw, False, ACC, BLOCK_K)
         dots += tl.sum(x * p, axis=1)
         x_sq += tl.sum(x * x, axis=1)
         p_sq += tl.sum(p * p, axis=1)
@@ -130,10 +130,12 @@ def _window_scatter_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, m.to(tl.int64) * spm, ok, k0, K, PH, PW,
-                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                                sxd, sxh, sxw, spd, sph, spw, False, ACC, BLOCK_K)
         target = out_rows[:, None] + tiles.entry_offsets(k, PH, PW, sod, soh, sow)[None, :]
+        # relaxed: the adds only accumulate (nothing reads grad_x until the kernel ends), so
+        # the default acq_rel ordering, B M K times, would buy nothing
         tl.atomic_add(out_ptr + target, _pair_gradient(x, p, a, c, METRIC),
-                      mask=ok[:, None] & (k < K)[None, :])
+                      mask=ok[:, None] & (k < K)[None, :], sem="relaxed")
 
 
 @triton.jit

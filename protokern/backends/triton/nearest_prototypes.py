@@ -108,8 +108,8 @@ def _nearest_kernel(
     x_ptr, p_ptr, values_ptr, indices_ptr, searched_ptr,
     N, M, L, K, OUT_W, PH, PW,
     sxb, sxd, sxh, sxw, spm, spd, sph, spw, GROWTH, FLOOR,
-    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, HUGE: tl.constexpr,
-    K_NEAREST: tl.constexpr, SLOTS: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HUGE: tl.constexpr, K_NEAREST: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -128,11 +128,11 @@ def _nearest_kernel(
         m = first + tl.arange(0, BLOCK_M)
         p_ok = m < M
         p_rows = m.to(tl.int64) * spm
-        p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw,
+        p_sq = tiles.squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, spd, sph, spw, CONTIGUOUS,
                                    ACC, BLOCK_M, BLOCK_K)
         dots, x_sq = tiles.dot_products(
             x_ptr, x_rows, row_ok, p_ptr, p_rows, p_ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-            PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
+            CONTIGUOUS, PRECISION, ACC, BLOCK_ROWS, BLOCK_M, BLOCK_K)
         # NaN, inf or squares so large that sums overflow: the expansion cannot bound the pair
         x_bad = ~(x_sq <= HUGE)
         p_bad = ~(p_sq <= HUGE) & p_ok
@@ -153,7 +153,8 @@ def _nearest_kernel(
     pair_p = tl.reshape(lowers_at * spm, (BLOCK_ROWS * SLOTS,))
     exact = tiles.direct_distances(
         x_ptr, pair_x, p_ptr, pair_p, tl.reshape(candidate, (BLOCK_ROWS * SLOTS,)), K, PH, PW,
-        sxd, sxh, sxw, spd, sph, spw, METRIC, False, ACC, BLOCK_ROWS * SLOTS, BLOCK_K)
+        sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, METRIC, False, ACC, BLOCK_ROWS * SLOTS,
+        BLOCK_K)
     exact = tl.reshape(exact, (BLOCK_ROWS, SLOTS))
     key = tl.where(candidate, tl.where(exact != exact, float("-inf"), exact),  # x != x: NaN
                    float("inf"))
@@ -165,7 +166,8 @@ def _nearest_kernel(
 def _search_kernel(
     x_ptr, p_ptr, values_ptr, indices_ptr, searched_ptr,
     N, M, L, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw, spm, spd, sph, spw,
-    METRIC: tl.constexpr, ACC: tl.constexpr, K_NEAREST: tl.constexpr, SLOTS: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, ACC: tl.constexpr,
+    K_NEAREST: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -191,7 +193,7 @@ def _search_kernel(
             # scaled: these rows may hold entries whose squares overflow
             dist = tl.reshape(tiles.direct_distances(
                 x_ptr, pair_x, p_ptr, pair_p, tl.reshape(pair_ok, (BLOCK_ROWS * BLOCK_M,)), K,
-                PH, PW, sxd, sxh, sxw, spd, sph, spw, METRIC, True, ACC,
+                PH, PW, sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, METRIC, True, ACC,
                 BLOCK_ROWS * BLOCK_M, BLOCK_K), (BLOCK_ROWS, BLOCK_M))
             key = tl.where(pair_ok, tl.where(dist != dist, float("-inf"), dist),
                            float("inf"))
@@ -238,17 +240,20 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
         return values, indices
     searched = torch.empty(rows, dtype=torch.int8, device=x.device)
     _, acc = launch.accumulator(x.dtype)
+    x, prototypes, contiguous = launch.contiguous_entries(x, prototypes)
     size = dim * ph * pw
     shape = (rows, num, length, size, out_w, ph, pw, *x.stride(), *prototypes.stride())
     growth, floor = rounding_bound(x, size, metric)
     slots = slots_for(k)
     with launch.on_device(x):
         _nearest_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](
-            x, prototypes, values, indices, searched, *shape, growth, floor, METRIC=metric,
+            x, prototypes, values, indices, searched, *shape, growth, floor,
+            CONTIGUOUS=contiguous, METRIC=metric,
             PRECISION=launch.dot_precision(x), ACC=acc, HUGE=launch.huge(x.dtype), K_NEAREST=k,
             SLOTS=slots)
         launch.Fixed(_search_kernel, SEARCH)[
             lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)
-        ](x, prototypes, values, indices, searched, *shape, METRIC=metric, ACC=acc,
+        ](x, prototypes, values, indices, searched, *shape, CONTIGUOUS=contiguous,
+          METRIC=metric, ACC=acc,
           K_NEAREST=k, SLOTS=slots)
     return values, indices

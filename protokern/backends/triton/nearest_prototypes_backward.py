@@ -69,7 +69,7 @@ def _row_gradient_kernel(
         x_rows, p_rows = _pair_offsets(tl.where(ok, row, 0), j, indices_ptr, L, OUT_W, sxb, sxh,
                                        sxw, spm, K_NEAREST)
         x, p = tiles.load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                                sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                                sxd, sxh, sxw, spd, sph, spw, False, ACC, BLOCK_K)
         pair = row * K_NEAREST + j
         total += _pair_gradient(x, p, tl.load(a_ptr + pair, mask=ok, other=0.0),
                                 tl.load(c_ptr + pair, mask=ok, other=0.0), METRIC)

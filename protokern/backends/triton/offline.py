@@ -2,12 +2,18 @@
 compiled form costs: registers, spills, shared memory, and which instructions the GEMM uses
 (``wgmma`` on sm_90, ``mma.sync`` on sm_80, ``cp.async`` loads).
 
-    python -m protokern.backends.triton.offline --out benchmarks/results/triton-compile-report.md
+    env -u TRITON_INTERPRET python -m protokern.backends.triton.offline \\
+        --out benchmarks/results/triton-compile-report.md
 
 Triton compiles for a `GPUTarget` with no device present; the register and spill counts come
-from ``cuobjdump -res-usage`` on the cubin (the cuobjdump that Triton ships). What runs here
-is the kernels' default configurations (`CONFIGS` of each module) on the shapes the GPU
-benchmarks use, so a spilling default cannot land (tests/backends/test_triton_offline.py).
+from ``cuobjdump -res-usage`` on the cubin (the cuobjdump that Triton ships). What runs here is
+every default configuration (`min_distance.configs_for` each shape's L) of `_choose_kernel`,
+and the fixed one of
+`_exact_kernel`, on the GPU benchmarks' shapes (`SHAPES`), specialised as the launcher would
+for those arguments (the channels_last rows `launch.contiguous_entries` makes, 16-aligned
+pointers, ``tt.divisibility`` 16 on every integer that is a multiple of 16).
+tests/backends/test_triton_offline.py compiles a subset in CI (bfloat16 on sm_90, where none
+spills).
 """
 
 import argparse
@@ -17,7 +23,40 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 TARGETS = {"sm_90": 90, "sm_80": 80}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark shape with 1x1 prototypes: ``x`` ``(B, D, H, W)``, ``M`` prototypes."""
+
+    name: str
+    batch: int
+    dim: int
+    height: int
+    width: int
+    num: int
+
+    def arguments(self) -> dict[str, int]:
+        """The integer arguments of `_choose_kernel` / `_exact_kernel` for this shape, with x
+        as channels_last rows and prototypes ``(M, D, 1, 1)`` contiguous."""
+        length = self.height * self.width
+        return {"B": self.batch, "M": self.num, "L": length, "K": self.dim, "OUT_W": self.width,
+                "PH": 1, "PW": 1, "sxb": length * self.dim, "sxd": 1,
+                "sxh": self.width * self.dim, "sxw": self.dim, "spm": self.dim, "spd": 1,
+                "sph": self.dim, "spw": self.dim}
+
+
+SHAPES = [Shape("cub", 64, 128, 7, 7, 2000), Shape("imagenet", 64, 256, 7, 7, 10000),
+          Shape("large_bank", 32, 256, 14, 14, 50000), Shape("cil_vectors", 1024, 768, 1, 1, 10000)]
+"""`protokern.bench.shapes`' GPU shapes (L = 49, 49, 196, 1)."""
+
+# (name, Triton type of x and prototypes, dot precision of L > 1, of L = 1)
+SPECIALIZATIONS = [("float32", "fp32", "ieee", "ieee"), ("tf32", "fp32", "tf32", "tf32x3"),
+                   ("bfloat16", "bf16", "ieee", "ieee")]
+METRICS = ("sqeuclidean", "cosine")
 
 
 @dataclass(frozen=True)
@@ -41,6 +80,20 @@ class Compiled:
                 f"{self.registers} | {self.spill_bytes} | {self.shared_bytes} | {flags} |")
 
 
+def tool_missing() -> str | None:
+    """Why the offline compile cannot run here (no triton, or its bundled cuobjdump/ptxas are
+    missing), or None."""
+    try:
+        import triton
+    except Exception as error:
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    binaries = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for tool in ("cuobjdump", "ptxas"):
+        if not (binaries / tool).exists():
+            return f"Triton's bundled {tool} is missing ({binaries / tool})"
+    return None
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -59,15 +112,35 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return registers, stack
 
 
-def compile_kernel(fn, signature: dict, constants: dict, num_warps: int, num_stages: int,
+def compile_kernel(fn, arguments: dict, constants: dict, num_warps: int, num_stages: int,
                    target: str):
-    """``fn`` (a `triton.JITFunction`) compiled for ``target`` (``"sm_90"``, ``"sm_80"``)."""
+    """``fn`` (a `triton.JITFunction`) compiled for ``target`` (``"sm_90"``, ``"sm_80"``).
+
+    ``arguments``: every runtime argument by name, a Triton pointer type (``"*bf16"``) or an
+    example value (int: ``i32``, float: ``fp32``); as the launcher does, pointers and integers
+    that are multiples of 16 get ``tt.divisibility`` 16 (torch's allocations are 16-aligned)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn, {**signature, **{name: "constexpr" for name in constants}},
-                       constants)
+    signature, attrs = {}, {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        value = arguments[name]
+        if isinstance(value, str):
+            signature[name] = value
+            aligned = True
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+            aligned = False
+        else:
+            signature[name] = "i32"
+            aligned = value % 16 == 0
+        if aligned:
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", TARGETS[target], 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -80,62 +153,93 @@ def describe(kernel: str, specialization: str, compiled, config: str, target: st
                     "cp.async" in ptx)
 
 
-def _signature(fn, pointer_types: dict[str, str], floats: tuple[str, ...] = ()) -> dict:
-    """Triton types of ``fn``'s runtime arguments: pointers as given, ``floats`` fp32, integers
-    int32 (as the launcher specialises sizes and strides below 2**31)."""
-    types = {}
-    for name in fn.arg_names:
-        if name.isupper() and name not in floats and name not in ("B", "M", "L", "K", "N",
-                                                                  "OUT_W", "PH", "PW", "D",
-                                                                  "H", "W", "OUT_H"):
-            continue  # a constexpr
-        if name in pointer_types:
-            types[name] = pointer_types[name]
-        elif name in floats:
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    return types
+def _label(config) -> str:
+    kwargs = config.kwargs
+    return (f"{kwargs['BLOCK_ROWS']}x{kwargs['BLOCK_M']}x{kwargs['BLOCK_K']} "
+            f"w{config.num_warps} s{config.num_stages}")
 
 
-# (name, dtype of x and prototypes, dot precision) of the GPU benchmarks
-SPECIALIZATIONS = [("float32", "*fp32", "ieee"), ("tf32", "*fp32", "tf32"),
-                   ("bfloat16", "*bf16", "ieee")]
-POSITIONS = (49, 196, 1)  # cub / imagenet, cub14, cil_vectors
-
-
-def min_distance_reports(target: str) -> list[Compiled]:
-    """Every default configuration of `_choose_kernel` for every specialization and L."""
-    import triton
+def choose_kernel_report(shape: Shape, specialization: tuple, metric: str, config,
+                         target: str) -> Compiled:
+    """`_choose_kernel` with ``config`` on ``shape``, as `min_distance.min_distance` launches
+    it."""
     import triton.language as tl
 
     from protokern.backends.triton import launch
     from protokern.backends.triton import min_distance as module
 
-    fn = module._choose_kernel.kernel.fn
-    reports = []
-    for name, pointer, precision in SPECIALIZATIONS:
-        for metric in ("sqeuclidean", "cosine"):
-            for positions in POSITIONS:
-                for config in module.CONFIGS:
-                    meta = {**config.kwargs, "L": positions}
-                    meta["BLOCK_L"] = launch.positions_per_tile_image(meta)
-                    meta["IMAGES"] = launch.images_per_tile(meta)
-                    constants = {"METRIC": metric, "PRECISION": precision, "ACC": tl.float32,
-                                 **{k: meta[k] for k in ("BLOCK_ROWS", "BLOCK_M", "BLOCK_K",
-                                                         "BLOCK_L", "IMAGES")}}
-                    signature = _signature(fn, {"x_ptr": pointer, "p_ptr": pointer,
-                                                "indices_ptr": "*i64"}, ("GROWTH", "FLOOR"))
-                    compiled = compile_kernel(fn, signature, constants, config.num_warps,
-                                              config.num_stages, target)
-                    label = (f"{config.kwargs['BLOCK_ROWS']}x{config.kwargs['BLOCK_M']}x"
-                             f"{config.kwargs['BLOCK_K']} w{config.num_warps} "
-                             f"s{config.num_stages}")
-                    reports.append(describe("min_distance._choose_kernel",
-                                            f"{name} {metric} L={positions}", compiled, label,
-                                            target))
-    del triton
-    return reports
+    name, element, precision, single = specialization
+    arguments = shape.arguments()
+    precision = single if arguments["L"] == 1 else precision
+    meta = {**config.kwargs, "L": arguments["L"]}
+    meta["BLOCK_L"] = launch.positions_per_tile_image(meta)
+    meta["IMAGES"] = launch.images_per_tile(meta)
+    constants = {"CONTIGUOUS": True, "METRIC": metric, "PRECISION": precision,
+                 "VALUES": precision != "tf32", "ACC": tl.float32,
+                 "HUGE": 3.4028234663852886e38 / 8,
+                 **{k: meta[k] for k in ("BLOCK_ROWS", "BLOCK_M", "BLOCK_K", "BLOCK_L",
+                                         "IMAGES")}}
+    pointers = {"x_ptr": f"*{element}", "p_ptr": f"*{element}", "values_ptr": f"*{element}",
+                "indices_ptr": "*i64"}
+    compiled = compile_kernel(module._choose_kernel.kernel.fn,
+                              {**arguments, **pointers, "GROWTH": 1e-5, "FLOOR": 1e-35},
+                              constants, config.num_warps, config.num_stages, target)
+    return describe("min_distance._choose_kernel",
+                    f"{shape.name} L={arguments['L']} {name} ({precision}) {metric}",
+                    compiled, _label(config), target)
+
+
+def exact_kernel_report(shape: Shape, specialization: tuple, metric: str,
+                        target: str) -> Compiled:
+    """`_exact_kernel` (one fixed configuration) on ``shape``."""
+    import triton.language as tl
+
+    from protokern.backends.triton import min_distance as module
+
+    name, element, _, _ = specialization
+    config = module.EXACT
+    arguments = {k: v for k, v in shape.arguments().items() if k != "B"}
+    pointers = {"x_ptr": f"*{element}", "p_ptr": f"*{element}", "values_ptr": f"*{element}",
+                "indices_ptr": "*i64"}
+    constants = {"CONTIGUOUS": True, "METRIC": metric, "ACC": tl.float32, **config.kwargs}
+    compiled = compile_kernel(module._exact_kernel, {**arguments, **pointers}, constants,
+                              config.num_warps, config.num_stages, target)
+    label = f"M {config.kwargs['BLOCK_M']} K {config.kwargs['BLOCK_K']} w{config.num_warps}"
+    return describe("min_distance._exact_kernel", f"{shape.name} {name} {metric}", compiled,
+                    label, target)
+
+
+def reports(targets: list[str], shapes: list[Shape] = SHAPES,
+            specializations: list[tuple] = SPECIALIZATIONS,
+            metrics: tuple[str, ...] = METRICS, exact: bool = True) -> list[Compiled]:
+    """Every configuration `_choose_kernel` may run with (`min_distance.configs_for` the
+    shape's L; and `_exact_kernel`'s, if ``exact``) for every target, shape, specialization
+    and metric asked for."""
+    from protokern.backends.triton import min_distance as module
+
+    plan = [(t, s, spec, metric, config) for t in targets for s in shapes
+            for spec in specializations for metric in metrics
+            for config in module.configs_for(s.arguments()["L"]) + ([None] if exact else [])]
+    rows = []
+    for target, shape, spec, metric, config in tqdm(plan, desc="compile", unit="kernel"):
+        if config is None:
+            rows.append(exact_kernel_report(shape, spec, metric, target))
+        else:
+            rows.append(choose_kernel_report(shape, spec, metric, config, target))
+    return rows
+
+
+HEADER = ("| kernel | specialization | config | target | registers | spill/stack bytes | "
+          "shared bytes | instructions |\n|---|---|---|---|---|---|---|---|")
+
+
+def markdown(rows: list[Compiled], triton_version: str) -> str:
+    spilling = [r for r in rows if r.spill_bytes]
+    return (f"# Triton kernels compiled offline (triton {triton_version})\n\n"
+            f"Generated by `env -u TRITON_INTERPRET python -m protokern.backends.triton.offline "
+            f"--out benchmarks/results/triton-compile-report.md`; config: rows x prototypes x "
+            f"entries, warps, stages. {len(rows)} kernels, {len(spilling)} with spills or "
+            f"stack.\n\n{HEADER}\n" + "\n".join(r.row() for r in rows) + "\n")
 
 
 def main() -> None:
@@ -147,13 +251,12 @@ def main() -> None:
 
     if backend.INTERPRET:
         parser.error("run without TRITON_INTERPRET: the kernels are compiled for a GPU here")
-    rows = []
-    for target in args.targets.split(","):
-        rows += min_distance_reports(target)
-    header = ("| kernel | specialization | config (rows x M x K, warps, stages) | target | "
-              "registers | spill/stack bytes | shared bytes | instructions |\n"
-              "|---|---|---|---|---|---|---|---|")
-    text = header + "\n" + "\n".join(r.row() for r in rows) + "\n"
+    missing = tool_missing()
+    if missing:
+        parser.error(missing)
+    import triton
+
+    text = markdown(reports(args.targets.split(",")), triton.__version__)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -6,6 +6,12 @@ then column, like ``prototypes.reshape(M, -1)``) of window ``(oh, ow)`` of image
 ``b s_b + (oh + i) s_h + (ow + j) s_w + d s_d``, which splits into a per-window part
 (`window_offsets`) and a per-entry part (`entry_offsets`), so a tile's addresses are an outer sum
 and nothing is unfolded in memory. Offsets are int64: ``B L D`` and ``B M`` may exceed 2**31.
+
+``CONTIGUOUS`` (a constexpr of the functions that load tiles): the windows are 1x1 and channels
+have stride 1 (`protokern.backends.triton.launch.contiguous_entries` makes them so), so entry
+``k`` is at offset ``k``. The compiler then sees rows of contiguous entries and loads them as
+vectors (``cp.async`` on sm_80+); through `entry_offsets`' divisions it must load every entry
+alone, with one 64-bit address per entry, which spilled registers.
 """
 
 import triton
@@ -50,6 +56,15 @@ def entry_offsets(k, PH, PW, s_d, s_h, s_w):
 
 
 @triton.jit
+def entries(k, PH, PW, s_d, s_h, s_w, CONTIGUOUS: tl.constexpr):
+    """Offsets of flat window entries ``k``: ``k`` itself where ``CONTIGUOUS`` (see the module
+    doc), else `entry_offsets`."""
+    if CONTIGUOUS:
+        return k.to(tl.int64)  # one return type for both branches
+    return entry_offsets(k, PH, PW, s_d, s_h, s_w)
+
+
+@triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
     if _UPCAST_BFLOAT16_DOT:
         if a.dtype == tl.bfloat16:
@@ -59,45 +74,62 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, s_d, s_h, s_w,
+def squared_norms(p_ptr, p_rows, p_ok, K, PH, PW, s_d, s_h, s_w, CONTIGUOUS: tl.constexpr,
                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``|p|^2`` of the prototypes at offsets ``p_rows`` ``(BLOCK_M,)``."""
+    """``|p|^2`` of the prototypes (or windows) at offsets ``p_rows`` ``(BLOCK_M,)``, summed
+    per ``BLOCK_K`` entries in a fixed order."""
     total = tl.zeros((BLOCK_M,), ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        entries = entry_offsets(k, PH, PW, s_d, s_h, s_w)
-        p = tl.load(p_ptr + p_rows[:, None] + entries[None, :],
+        offsets = p_rows[:, None] + entries(k, PH, PW, s_d, s_h, s_w, CONTIGUOUS)[None, :]
+        p = tl.load(p_ptr + offsets,
                     mask=p_ok[:, None] & (k < K)[None, :], other=0.0).to(ACC)
         total += tl.sum(p * p, axis=1)
     return total
 
 
 @triton.jit
-def dot_products(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW,
-                 sxd, sxh, sxw, spd, sph, spw,
-                 PRECISION: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Inner products ``(BLOCK_ROWS, BLOCK_M)`` of the windows at ``x_rows`` with the prototypes
-    at ``p_rows`` (one ``tl.dot`` per ``BLOCK_K`` entries), and the windows' squared norms
-    ``(BLOCK_ROWS,)``; zero where ``x_ok``/``p_ok`` is false."""
-    dots = tl.zeros((BLOCK_ROWS, BLOCK_M), ACC)
-    x_sq = tl.zeros((BLOCK_ROWS,), ACC)
+def inner_products(a_ptr, a_rows, a_ok, sad, sah, saw, b_ptr, b_rows, b_ok, sbd, sbh, sbw,
+                   K, PH, PW, CONTIGUOUS: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Inner products ``(BLOCK_A, BLOCK_B)`` of the windows (or prototypes) at ``a_rows`` with
+    those at ``b_rows`` (entry strides ``sad, sah, saw`` and ``sbd, sbh, sbw``), one ``tl.dot``
+    per ``BLOCK_K`` entries; zero where ``a_ok``/``b_ok`` is false. Nothing but the dot uses
+    the loaded tiles, so they stay in shared memory (pipelined) instead of registers."""
+    dots = tl.zeros((BLOCK_A, BLOCK_B), ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        x = tl.load(x_ptr + x_rows[:, None] + entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
-                    mask=x_ok[:, None] & k_ok[None, :], other=0.0)
-        p = tl.load(p_ptr + p_rows[None, :] + entry_offsets(k, PH, PW, spd, sph, spw)[:, None],
-                    mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        dots = dot(x, p, dots, PRECISION)
-        x_wide = x.to(ACC)
-        x_sq += tl.sum(x_wide * x_wide, axis=1)
+        a = tl.load(a_ptr + a_rows[:, None]
+                    + entries(k, PH, PW, sad, sah, saw, CONTIGUOUS)[None, :],
+                    mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[None, :]
+                    + entries(k, PH, PW, sbd, sbh, sbw, CONTIGUOUS)[:, None],
+                    mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        dots = dot(a, b, dots, PRECISION)
+    return dots
+
+
+@triton.jit
+def dot_products(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW,
+                 sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS: tl.constexpr,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inner products ``(BLOCK_ROWS, BLOCK_M)`` of the windows at ``x_rows`` with the prototypes
+    at ``p_rows`` (`inner_products`), and the windows' squared norms ``(BLOCK_ROWS,)``; zero
+    where ``x_ok``/``p_ok`` is false."""
+    dots = inner_products(x_ptr, x_rows, x_ok, sxd, sxh, sxw, p_ptr, p_rows, p_ok,
+                          spd, sph, spw, K, PH, PW, CONTIGUOUS, PRECISION, ACC,
+                          BLOCK_ROWS, BLOCK_M, BLOCK_K)
+    x_sq = squared_norms(x_ptr, x_rows, x_ok, K, PH, PW, sxd, sxh, sxw, CONTIGUOUS, ACC,
+                         BLOCK_ROWS, BLOCK_K)
     return dots, x_sq
 
 
 @triton.jit
 def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW,
-                       sxd, sxh, sxw, spd, sph, spw,
+                       sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS: tl.constexpr,
                        METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Distances ``(BLOCK_ROWS, BLOCK_M)`` between windows at ``x_rows`` and prototypes at
@@ -106,7 +138,7 @@ def expanded_distances(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, p_sq, K, PH, PW
     Clamps are ``where``s, not min/max, so that NaN stays NaN.
     """
     dots, x_sq = dot_products(x_ptr, x_rows, x_ok, p_ptr, p_rows, p_ok, K, PH, PW,
-                              sxd, sxh, sxw, spd, sph, spw, PRECISION, ACC,
+                              sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, PRECISION, ACC,
                               BLOCK_ROWS, BLOCK_M, BLOCK_K)
     if METRIC == "sqeuclidean":
         dist = x_sq[:, None] + p_sq[None, :] - 2 * dots
@@ -143,6 +175,15 @@ def distance_bounds(dots, x_sq, p_sq, GROWTH, FLOOR, METRIC: tl.constexpr):
 
 
 @triton.jit
+def bound_widths(x_sq, p_sq, GROWTH, FLOOR, METRIC: tl.constexpr):
+    """``high - low`` ``(R, M)`` of `distance_bounds`, from the squared norms alone: with it a
+    kernel keeps one bounds tile (and the inner products die early), not two."""
+    if METRIC == "sqeuclidean":
+        return (2 * GROWTH * x_sq + 2 * FLOOR)[:, None] + (2 * GROWTH * p_sq)[None, :]
+    return (tl.zeros_like(x_sq)[:, None] + tl.zeros_like(p_sq)[None, :]) + 2 * GROWTH
+
+
+@triton.jit
 def _div(a, b):
     """IEEE-rounded division (float32 ``/`` may lower to a 2-ulp approximation)."""
     if a.dtype == tl.float32:
@@ -160,22 +201,23 @@ def _sqrt(a):
 
 @triton.jit
 def load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-               ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+               CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
     """Entries ``k0 .. k0 + BLOCK_K`` of the windows at ``x_rows`` and of the prototypes at
     ``p_rows`` (both ``(BLOCK,)``, paired), as two ``(BLOCK, BLOCK_K)`` tiles in ``ACC``; zero
     where ``ok`` is false or past ``K``."""
     k = k0 + tl.arange(0, BLOCK_K)
     mask = ok[:, None] & (k < K)[None, :]
-    x = tl.load(x_ptr + x_rows[:, None] + entry_offsets(k, PH, PW, sxd, sxh, sxw)[None, :],
+    x = tl.load(x_ptr + x_rows[:, None] + entries(k, PH, PW, sxd, sxh, sxw, CONTIGUOUS)[None, :],
                 mask=mask, other=0.0)
-    p = tl.load(p_ptr + p_rows[:, None] + entry_offsets(k, PH, PW, spd, sph, spw)[None, :],
+    p = tl.load(p_ptr + p_rows[:, None] + entries(k, PH, PW, spd, sph, spw, CONTIGUOUS)[None, :],
                 mask=mask, other=0.0)
     return x.to(ACC), p.to(ACC)
 
 
 @triton.jit
 def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw, spd, sph, spw,
-                     METRIC: tl.constexpr, SCALED: tl.constexpr, ACC: tl.constexpr,
+                     CONTIGUOUS: tl.constexpr, METRIC: tl.constexpr, SCALED: tl.constexpr,
+                     ACC: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Distances ``(BLOCK,)`` between the windows at ``x_rows`` and the prototypes at ``p_rows``
     (paired), computed directly (no expansion, so no cancellation) and accumulated in ``ACC``
@@ -188,7 +230,7 @@ def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw,
     if METRIC == "sqeuclidean":
         for k0 in range(0, K, BLOCK_K):
             x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                              sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                              sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, ACC, BLOCK_K)
             total += tl.sum((x - p) * (x - p), axis=1)
         return total
     x_floor = tl.full((BLOCK,), EPS, ACC)  # the norms' lower bound, scaled like the vectors
@@ -198,7 +240,7 @@ def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw,
         p_max = tl.zeros((BLOCK,), ACC)
         for k0 in range(0, K, BLOCK_K):
             x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                              sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                              sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, ACC, BLOCK_K)
             x_max = tl.maximum(x_max, tl.max(tl.abs(x), axis=1))
             p_max = tl.maximum(p_max, tl.max(tl.abs(p), axis=1))
         # a zero vector keeps scale 1; a NaN entry stays NaN whatever the scale
@@ -210,7 +252,7 @@ def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw,
     p_sq = tl.zeros((BLOCK,), ACC)
     for k0 in range(0, K, BLOCK_K):
         x, p = load_pairs(x_ptr, x_rows, p_ptr, p_rows, ok, k0, K, PH, PW,
-                          sxd, sxh, sxw, spd, sph, spw, ACC, BLOCK_K)
+                          sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, ACC, BLOCK_K)
         if SCALED:
             x = _div(x, x_scale[:, None])
             p = _div(p, p_scale[:, None])
