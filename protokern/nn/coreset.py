@@ -104,8 +104,8 @@ def sparse_random_projection(features: Tensor, dim: int, seed: int = 0) -> Tenso
     generator = torch.Generator().manual_seed(seed)
     draw = torch.rand(in_dim, dim, generator=generator, dtype=torch.float64)
     scale = math.sqrt(1 / density) / math.sqrt(dim)
-    matrix = torch.where(draw < density / 2, -scale, torch.where(draw > 1 - density / 2, scale,
-                                                                   0.0))
+    signs = (draw > 1 - density / 2).double() - (draw < density / 2).double()  # -1, 0 or +1
+    matrix = signs * scale
     return features.detach() @ matrix.to(features.device, features.dtype)
 
 
