@@ -4,10 +4,10 @@ sparse random projection anomalib applies first.
 k-center greedy keeps, for every point, its distance to the nearest selected center; each step
 selects the point farthest from every center, then lowers each distance to the new center's
 where that is smaller. anomalib's `KCenterGreedy` computes that update as
-``torch.linalg.norm(features - center, dim=1)``, an ``(N, D)`` temporary every step. Here it is
-one `protokern.nearest_prototypes` call of the points against the one new center: the op reads
-the points in tiles and returns the ``(N, 1)`` distances, each recomputed exactly at its pair,
-so a step holds only ``O(N)`` memory.
+``torch.linalg.norm(features - center, dim=1)``, an ``(N, D)`` temporary every step. Here a
+step is one matrix-vector product that screens out the points the new center cannot bring
+closer (a GEMM expansion with a rounding bound), and `protokern.nearest_prototypes` against the
+center recomputes the others exactly, a block of rows at a time: ``O(N)`` memory a step.
 
 Exactness and ties: the distances are the op's exact squared distances (directly computed at
 the pair, not the GEMM expansion), in the features' dtype; squared or not, the order, and so the
@@ -37,8 +37,12 @@ def _check_points(features: Tensor, where: str) -> None:
     if not features.is_floating_point():
         raise TypeError(f"{where}: features must be floating point, got {features.dtype} "
                         f"(shape {tuple(features.shape)})")
-    if bool(features.isnan().any()):
-        raise ValueError(f"{where}: features {tuple(features.shape)} contain NaN")
+    if not bool(features.isfinite().all()):
+        raise ValueError(f"{where}: features {tuple(features.shape)} contain NaN or infinity")
+
+
+CHUNK_ROWS = 4096
+"""Rows gathered at a time for the exact recomputation (bounds the temporary)."""
 
 
 def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
@@ -53,12 +57,17 @@ def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
         start: the first center (anomalib draws it at random; pass a seeded draw for that).
         progress: a tqdm bar over the steps.
 
-    Every step after the first is one `protokern.nearest_prototypes` call against the new
-    center: no ``(N, D)`` temporary. Ties go to the lowest index (module docstring).
+    Each step screens every point with one matrix-vector product against the new center
+    (``|x|^2 + |c|^2 - 2 x.c`` from the norms computed once, one pass over the points) and a
+    rounding bound on it, then recomputes exactly, with `protokern.nearest_prototypes`
+    against the center, only the points the center may bring closer, ``CHUNK_ROWS`` at a time:
+    no ``(N, D)`` temporary. The distances kept are the op's exact ones, so the selection is
+    that of one op call on every point per step. Ties go to the lowest index (module
+    docstring).
     """
     where = "k_center_greedy"
     _check_points(features, where)
-    count = features.shape[0]
+    count, dim = features.shape
     if isinstance(num_centers, bool) or not isinstance(num_centers, int):
         raise TypeError(f"{where}: num_centers must be an int, got {num_centers!r}")
     if not 1 <= num_centers <= count:
@@ -68,6 +77,11 @@ def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
         raise ValueError(f"{where}: start={start} is not a row of features "
                          f"{tuple(features.shape)}")
     features = features.detach()
+    norms = torch.linalg.vector_norm(features, dim=1).square_()
+    # |expansion - exact| <= (D + 3) eps (|x|^2 + |c|^2) for any summation order (a
+    # gamma_D bound on each dot product and norm, three more roundings), and the op's exact
+    # value is within D eps (|x|^2 + |c|^2) of the true distance: screen with both, doubled.
+    slack = 2 * (2 * dim + 3) * torch.finfo(features.dtype).eps
     selected = torch.empty(num_centers, dtype=torch.int64, device=features.device)
     nearest = torch.full((count,), float("inf"), dtype=features.dtype, device=features.device)
     center = start
@@ -75,8 +89,18 @@ def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
         selected[step] = center
         if step + 1 == num_centers:
             break
-        distance = nearest_prototypes(features, features[center:center + 1], 1).values[:, 0]
-        torch.minimum(nearest, distance, out=nearest)
+        new = features[center:center + 1]
+        # |x|^2 + |c|^2 - 2 x.c less the bound (torch.mv, then in place: addmv is no BLAS call)
+        screen = torch.mv(features, new[0]).mul_(-2).add_(norms + norms[center],
+                                                          alpha=1 - slack)
+        closer = (screen < nearest).nonzero()[:, 0]
+        if len(closer) > count // 4:  # most of them: the op on all, without gathering rows
+            torch.minimum(nearest, nearest_prototypes(features, new, 1).values[:, 0],
+                          out=nearest)
+        else:
+            for rows in closer.split(CHUNK_ROWS):
+                exact = nearest_prototypes(features[rows], new, 1).values[:, 0]
+                nearest[rows] = torch.minimum(nearest[rows], exact)
         nearest[center] = float("-inf")
         center = int(nearest.argmax())
     return selected
