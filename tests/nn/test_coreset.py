@@ -29,6 +29,15 @@ def brute_force_k_center(points: torch.Tensor, num_centers: int, start: int) -> 
     return selected
 
 
+def _clusters(count: int, dim: int) -> torch.Tensor:
+    """Points around 12 far-apart centers: most steps screen out most points (the matrix-vector
+    screen's sparse path), unlike spread-out random points."""
+    generator = torch.Generator().manual_seed(5)
+    centers = 20 * torch.randn(12, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(12, (count,), generator=generator)
+    return centers[labels] + torch.randn(count, dim, generator=generator, dtype=torch.float64)
+
+
 def _lattice(count: int, dim: int) -> torch.Tensor:
     """Integer points with many repeats: every distance is an exact small integer whatever the
     summation order, so ties are exact ties."""
@@ -38,6 +47,8 @@ def _lattice(count: int, dim: int) -> torch.Tensor:
 @pytest.mark.parametrize("points, num_centers, start", [
     (torch.randn(300, 7, dtype=torch.float64), 40, 0),
     (torch.randn(257, 33), 25, 100),  # float32: the op's exact distances, no near ties here
+    (_clusters(3000, 8), 40, 17),
+    (_clusters(3000, 8).float(), 40, 17),
     (_lattice(120, 3), 27, 5),  # 27 distinct lattice points: ties at every step, then zeros
     (_lattice(60, 2), 60, 59),  # every point, duplicates last at distance 0 (lowest index)
 ])

@@ -3,6 +3,9 @@ matrix, argmin, the two losses, the straight-through estimator and the EMA updat
 appendix): equal indices, losses, gradients and codebooks; bad input raises before any state
 changes."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +178,10 @@ def test_bad_arguments(kwargs, message):
     arguments = {"num_codes": NUM_CODES, "dim": DIM, **kwargs}
     with pytest.raises(ValueError, match=message):
         pk.nn.VectorQuantizer(arguments.pop("num_codes"), arguments.pop("dim"), **arguments)
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Vector quantisation and anomaly detection", 1)[1]
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "README.md", "exec"),
+         {})
