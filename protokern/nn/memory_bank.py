@@ -30,7 +30,7 @@ class PatchMemoryBank(nn.Module):
     test patch's distance to it.
 
     ``fit(features)`` keeps the greedy k-center coreset (`protokern.nn.coreset`) of the normal
-    patches; ``score(features)`` returns `AnomalyScores`.
+    patches; ``score(features)`` (or calling the module) returns `AnomalyScores`.
 
     Args:
         dim: D, the features' channels.
@@ -151,14 +151,18 @@ class PatchMemoryBank(nn.Module):
                                                             nearest.indices.flatten(1))
         return AnomalyScores(patch_scores, image_scores)
 
+    def forward(self, features: Tensor) -> AnomalyScores:
+        """`score`: the module called on test features."""
+        return self.score(features)
+
     def _reweighting(self, features: Tensor, flat_scores: Tensor, flat_indices: Tensor
                      ) -> Tensor:
         """PatchCore's equation 7 weight ``(B,)``: ``1 - softmax`` (over the ``b`` nearest bank
         rows of ``m*``, the worst patch's nearest row) of the worst patch's distances to them,
         taken at ``m*``; anomalib's `compute_anomaly_score`."""
-        if self.num_neighbors > int(self.bank_size):
+        if self.num_neighbors > self.sharding.total:  # a Python int: no sync, and compiles
             raise ValueError(f"PatchMemoryBank.score: num_neighbors={self.num_neighbors} "
-                             f"exceeds the bank's {int(self.bank_size)} rows")
+                             f"exceeds the bank's {self.sharding.total} rows")
         batch = torch.arange(features.shape[0], device=features.device)
         worst = flat_scores.argmax(1)
         if features.dim() == 4:

@@ -103,3 +103,14 @@ def test_bad_input_raises_and_leaves_the_bank():
     greedy.load_state_dict(memory.state_dict())  # 4 rows < 5 neighbours
     with pytest.raises(ValueError, match="num_neighbors=5 exceeds the bank's 4 rows"):
         greedy.score(torch.randn(1, 2, DIM))
+
+
+@pytest.mark.parametrize("neighbors", [1, 3])
+def test_scoring_compiles_without_graph_breaks(neighbors):
+    torch._dynamo.reset()
+    memory = pk.nn.PatchMemoryBank(DIM, coreset_ratio=0.5, num_neighbors=neighbors)
+    memory.fit(torch.randn(3, DIM, 4, 4))
+    test = torch.randn(2, DIM, 3, 5)
+    compiled = torch.compile(memory, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(compiled(test), memory.score(test), strict=True):
+        torch.testing.assert_close(got, expected)
