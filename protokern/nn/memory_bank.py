@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from protokern.nn.coreset import coreset_indices
+from protokern.nn.coreset import all_finite, coreset_indices
 from protokern.nn.prototype_layers import _SharedHandle
 from protokern.nn.sharded_rows import Sharding
 
@@ -109,9 +109,9 @@ class PatchMemoryBank(nn.Module):
         vectors = self._vectors(features, where, allow_vectors=True)
         if vectors.shape[0] == 0:
             raise ValueError(f"{where}: features {tuple(features.shape)} have no patches")
-        if bool(vectors.isnan().any()):
-            raise ValueError(f"{where}: features {tuple(features.shape)} contain NaN; the bank "
-                             f"is left unchanged")
+        if not all_finite(vectors):
+            raise ValueError(f"{where}: features {tuple(features.shape)} contain NaN or "
+                             f"infinity; the bank is left unchanged")
         size = vectors.shape[0] if self.coreset_ratio == 1 else max(
             1, int(vectors.shape[0] * self.coreset_ratio))
         if size < self.num_neighbors:
