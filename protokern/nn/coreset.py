@@ -49,8 +49,7 @@ def _check_points(features: Tensor, where: str) -> None:
 
 
 CHUNK_ROWS = 4096
-"""Rows recomputed exactly per op call: the op copies the rows it is given into its own
-layout, so this bounds the temporary (4096 x D)."""
+"""Rows gathered at a time for the exact recomputation (bounds the gathered copy)."""
 
 
 def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
@@ -102,12 +101,9 @@ def k_center_greedy(features: Tensor, num_centers: int, *, start: int = 0,
         screen = torch.mv(features, new[0]).mul_(-2).add_(norms + norms[center],
                                                           alpha=1 - slack)
         closer = (screen < nearest).nonzero()[:, 0]
-        # The op packs its input's rows, so it only ever sees CHUNK_ROWS of them at a time.
-        if len(closer) > count // 4:  # most of them: every block of rows, as views
-            for first in range(0, count, CHUNK_ROWS):
-                block = slice(first, first + CHUNK_ROWS)
-                exact = nearest_prototypes(features[block], new, 1).values[:, 0]
-                torch.minimum(nearest[block], exact, out=nearest[block])
+        if len(closer) > count // 4:  # most of them: the op on all (it reads them in tiles)
+            torch.minimum(nearest, nearest_prototypes(features, new, 1).values[:, 0],
+                          out=nearest)
         else:  # a few: gathered, a block at a time
             for rows in closer.split(CHUNK_ROWS):
                 exact = nearest_prototypes(features[rows], new, 1).values[:, 0]
