@@ -16,11 +16,12 @@ the same for the contract files).
 
 import collections
 import dataclasses
-import os
 
 import torch
 
-os.environ.pop("TRITON_INTERPRET", None)  # tests/conftest.py leaves it unset where CUDA is
+from protokern import env
+
+env.unset("TRITON_INTERPRET")  # tests/conftest.py leaves it unset where CUDA is
 torch.cuda.is_available = lambda: True
 
 from gpu_test_run import backend_pair  # noqa: E402
