@@ -85,7 +85,7 @@ if [ "$DEVICE" = cuda ]; then
     step "tests -m cuda" 125 python3 -m pytest -m cuda -p gpu_test_run -p no:cacheprovider \
         -q -rfE --tb=short --junitxml "$OUT/junit.xml" "${TESTS[@]}"
 else  # what a GPU host would select, collected on a stand-in (gpu_host_collect.py)
-    step "tests -m cuda (collected only)" 125 python3 -m pytest -m cuda -p gpu_host_collect \
+    step "tests -m cuda (collected only)" 125 env -u TRITON_INTERPRET python3 -m pytest -m cuda -p gpu_host_collect \
         -p gpu_test_run -p no:cacheprovider -q --collect-only "${TESTS[@]}"
 fi
 

@@ -4,10 +4,10 @@ the cuda kernels built and triton compiling for the GPU (CUDA said to be present
 backend said to be available, TRITON_INTERPRET unset), then prints, after collection, the
 selected tests per backend id (``name@cuda``), per file, and in all.
 
-    PYTHONPATH=.:benchmarks python -m pytest -p gpu_host_collect -p no:cacheprovider \\
-        --collect-only -q -m cuda tests                      # everything -m cuda selects
-    PYTHONPATH=.:benchmarks python -m pytest -p gpu_host_collect -p gpu_test_run \\
-        -p no:cacheprovider --collect-only -q -m cuda tests  # what gpu_check.sh runs
+    env -u TRITON_INTERPRET PYTHONPATH=.:benchmarks python -m pytest -p gpu_host_collect \\
+        -p no:cacheprovider --collect-only -q -m cuda tests  # everything -m cuda selects
+    env -u TRITON_INTERPRET PYTHONPATH=.:benchmarks python -m pytest -p gpu_host_collect \\
+        -p gpu_test_run -p no:cacheprovider --collect-only -q -m cuda tests  # gpu_check.sh
 
 Nothing runs: it sizes the device script's test step (benchmarks/gpu_check.sh), and shows
 that the contract tests reach both GPU backends there (tests/test_backend_fixture.py asserts
@@ -19,14 +19,18 @@ import dataclasses
 
 import torch
 
-from protokern import env
-
-env.unset("TRITON_INTERPRET")  # tests/conftest.py leaves it unset where CUDA is
 torch.cuda.is_available = lambda: True
 
 from gpu_test_run import backend_pair  # noqa: E402
 
+from protokern import env  # noqa: E402
 from protokern.backends import registry  # noqa: E402
+
+# protokern read TRITON_INTERPRET when it was imported just now; a GPU host has it unset
+# (tests/conftest.py sets it only where CUDA is absent), so a set one would count other tests
+if env.flag("TRITON_INTERPRET"):
+    raise RuntimeError("gpu_host_collect: run it with TRITON_INTERPRET unset "
+                       "(env -u TRITON_INTERPRET python -m pytest -p gpu_host_collect ...)")
 
 registry.register_backend(dataclasses.replace(registry.registered_backend("cuda"),
                                               unavailable_reason=lambda: None))

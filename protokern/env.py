@@ -45,13 +45,6 @@ def _known(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
-def unset(name: str) -> None:
-    """Remove the variable from this process's environment (a stand-in that must look like a
-    host where it is not set)."""
-    _known(name)
-    os.environ.pop(name, None)
-
-
 def text(name: str, default: str = "") -> str:
     """The variable's value, or ``default`` when unset or empty."""
     return _known(name) or default
