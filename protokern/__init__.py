@@ -4,6 +4,8 @@
     values, indices = pk.min_distance(x, prototypes, metric="sqeuclidean")
     dmap = pk.distance_map(x, prototypes)
     values, indices = pk.nearest_prototypes(x, prototypes, k=1)
+    values, indices = pk.topk_distance(x, prototypes, k=3)  # (B, M, 3), over positions
+    means = pk.mean_distance(x, prototypes)  # (B, M), closed form
 """
 
 from protokern import nn
@@ -20,9 +22,12 @@ from protokern.ops import (
     METRICS,
     MinDistance,
     NearestPrototypes,
+    TopkDistance,
     distance_map,
+    mean_distance,
     min_distance,
     nearest_prototypes,
+    topk_distance,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +39,7 @@ __all__ = [
     "available_backends",
     "distance_map",
     "get_backend",
+    "mean_distance",
     "min_distance",
     "nearest_prototypes",
     "NearestPrototypes",
@@ -41,5 +47,7 @@ __all__ = [
     "recording",
     "register_backend",
     "set_backend",
+    "topk_distance",
+    "TopkDistance",
     "use_backend",
 ]

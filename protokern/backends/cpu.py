@@ -17,6 +17,11 @@ is deterministic (each prototype sums its pairs in row order).
 `distance_map` and its backward (explanations, not a training hot path) are the reference's
 blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would be on a CPU.
 
+`topk_distance` runs ``k = 1`` on the fused min (its backward on the fused min backward, for
+any ``k``) and refuses ``k > 1``; `mean_distance` is the reference's closed form (no map to
+fuse). The ``"dot"`` metric is refused by the C++ kernels (their shortlist has no dot bound)
+and runs on the reference.
+
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
 the default for CPU tensors.
 """
@@ -74,6 +79,22 @@ def nearest_prototypes_backward(
     return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
 
 
+_no_dot = reference.dot_refusal("its C++ tile reductions")
+
+
+def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[Tensor, Tensor]:
+    """``k = 1`` only (`_topk_distance_rule`): the fused min, ``(B, M, 1)``."""
+    values, indices = min_distance(x, prototypes, metric)
+    return values[..., None], indices[..., None]
+
+
+def _topk_distance_rule(x: Tensor, prototypes: Tensor, metric: str, k: int) -> str | None:
+    if k > 1:
+        return (f"its C++ tile reduction keeps one running minimum per (image, prototype), "
+                f"not the k={k} smallest; the reference's shortlist runs k > 1")
+    return _no_dot(x, prototypes, metric)
+
+
 register_backend(
     Backend(
         name="cpu",
@@ -84,7 +105,15 @@ register_backend(
             "distance_map_backward": reference.distance_map_backward,
             "nearest_prototypes": nearest_prototypes,
             "nearest_prototypes_backward": nearest_prototypes_backward,
+            "topk_distance": topk_distance,
+            "topk_distance_backward": reference.topk_backward_through(min_distance_backward),
+            # a closed form of a few reductions (no map, no GEMM over positions): nothing to
+            # fuse, the reference's code is the CPU kernel
+            "mean_distance": reference.mean_distance,
+            "mean_distance_backward": reference.mean_distance_backward,
         },
+        rules={"min_distance": _no_dot, "nearest_prototypes": _no_dot,
+               "topk_distance": _topk_distance_rule},
         device_types=frozenset({"cpu"}),
         priority=20,
         unavailable_reason=lambda: _LOAD_ERROR,
