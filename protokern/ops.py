@@ -599,15 +599,29 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     ``(B, M, L)`` for tokens, in the input dtype. Differentiable once (double backward raises
     RuntimeError).
 
+    The ``"euclidean"`` map is computed in float64 whatever the input dtype (twice the
+    memory), so that its gradient stays accurate next to a zero distance.
+
     Off the minimum, the map is the GEMM expansion (float32 error about
     ``eps32 * (|patch|^2 + |p|^2)``); at each (image, prototype)'s minimum, the first position
     `min_distance` returns, it holds `min_distance`'s exact value bit for bit, so a heatmap's
     minimum is the forward pass's.
     """
     x4, p4, layout = _prepare(x, prototypes, metric, eps, "protokern.distance_map")
-    dmap = torch.ops.protokern.distance_map(x4, p4, kernel_metric(metric), _choice())
-    dmap = _finish(dmap, metric, eps)
+    if metric == "euclidean":
+        dmap = _euclidean_map(x4, p4, eps).to(x4.dtype)
+    else:
+        dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
     return dmap.flatten(2) if layout == "tokens" else dmap
+
+
+def _euclidean_map(x4: Tensor, p4: Tensor, eps: float) -> Tensor:
+    """The euclidean map ``(B, M, H', W')`` of canonical inputs, in float64: the root's gradient
+    ``1 / (2 sqrt(d + eps))`` reaches 5e6 at a pushed patch (``d = 0``, ``eps = 1e-14``), and
+    the map's backward, a GEMM expansion, would lose the other positions' gradients to that
+    weight's float32 rounding."""
+    wide = torch.ops.protokern.distance_map(x4.double(), p4.double(), "sqeuclidean", _choice())
+    return euclidean(wide, eps)
 
 
 def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
@@ -695,15 +709,13 @@ def mean_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     GEMM over positions (``mean|x|^2 - 2 p.mean(x) + |p|^2``, taken about the mean patch so
     that it stays accurate far from the origin; see `protokern.backends.reference.mean_distance`).
     ``"euclidean"`` has none (the mean of roots is not a root of means): it averages the
-    ``(B, M, H', W')`` `distance_map`, which it holds. Differentiable once.
+    ``(B, M, H', W')`` euclidean `distance_map`, which it holds (in float64, see
+    `distance_map`). Differentiable once.
     """
     where = "protokern.mean_distance"
-    if metric == "euclidean":
-        _prepare(x, prototypes, metric, eps, where)
-        dmap = distance_map(x, prototypes, metric, eps=eps)
-        wide = dmap.to(torch.promote_types(dmap.dtype, torch.float32))
-        return wide.flatten(2).mean(-1).to(dmap.dtype)
     x4, p4, _ = _prepare(x, prototypes, metric, eps, where)
+    if metric == "euclidean":
+        return _euclidean_map(x4, p4, eps).flatten(2).mean(-1).to(x4.dtype)
     return torch.ops.protokern.mean_distance(x4, p4, metric, _choice())
 
 
