@@ -18,6 +18,7 @@ from protokern.backends import (
     set_backend,
     use_backend,
 )
+from protokern.models.push import PushSearch, push_search
 from protokern.ops import (
     METRICS,
     MinDistance,
@@ -44,6 +45,8 @@ __all__ = [
     "nearest_prototypes",
     "NearestPrototypes",
     "nn",
+    "push_search",
+    "PushSearch",
     "recording",
     "register_backend",
     "set_backend",
