@@ -1,9 +1,15 @@
 """`torch.nn` modules built on protokern's ops.
 
 - `prototype_layers`: `PrototypeLayer` (ProtoPNet's prototype layer) and
-  `ShardedPrototypeLayer` (a bank split over a process group).
+  `ShardedPrototypeLayer` (a bank split over a process group); `port_state_dict` loads
+  original ProtoPNet and CaBRNet checkpoints into models built on them.
 """
 
-from protokern.nn.prototype_layers import PrototypeLayer, ShardedPrototypeLayer
+from protokern.nn.prototype_layers import (
+    ORIGINAL_LAYOUTS,
+    PrototypeLayer,
+    ShardedPrototypeLayer,
+    port_state_dict,
+)
 
-__all__ = ["PrototypeLayer", "ShardedPrototypeLayer"]
+__all__ = ["ORIGINAL_LAYOUTS", "PrototypeLayer", "ShardedPrototypeLayer", "port_state_dict"]
