@@ -7,7 +7,6 @@ a running minimum and argmin over batches is all that is kept, so memory does no
 the dataset and no distance map is ever stored.
 """
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,8 +41,9 @@ class PushSearch:
 
 
 @torch.no_grad()
-def push_search(features_batches: Iterable[Tensor], prototypes: Tensor,
-                labels: Iterable[Tensor], prototype_classes: Tensor | None,
+def push_search(features_batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]],
+                prototypes: Tensor, labels: Iterable[Tensor] | None,
+                prototype_classes: Tensor | None,
                 metric: str = "sqeuclidean", *, progress: bool = False) -> PushSearch:
     """ProtoPNet's push search, streamed: per prototype, the nearest patch over every batch of
     features among the images of its class, with no distance map held.
@@ -56,10 +56,11 @@ def push_search(features_batches: Iterable[Tensor], prototypes: Tensor,
 
     Args:
         features_batches: ``(B, D, H, W)`` feature maps (or ``(B, L, D)`` tokens), one per
-            batch, e.g. a generator over a DataLoader; ``B`` may vary.
+            batch, e.g. a generator over a DataLoader; ``B`` may vary. With ``labels=None``,
+            ``(features, labels)`` pairs instead (one pass over a loader).
         prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``.
         labels: ``(B,)`` int labels of each batch's images, zipped with ``features_batches``
-            (the same number of batches).
+            (the same number of batches; ValueError otherwise), or None (pairs).
         prototype_classes: ``(M,)`` the class of each prototype (class-specific push), or
             None to search every image.
         metric: as in `protokern.min_distance` (ProtoPNet: ``"sqeuclidean"``).
@@ -76,7 +77,8 @@ def push_search(features_batches: Iterable[Tensor], prototypes: Tensor,
     best_position = torch.zeros(num, dtype=torch.int64, device=device)
     best_patch = four_d.detach().clone()
     offset = 0
-    batches = zip(features_batches, labels, strict=True)
+    batches = features_batches if labels is None else zip(features_batches, labels,
+                                                          strict=True)
     for features, batch_labels in tqdm(batches, desc="push", disable=not progress, leave=False):
         if features.dim() == 3:  # tokens (B, L, D) -> (B, D, L, 1), as min_distance reads them
             features = features.transpose(1, 2).unsqueeze(-1)
@@ -176,10 +178,8 @@ def _nearest_patches(model: ProtoPNet, dataset: Dataset, first_index: int, batch
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     device = model.prototype_layer.prototype_vectors.device
     pairs = ((model.conv_features(images.to(device)), labels) for images, labels in loader)
-    features, labels = itertools.tee(pairs)  # one pass over the data, read in step
-    found = push_search((f for f, _ in features), model.prototype_layer.prototype_vectors,
-                        (label for _, label in labels), model.prototype_classes, model.metric,
-                        progress=progress)
+    found = push_search(pairs, model.prototype_layer.prototype_vectors, None,
+                        model.prototype_classes, model.metric, progress=progress)
     image = torch.where(found.image_index >= 0, found.image_index + first_index, -1)
     return found.distance, image, found.position, found.patch
 

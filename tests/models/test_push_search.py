@@ -77,6 +77,9 @@ def test_a_class_without_images_keeps_its_prototype_and_tokens_work(cpu_backend)
     assert torch.equal(found.patch[1], prototypes[1]) and found.patch.shape == (3, 4)
     everywhere = pk.push_search(features, prototypes, [torch.tensor([0, 0])], None)
     assert (everywhere.image_index >= 0).all()
+    pairs = pk.push_search(zip(features, [torch.tensor([0, 0])], strict=True), prototypes, None,
+                           torch.tensor([0, 1, 0]))
+    assert torch.equal(pairs.image_index, found.image_index)
 
 
 def test_batches_and_labels_must_pair_up():
