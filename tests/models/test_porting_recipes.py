@@ -2,35 +2,15 @@
 and gradients equal, in float64, those of the model's original formula written as plain
 PyTorch (tests/originals.py)."""
 
-import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import originals
 import pytest
 import torch
+from porting_doc import recipes
 from torch import nn
 
-import protokern as pk
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "porting.md"
-
-
-def recipes() -> dict[str, object]:
-    """name -> the function the ``# recipe: name`` code block of docs/porting.md defines."""
-    found = {}
-    for block in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S):
-        first = block.splitlines()[0]
-        if first.startswith("# recipe: "):
-            namespace = {"pk": pk, "torch": torch}
-            exec(compile(block, f"{DOC}:{first}", "exec"), namespace)
-            (function,) = [v for k, v in namespace.items() if k not in ("pk", "torch")
-                           and callable(v) and not k.startswith("__")]
-            found[first.removeprefix("# recipe: ")] = function
-    return found
-
-
-RECIPES = recipes()
+RECIPES = recipes()  # name -> the function its block defines
 
 
 def test_every_model_has_a_recipe():
