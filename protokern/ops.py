@@ -1,6 +1,7 @@
 """protokern's operators: validation, `torch.library` registration, autograd and dispatch.
 
-Public functions (`min_distance`, `distance_map`) validate the user's shapes, apply autocast,
+Public functions (`min_distance`, `distance_map`, `nearest_prototypes`, `topk_distance`,
+`mean_distance`) validate the user's shapes, apply autocast,
 reshape them (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
 ``(M, D, ph, pw)``, and call the custom ops
 
@@ -10,6 +11,14 @@ reshape them (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``
 - ``protokern::distance_map(x, prototypes, metric, choice) -> (B, M, H', W')``
 - ``protokern::distance_map_backward(grad_map, x, prototypes, metric, choice, needs_x,
   needs_prototypes) -> (grad_x, grad_prototypes)``
+- ``protokern::nearest_prototypes`` / ``topk_distance(x, prototypes, metric, k, choice) ->
+  (values, indices)`` and their ``_backward`` (as min_distance's, the indices ``(..., k)``)
+- ``protokern::mean_distance(x, prototypes, metric, choice) -> (B, M)`` and its
+  ``mean_distance_backward(grad_values, x, prototypes, metric, choice, needs_x,
+  needs_prototypes)``
+
+The custom ops take the `KERNEL_METRICS`; the public functions compute ``"euclidean"`` from
+the sqeuclidean ops (`euclidean`).
 
 ``choice`` is the backend the user chose (`protokern.backends.explicit_choice`), or ``""`` for
 the automatic one. Every op resolves its backend from the choice and its actual inputs

@@ -347,3 +347,24 @@ def test_reference_gradcheck():
             assert torch.autograd.gradcheck(
                 lambda a, b, m=metric: (pk.topk_distance(a, b, 2, m).values,
                                         pk.mean_distance(a, b, m)), (x, p))
+
+
+# ---------------------------------------------------------------------------------------------
+# what runs where (the automatic choice)
+
+
+@pytest.mark.skipif("cpu" not in pk.available_backends(), reason="protokern._C is not built")
+def test_the_automatic_choice_on_cpu_tensors():
+    """cpu runs topk_distance (its C++ tile reduction with k survivors, the fused min backward)
+    and mean_distance (the closed form); it refuses the dot metric with a reason, and the
+    reference runs it."""
+    x, p = make("2x3")
+    cpu = registry.registered_backend("cpu")
+    x4, p4, _ = canonicalize(x, p, "sqeuclidean", "test")
+    assert "'dot'" in cpu.supports("topk_distance", x4, p4, metric="dot", k=2)
+    with pk.recording() as calls:
+        pk.topk_distance(x.requires_grad_(), p, 3).values.sum().backward()
+        pk.mean_distance(x, p)
+        pk.min_distance(x, p, "dot")
+    assert calls == [("topk_distance", "cpu"), ("topk_distance_backward", "cpu"),
+                     ("mean_distance", "cpu"), ("min_distance", "reference")]

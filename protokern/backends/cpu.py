@@ -17,9 +17,10 @@ is deterministic (each prototype sums its pairs in row order).
 `distance_map` and its backward (explanations, not a training hot path) are the reference's
 blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would be on a CPU.
 
-`topk_distance` runs ``k = 1`` on the fused min (its backward on the fused min backward, for
-any ``k``) and refuses ``k > 1``; `mean_distance` is the reference's closed form (no map to
-fuse). The ``"dot"`` metric is refused by the C++ kernels (their shortlist has no dot bound)
+`topk_distance` is `min_distance`'s tile reduction keeping the k smallest exact distances per
+(image, prototype) (``csrc/cpu/topk_distance_forward_kernel.cpp``); its backward is the fused
+min backward on k copies of each prototype. `mean_distance` is the reference's closed form (no
+map to fuse). The ``"dot"`` metric is refused by the C++ kernels (their shortlist has no dot bound)
 and runs on the reference.
 
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
@@ -83,15 +84,16 @@ _no_dot = reference.dot_refusal("its C++ tile reductions")
 
 
 def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[Tensor, Tensor]:
-    """``k = 1`` only (`_topk_distance_rule`): the fused min, ``(B, M, 1)``."""
-    values, indices = min_distance(x, prototypes, metric)
-    return values[..., None], indices[..., None]
+    """``(values (B, M, k), indices (B, M, k))``: the k smallest distances over positions, by
+    min_distance's tile reduction with k survivors per (image, prototype)."""
+    values, indices = torch.ops.protokern_cpu.topk_distance(x, prototypes, metric, k,
+                                                            _gemm_rounding(x))
+    return values, indices
 
 
 def _topk_distance_rule(x: Tensor, prototypes: Tensor, metric: str, k: int) -> str | None:
-    if k > 1:
-        return (f"its C++ tile reduction keeps one running minimum per (image, prototype), "
-                f"not the k={k} smallest; the reference's shortlist runs k > 1")
+    if not hasattr(torch.ops.protokern_cpu, "topk_distance"):
+        return "protokern._C was built without the topk_distance kernel; rebuild it"
     return _no_dot(x, prototypes, metric)
 
 
