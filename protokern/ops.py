@@ -618,7 +618,12 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     """
     x4, p4, layout = _prepare(x, prototypes, metric, eps, "protokern.distance_map")
     if metric == "euclidean":
-        dmap = _euclidean_map(x4, p4, eps).to(x4.dtype)
+        wide = _euclidean_map(x4, p4, eps).to(x4.dtype)
+        # the float64 map's minima are rounded once, min_distance's twice (its value in the
+        # input dtype, then the root): write min_distance's, as the op does for the others
+        values, indices = torch.ops.protokern.min_distance(x4, p4, "sqeuclidean", _choice())
+        dmap = wide.flatten(2).scatter(2, indices[..., None],
+                                       euclidean(values, eps)[..., None]).view_as(wide)
     else:
         dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
     return dmap.flatten(2) if layout == "tokens" else dmap

@@ -49,9 +49,11 @@ struct Candidates {
 };
 
 // One image (its `positions` packed rows, their squared norms, trust flags) against `columns`
-// prototypes: the k smallest exact distances of each column into values/indices (stride ld).
+// prototypes: the k smallest exact distances of each column into values/indices. Vector clones,
+// as min_distance's reduce_image: exact_distance's sums then run in the same vector width, so
+// k = 1 returns min_distance's values bit for bit.
 template <typename acc_t>
-void reduce_image_topk(const acc_t* tile, int64_t columns, int64_t positions, const acc_t* rows,
+PK_VECTOR_CLONES void reduce_image_topk(const acc_t* tile, int64_t columns, int64_t positions, const acc_t* rows,
                        const acc_t* row_squared, const uint8_t* row_finite, int64_t size,
                        const acc_t* prototypes, const acc_t* proto_squared,
                        const uint8_t* proto_finite, const double* proto_squared_exact,
