@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern.backends import explicit_choice, record_call, resolve
+from protokern.backends import explicit_choice, record_call, reference, resolve
 
 METRICS = ("sqeuclidean", "cosine", "euclidean", "dot")
 """The metrics of the public functions. ``"euclidean"`` is ``sqrt(max(d, 0) + eps)`` of the
@@ -247,31 +247,15 @@ def _(
     return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
 
 
-def exact_minimum_backend(choice: str, x: Tensor, prototypes: Tensor, metric: str):
-    """The backend whose ``min_distance`` gives a map its exact minima: the map's own backend
-    when it runs min_distance on these inputs, else the automatic choice (every backend's
-    minimum is exact, so the values do not depend on which one)."""
-    if choice and resolve("distance_map", choice, x, prototypes, metric=metric).supports(
-            "min_distance", x, prototypes, metric=metric) is not None:
-        choice = ""
-    return resolve("min_distance", choice, x, prototypes, metric=metric)
-
-
 @torch.library.custom_op("protokern::distance_map", mutates_args=())
 def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
     dmap = run_kernel("distance_map", "distance_map", choice, x, prototypes,
                       {"metric": metric}, x, prototypes, metric).contiguous()
-    if dmap.numel() == 0:
-        return dmap
     # The map is the GEMM expansion, off by ~eps (|x|^2 + |p|^2) (7.6e-6 at a pushed patch whose
-    # distance is 0); at each (image, prototype)'s minimum (its first position) it gets
-    # min_distance's exact value, so heatmaps and push see the forward pass's numbers.
-    backend = exact_minimum_backend(choice, x, prototypes, metric)
-    record_call("min_distance", backend.name)
+    # distance is 0); each (image, prototype)'s minimum gets the exact distance, recomputed
+    # from the map's own shortlist, so heatmaps and push see the forward pass's numbers.
     with torch.autocast(x.device.type, enabled=False):
-        values, indices = backend.kernel("min_distance")(x, prototypes, metric)
-    dmap.view(dmap.shape[0], dmap.shape[1], -1).scatter_(
-        2, indices[..., None], values[..., None].to(dmap.dtype))
+        reference.write_exact_minima(dmap, x, prototypes, metric)
     return dmap
 
 
@@ -612,18 +596,15 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     memory), so that its gradient stays accurate next to a zero distance.
 
     Off the minimum, the map is the GEMM expansion (float32 error about
-    ``eps32 * (|patch|^2 + |p|^2)``); at each (image, prototype)'s minimum, the first position
-    `min_distance` returns, it holds `min_distance`'s exact value bit for bit, so a heatmap's
-    minimum is the forward pass's.
+    ``eps32 * (|patch|^2 + |p|^2)``); at each (image, prototype)'s minimum (its first
+    position) it holds the exact distance, recomputed directly in float64 and rounded once:
+    `min_distance`'s value there to its rounding (bit for bit on the ``reference``; the fused
+    kernels sum a trusted pair in the working precision), and 0 at a pushed patch, where the
+    expansion alone gives ~1e-5.
     """
     x4, p4, layout = _prepare(x, prototypes, metric, eps, "protokern.distance_map")
     if metric == "euclidean":
-        wide = _euclidean_map(x4, p4, eps).to(x4.dtype)
-        # the float64 map's minima are rounded once, min_distance's twice (its value in the
-        # input dtype, then the root): write min_distance's, as the op does for the others
-        values, indices = torch.ops.protokern.min_distance(x4, p4, "sqeuclidean", _choice())
-        dmap = wide.flatten(2).scatter(2, indices[..., None],
-                                       euclidean(values, eps)[..., None]).view_as(wide)
+        dmap = _euclidean_map(x4, p4, eps).to(x4.dtype)
     else:
         dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
     return dmap.flatten(2) if layout == "tokens" else dmap

@@ -66,33 +66,47 @@ def input_rounding(dtype: torch.dtype, device: torch.device) -> float:
 
 def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """Distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)`` by the GEMM expansion,
-    and a bound on their rounding error (``inf`` where an intermediate overflowed).
+    and a bound on their rounding error (`expansion_bound`)."""
+    dots = torch.matmul(protos, rows.transpose(1, 2))
+    if metric == "dot":
+        return -dots, expansion_bound(rows, protos, metric)
+    if metric == "sqeuclidean":
+        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
+        dist = (magnitude - 2 * dots).clamp_min(0)
+        return dist, expansion_bound(rows, protos, metric, magnitude)
+    row_norm = rows.norm(dim=-1)[:, None, :]
+    proto_norm = protos.norm(dim=-1)[None, :, None]
+    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
+    return dist, expansion_bound(rows, protos, metric)
 
-    The bound is the worst case of a K-term float sum (``~K eps`` relative to the sum of the
-    magnitudes, plus an absolute term for subnormal products), plus the rounding of the GEMM
-    inputs where TF32/bfloat16 matmuls are allowed.
+
+def expansion_bound(rows: Tensor, protos: Tensor, metric: str,
+                    magnitude: Tensor | None = None) -> Tensor:
+    """A bound on the rounding error of the GEMM expansion's distances between rows
+    ``(B, L', K)`` and ``(c, K)``, broadcastable to ``(B, c, L')`` (``inf`` where an
+    intermediate overflowed); ``magnitude``: sqeuclidean's ``|r|^2 + |p|^2`` if at hand.
+
+    The worst case of a K-term float sum (``~K eps`` relative to the sum of the magnitudes,
+    plus an absolute term for subnormal products), plus the rounding of the GEMM inputs where
+    TF32/bfloat16 matmuls are allowed.
     """
     size = rows.shape[-1]
     finfo = torch.finfo(rows.dtype)
     eps = finfo.eps
     rounding = input_rounding(rows.dtype, rows.device)
-    dots = torch.matmul(protos, rows.transpose(1, 2))
     if metric == "dot":
         # |sum r_i p_i| <= sum |r_i p_i| <= |r| |p| (Cauchy-Schwarz), so the K-term sum's
         # bound is relative to the product of the norms (inf where a norm overflowed)
         magnitude = rows.norm(dim=-1)[:, None, :] * protos.norm(dim=-1)[None, :, None]
         bound = ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
-        return -dots, torch.where(magnitude.isfinite(), bound, float("inf"))
+        return torch.where(magnitude.isfinite(), bound, float("inf"))
     if metric == "sqeuclidean":
-        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
-        dist = (magnitude - 2 * dots).clamp_min(0)
-        return dist, ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
-    row_norm = rows.norm(dim=-1)[:, None, :]
-    proto_norm = protos.norm(dim=-1)[None, :, None]
-    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
-    finite = (row_norm * proto_norm).isfinite()
-    bound = torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
-    return dist, bound
+        if magnitude is None:
+            magnitude = (rows.square().sum(-1)[:, None, :]
+                         + protos.square().sum(-1)[None, :, None])
+        return ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
+    finite = (rows.norm(dim=-1)[:, None, :] * protos.norm(dim=-1)[None, :, None]).isfinite()
+    return torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
 
 
 def fixed_order_sum(terms: Tensor) -> Tensor:
@@ -121,16 +135,21 @@ def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
     return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
 
 
-def exact_shortlist(rows: Tensor, protos: Tensor, metric: str, k: int) -> Tensor:
+def exact_shortlist(rows: Tensor, protos: Tensor, metric: str, k: int,
+                    expanded: Tensor | None = None) -> Tensor:
     """Exact float64 distances ``(B, c, L')`` at every position that may be among the ``k``
-    smallest of its (image, prototype), ``inf`` elsewhere.
+    smallest of its (image, prototype), ``inf`` elsewhere. ``expanded``: the expansion's
+    distances ``(B, c, L')`` where already computed (a distance map), else computed here.
 
     The expansion only shortlists: every position whose lower bound is at most the ``k``-th
     smallest upper bound (and every position where it overflowed or gave NaN) is recomputed
     directly in float64. So ties go to the lowest position whatever the GEMM's rounding, and
     small distances next to large norms are not lost to cancellation.
     """
-    dist, bound = expanded_distance(rows, protos, metric)
+    if expanded is None:
+        dist, bound = expanded_distance(rows, protos, metric)
+    else:
+        dist, bound = expanded.to(rows.dtype), expansion_bound(rows, protos, metric)
     suspect = dist.isnan() | bound.isinf()
     upper = torch.where(suspect, float("inf"), dist + bound)
     kth_upper = (upper.amin(-1, keepdim=True) if k == 1
@@ -163,6 +182,21 @@ def dot_refusal(kernels: str):
         return None
 
     return rule
+
+
+def write_exact_minima(dmap: Tensor, x: Tensor, prototypes: Tensor, metric: str) -> None:
+    """Overwrite, in place, each (image, prototype)'s minimum of a distance map ``dmap``
+    ``(B, M, H', W')`` (any backend's expansion of ``x``, ``prototypes``) with the exact
+    distance there: the map's own shortlist (`exact_shortlist` on it), recomputed directly in
+    float64, the first exact minimum winning, as `min_distance`. No GEMM: the map is the
+    expansion."""
+    rows, protos = _rows_and_protos(x, prototypes)
+    flat = dmap.view(dmap.shape[0], dmap.shape[1], -1)
+    for block in prototype_blocks(protos.shape[0], 6 * rows.shape[0] * rows.shape[1]):
+        exact = exact_shortlist(rows, protos[block], metric, 1, expanded=flat[:, block])
+        values, indices = exact.min(-1)
+        flat[:, block] = flat[:, block].scatter(2, indices[..., None],
+                                                values[..., None].to(flat.dtype))
 
 
 def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
