@@ -516,13 +516,13 @@ def _mean_parts(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Ten
 
 def mean_distance(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     """Mean over positions of the distance, ``(B, M)`` in ``x.dtype``, in closed form (no
-    ``(B, M, L')`` map, no GEMM over positions).
+    ``(B, M, L')`` map, no GEMM over positions: one ``(B, K) x (K, M)`` product).
 
-    - sqeuclidean: ``mean|r|^2 - 2 p.mean(r) + |p|^2``, taken about ``c`` (the mean patch, as
-      rounded): ``mean_l |r_l - c|^2 + |c - p|^2 + 2 <mean_l (r_l - c), c - p>``. Every term
-      is made of differences of nearby numbers (exact) and sums of squares, so nothing
-      cancels however far ``x`` is from the origin, and the last term makes up for ``c``'s
-      rounding.
+    - sqeuclidean: ``mean|r|^2 - 2 p.mean(r) + |p|^2``, taken about ``o``, the mean over the
+      batch of the images' mean patches: ``spread + |a|^2 - 2 a.q + |q|^2`` with ``a = mean(r)
+      - o``, ``q = p - o`` and ``spread = mean_l |r_l - c|^2 - |mean(r) - c|^2`` about each
+      image's rounded mean patch ``c``. Shifted so, the terms are as small as the features'
+      spread, not their distance from the origin: the expansion stays accurate far from it.
     - dot: ``-<mean(r), p>``.
     - cosine: ``1 - <mean_l r_l / |r_l|, p / |p|>`` (norms floored at `EPS`), in [0, 2].
     """
@@ -532,21 +532,25 @@ def mean_distance(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     if metric == "cosine":
         unit = protos / protos.norm(dim=-1, keepdim=True).clamp_min(EPS)
         return (1 - centre @ unit.T).clamp(0, 2).to(x.dtype)
+    spread, shifted_mean, shifted_protos = _shifted(rows, protos, centre)
+    squares = (spread + shifted_mean.square().sum(-1))[:, None] + shifted_protos.square().sum(-1)
+    return (squares - 2 * shifted_mean @ shifted_protos.T).clamp_min(0).to(x.dtype)
+
+
+def _shifted(rows: Tensor, protos: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """sqeuclidean's mean, about the batch's mean patch ``o``: ``(spread (B,), mean(r) - o
+    (B, K), protos - o (M, K))`` (see `mean_distance`)."""
     residual = rows - centre[:, None]
-    spread = residual.square().sum(-1).mean(1)  # (B,)
-    drift = 2 * residual.mean(1)  # (B, K): 2 (mean(r) - c), c's rounding
-    out = torch.empty(rows.shape[0], protos.shape[0], dtype=x.dtype, device=x.device)
-    for block, offset in _offsets(centre, protos):
-        out[:, block] = (spread[:, None] + (offset * (offset + drift[:, None])).sum(-1)
-                         ).to(x.dtype)
-    return out
+    drift = residual.mean(1)  # (B, K): mean(r) - c, the rounding of c
+    spread = residual.square().sum(-1).mean(1) - drift.square().sum(-1)
+    origin = _origin(centre)
+    return spread, (centre - origin) + drift, protos - origin
 
 
-def _offsets(centre: Tensor, protos: Tensor):
-    """``(block, centre - protos[block])`` ``(B, c, K)`` for blocks of about `CHUNK_ELEMENTS`
-    entries."""
-    for block in prototype_blocks(protos.shape[0], centre.shape[0] * centre.shape[1]):
-        yield block, centre[:, None, :] - protos[None, block]
+def _origin(centre: Tensor) -> Tensor:
+    """The shift of `_shifted`, ``(K,)``: the images' mean patches ``(B, K)`` averaged, their
+    non-finite entries as 0 (any shift is exact; a NaN image must not spread to the others)."""
+    return torch.where(centre.isfinite(), centre, 0).mean(0)
 
 
 def _unit_grad(v: Tensor, grad_unit: Tensor) -> Tensor:
@@ -570,21 +574,16 @@ def mean_distance_backward(
     length = rows.shape[1]
     grad_rows = grad_protos = None
     if metric == "sqeuclidean":
-        # d/dr_l = 2 (r_l - p) / L', d/dp = 2 (p - mean(r)); as the forward, about the rounded
-        # mean c: r_l - p = (r_l - c) + (c - p), p - mean(r) = (p - c) - mean(r - c)
-        residual = rows - centre[:, None]
-        drift = residual.mean(1)  # (B, K)
-        pulls = torch.zeros_like(centre)  # (B, K): sum_m g_bm (c_b - p_m)
-        grad_protos = torch.empty_like(protos) if needs_prototypes else None
-        for block, offset in _offsets(centre, protos):
-            weighted = grad[:, block, None] * offset  # (B, c, K)
-            pulls += weighted.sum(1)
-            if needs_prototypes:
-                grad_protos[block] = -2 * (weighted.sum(0)
-                                           + grad[:, block].T @ drift)
+        # d/dr_l = 2 (r_l - p) / L' = 2 ((r_l - c) + (c - o) - (p - o)) / L', d/dp = 2 (p - mean(r))
+        # = 2 ((p - o) - (mean(r) - o)): the forward's shifted terms, no cancellation
+        _, shifted_mean, shifted_protos = _shifted(rows, protos, centre)
         if needs_x:
-            grad_rows = (2 / length) * (grad.sum(1)[:, None, None] * residual
+            total = grad.sum(1)  # (B,)
+            pulls = total[:, None] * (centre - _origin(centre)) - grad @ shifted_protos
+            grad_rows = (2 / length) * (total[:, None, None] * (rows - centre[:, None])
                                         + pulls[:, None, :])
+        if needs_prototypes:
+            grad_protos = 2 * (grad.sum(0)[:, None] * shifted_protos - grad.T @ shifted_mean)
     elif metric == "dot":
         if needs_x:
             grad_rows = (-(grad @ protos) / length)[:, None, :].expand_as(rows)
