@@ -254,8 +254,9 @@ def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, choice: str) ->
     # The map is the GEMM expansion, off by ~eps (|x|^2 + |p|^2) (7.6e-6 at a pushed patch whose
     # distance is 0); each (image, prototype)'s minimum gets the exact distance, recomputed
     # from the map's own shortlist, so heatmaps and push see the forward pass's numbers.
-    with torch.autocast(x.device.type, enabled=False):
-        reference.write_exact_minima(dmap, x, prototypes, metric)
+    if dmap.numel():
+        with torch.autocast(x.device.type, enabled=False):
+            reference.write_exact_minima(dmap, x, prototypes, metric)
     return dmap
 
 

@@ -5,7 +5,7 @@ tests/test_fuzz_nearest.py does for `nearest_prototypes`.
 Hypothesis draws tokens ``(B, L, D)`` or maps ``(B, D, H, W)`` with a ``ph x pw`` window, the
 layout, ``M``, ``k`` (up to ``H' W'``), the metric, the dtype and sometimes a special input
 (integer data full of ties, a prototype copied from a patch, NaN). A call the chosen backend
-refuses (`Backend.supports`) runs on the automatic choice instead, which must accept it.
+refuses (`Backend.supports`) runs on the reference instead.
 Checked: top-k values within tolerance, each index's true distance its value, indices exact
 where the data is tie-free float64 or made of ties (lowest position first), NaN first; means
 within tolerance; for a subset, both gradients of both ops against the brute force's. Profiles
@@ -94,11 +94,12 @@ def make(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def on_a_backend_that_runs(op: str, x, p, metric: str, **options):
-    """The chosen backend where it accepts the call, else the automatic choice."""
+    """The chosen backend where it accepts the call, else the reference (what the automatic
+    choice falls back to where no fused backend runs it)."""
     x4, p4, _ = canonicalize(x, p, metric, "test")
     chosen = registry.registered_backend(get_backend())
     refused = chosen.supports(op, x4, p4, metric=kernel_metric(metric), **options)
-    return pk.use_backend(None) if refused else contextlib.nullcontext()
+    return pk.use_backend("reference") if refused else contextlib.nullcontext()
 
 
 def check(problem: Problem) -> None:
