@@ -1,6 +1,7 @@
 """protokern's operators: validation, `torch.library` registration, autograd and dispatch.
 
-Public functions (`min_distance`, `distance_map`) validate the user's shapes, apply autocast,
+Public functions (`min_distance`, `distance_map`, `nearest_prototypes`, `topk_distance`,
+`mean_distance`) validate the user's shapes, apply autocast,
 reshape them (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``prototypes``
 ``(M, D, ph, pw)``, and call the custom ops
 
@@ -10,6 +11,14 @@ reshape them (views only) into the canonical forms ``x`` ``(B, D, H, W)`` and ``
 - ``protokern::distance_map(x, prototypes, metric, choice) -> (B, M, H', W')``
 - ``protokern::distance_map_backward(grad_map, x, prototypes, metric, choice, needs_x,
   needs_prototypes) -> (grad_x, grad_prototypes)``
+- ``protokern::nearest_prototypes`` / ``topk_distance(x, prototypes, metric, k, choice) ->
+  (values, indices)`` and their ``_backward`` (as min_distance's, the indices ``(..., k)``)
+- ``protokern::mean_distance(x, prototypes, metric, choice) -> (B, M)`` and its
+  ``mean_distance_backward(grad_values, x, prototypes, metric, choice, needs_x,
+  needs_prototypes)``
+
+The custom ops take the `KERNEL_METRICS`; the public functions compute ``"euclidean"`` from
+the sqeuclidean ops (`euclidean`).
 
 ``choice`` is the backend the user chose (`protokern.backends.explicit_choice`), or ``""`` for
 the automatic one. Every op resolves its backend from the choice and its actual inputs
@@ -28,9 +37,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protokern.backends import explicit_choice, record_call, resolve
+from protokern.backends import explicit_choice, record_call, reference, resolve
 
-METRICS = ("sqeuclidean", "cosine")
+METRICS = ("sqeuclidean", "cosine", "euclidean", "dot")
+"""The metrics of the public functions. ``"euclidean"`` is ``sqrt(max(d, 0) + eps)`` of the
+sqeuclidean ``d``, computed from the sqeuclidean ops (the root is monotone, so the minimum and
+its position are the sqeuclidean one's); the custom ops and the backends see `KERNEL_METRICS`."""
+KERNEL_METRICS = ("sqeuclidean", "cosine", "dot")
+"""The metrics the custom ops and the backends' kernels take."""
+EUCLIDEAN_EPS = 1e-14
+"""The default ``eps`` of the ``"euclidean"`` metric, ProtoTree's ``sqrt(|d| + 1e-14)``."""
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -41,6 +57,17 @@ class MinDistance(NamedTuple):
     """Minimum distance over positions, in the input dtype."""
     indices: Tensor
     """int64 flat row-major index into ``H' x W'`` (or ``L``) of the first position attaining it."""
+
+
+class TopkDistance(NamedTuple):
+    """Result of `topk_distance`, like `torch.topk`'s (smallest first): both ``(B, M, k)``."""
+
+    values: Tensor
+    """The ``k`` smallest distances over positions, ascending, in the input dtype (NaN first
+    where a distance is NaN)."""
+    indices: Tensor
+    """int64 flat row-major indices into ``H' x W'`` (or ``L``) of their positions (ties: the
+    lowest position)."""
 
 
 class NearestPrototypes(NamedTuple):
@@ -222,8 +249,15 @@ def _(
 
 @torch.library.custom_op("protokern::distance_map", mutates_args=())
 def _distance_map_op(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
-    return run_kernel("distance_map", "distance_map", choice, x, prototypes,
+    dmap = run_kernel("distance_map", "distance_map", choice, x, prototypes,
                       {"metric": metric}, x, prototypes, metric).contiguous()
+    # The map is the GEMM expansion, off by ~eps (|x|^2 + |p|^2) (7.6e-6 at a pushed patch whose
+    # distance is 0); each (image, prototype)'s minimum gets the exact distance, recomputed
+    # from the map's own shortlist, so heatmaps and push see the forward pass's numbers.
+    if dmap.numel():
+        with torch.autocast(x.device.type, enabled=False):
+            reference.write_exact_minima(dmap, x, prototypes, metric)
+    return dmap
 
 
 @_distance_map_op.register_fake
@@ -296,6 +330,73 @@ def _(
     return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
 
 
+@torch.library.custom_op("protokern::topk_distance", mutates_args=())
+def _topk_distance_op(
+    x: Tensor, prototypes: Tensor, metric: str, k: int, choice: str
+) -> tuple[Tensor, Tensor]:
+    values, indices = run_kernel("topk_distance", "topk_distance", choice, x, prototypes,
+                                 {"metric": metric, "k": k}, x, prototypes, metric, k)
+    return values.contiguous(), indices.contiguous()
+
+
+@_topk_distance_op.register_fake
+def _(x: Tensor, prototypes: Tensor, metric: str, k: int, choice: str) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
+    shape = (x.shape[0], prototypes.shape[0], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("protokern::topk_distance_backward", mutates_args=())
+def _topk_distance_backward_op(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_x, grad_prototypes = run_kernel(
+        "topk_distance", "topk_distance_backward", choice, x, prototypes,
+        {"metric": metric, "k": indices.shape[-1]},
+        grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
+    return _gradient_or_empty(grad_x, x), _gradient_or_empty(grad_prototypes, prototypes)
+
+
+@torch.library.custom_op("protokern::mean_distance", mutates_args=())
+def _mean_distance_op(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
+    return run_kernel("mean_distance", "mean_distance", choice, x, prototypes,
+                      {"metric": metric}, x, prototypes, metric).contiguous()
+
+
+@_mean_distance_op.register_fake
+def _(x: Tensor, prototypes: Tensor, metric: str, choice: str) -> Tensor:
+    torch._check(x.dim() == 4 and prototypes.dim() == 4, lambda: "canonical 4-d inputs expected")
+    return x.new_empty((x.shape[0], prototypes.shape[0]))
+
+
+@torch.library.custom_op("protokern::mean_distance_backward", mutates_args=())
+def _mean_distance_backward_op(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, metric: str, choice: str,
+    needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_x, grad_prototypes = run_kernel(
+        "mean_distance", "mean_distance_backward", choice, x, prototypes, {"metric": metric},
+        grad_values, x, prototypes, metric, needs_x, needs_prototypes)
+    return _gradient_or_empty(grad_x, x), _gradient_or_empty(grad_prototypes, prototypes)
+
+
+@_topk_distance_backward_op.register_fake
+def _(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+    choice: str, needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
+
+
+@_mean_distance_backward_op.register_fake
+def _(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, metric: str, choice: str,
+    needs_x: bool, needs_prototypes: bool,
+) -> tuple[Tensor, Tensor]:
+    return _fake_gradient(x, needs_x), _fake_gradient(prototypes, needs_prototypes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 
@@ -307,7 +408,7 @@ def _save_for_min_distance(ctx, inputs: tuple, output: tuple) -> None:
 
 def _save_for_nearest_prototypes(ctx, inputs: tuple, output: tuple) -> None:
     x, prototypes, ctx.metric, _k, ctx.choice = inputs
-    ctx.save_for_backward(x, prototypes, output[1])  # the chosen prototypes
+    ctx.save_for_backward(x, prototypes, output[1])  # the chosen prototypes (or positions)
 
 
 def _save_for_distance_map(ctx, inputs: tuple, output: Tensor) -> None:
@@ -340,6 +441,22 @@ def _distance_map_grad(ctx, grad_map: Tensor):
     return _needed(ctx, *grads)
 
 
+def _topk_distance_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
+    x, prototypes, indices = ctx.saved_tensors
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    grads = torch.ops.protokern.topk_distance_backward(
+        grad_values, x, prototypes, indices, ctx.metric, ctx.choice, needs_x, needs_prototypes)
+    return _needed(ctx, *grads)
+
+
+def _mean_distance_grad(ctx, grad_values: Tensor):
+    x, prototypes = ctx.saved_tensors
+    needs_x, needs_prototypes = ctx.needs_input_grad[:2]
+    grads = torch.ops.protokern.mean_distance_backward(
+        grad_values, x, prototypes, ctx.metric, ctx.choice, needs_x, needs_prototypes)
+    return _needed(ctx, *grads)
+
+
 def _nearest_prototypes_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
     x, prototypes, indices = ctx.saved_tensors
     needs_x, needs_prototypes = ctx.needs_input_grad[:2]
@@ -351,9 +468,8 @@ def _nearest_prototypes_grad(ctx, grad_values: Tensor, _grad_indices: Tensor):
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "protokern ops do not support double backward (second-order gradients through "
-        "min_distance, distance_map or nearest_prototypes); call torch.autograd.grad/backward "
-        "with "
-        "create_graph=False."
+        "min_distance, distance_map, nearest_prototypes, topk_distance or mean_distance); "
+        "call torch.autograd.grad/backward with create_graph=False."
     )
 
 
@@ -365,8 +481,12 @@ _min_distance_op.register_autograd(_min_distance_grad, setup_context=_save_for_m
 _distance_map_op.register_autograd(_distance_map_grad, setup_context=_save_for_distance_map)
 _nearest_prototypes_op.register_autograd(_nearest_prototypes_grad,
                                          setup_context=_save_for_nearest_prototypes)
+_topk_distance_op.register_autograd(_topk_distance_grad,
+                                   setup_context=_save_for_nearest_prototypes)
+_mean_distance_op.register_autograd(_mean_distance_grad, setup_context=_save_for_distance_map)
 for _backward_op in (_min_distance_backward_op, _distance_map_backward_op,
-                     _nearest_prototypes_backward_op):
+                     _nearest_prototypes_backward_op, _topk_distance_backward_op,
+                     _mean_distance_backward_op):
     _backward_op.register_autograd(_no_double_backward, setup_context=_save_nothing)
 
 
@@ -396,7 +516,51 @@ def autocast_inputs(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     return cast(x), cast(prototypes)
 
 
-def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> MinDistance:
+def kernel_metric(metric: str) -> str:
+    """The metric the custom ops compute for a public ``metric``: euclidean is computed as the
+    root of the sqeuclidean one (`euclidean`)."""
+    return "sqeuclidean" if metric == "euclidean" else metric
+
+
+def check_eps(eps: object, where: str) -> None:
+    """Raise TypeError/ValueError unless ``eps`` is a finite float ``>= 0``."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{where}: eps must be a float, got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"{where}: eps must be finite and >= 0, got {eps!r}")
+
+
+def euclidean(sqeuclidean: Tensor, eps: float) -> Tensor:
+    """``sqrt(max(d, 0) + eps)`` of sqeuclidean distances ``d`` (any shape), computed in float32
+    at least (a half ``eps = 1e-14`` would underflow) and returned in ``d``'s dtype;
+    differentiable (``1 / (2 sqrt(d + eps))``, 0 where ``d < 0``)."""
+    dtype = sqeuclidean.dtype
+    wide = sqeuclidean.to(torch.promote_types(dtype, torch.float32))
+    return wide.clamp_min(0).add(eps).sqrt().to(dtype)
+
+
+def _finish(values: Tensor, metric: str, eps: float) -> Tensor:
+    return euclidean(values, eps) if metric == "euclidean" else values
+
+
+def _prepare(x: Tensor, prototypes: Tensor, metric: str, eps: float, where: str,
+             vectors: bool = False) -> tuple[Tensor, Tensor, str]:
+    """Autocast, validate (metric, eps, shapes) and canonicalize: `canonicalize`'s result."""
+    x, prototypes = autocast_inputs(x, prototypes)
+    check_eps(eps, where)
+    return canonicalize(x, prototypes, metric, where, vectors)
+
+
+_METRIC_DOC = """metric: ``"sqeuclidean"`` (``d = sum((patch - p)^2)``), ``"euclidean"``
+            (``sqrt(max(d, 0) + eps)``, ProtoTree's), ``"cosine"``
+            (``1 - <patch, p> / (max(|patch|, 1e-8) * max(|p|, 1e-8))``) or ``"dot"``
+            (``-<patch, p>``: its minimum is the maximum similarity of a projection, TesNet's).
+        eps: the ``"euclidean"`` metric's ``eps`` (default 1e-14, ProtoTree's); ignored by
+            the others."""
+
+
+def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
+                 eps: float = EUCLIDEAN_EPS) -> MinDistance:
     """Minimum over positions of the distance between every patch of ``x`` and every prototype.
 
     Args:
@@ -405,8 +569,7 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
         prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``; patches are the valid
             stride-1 windows of ``x`` (``H' = H - ph + 1``, ``W' = W - pw + 1``; tokens:
             ``ph = pw = 1``).
-        metric: ``"sqeuclidean"`` (``sum((patch - p)^2)``) or ``"cosine"``
-            (``1 - <patch, p> / (max(|patch|, 1e-8) * max(|p|, 1e-8))``).
+        METRIC
 
     Returns:
         `MinDistance` ``(values, indices)``, both ``(B, M)``: the minimum distance in the input
@@ -417,27 +580,49 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> 
     Gradients flow to ``x`` and ``prototypes`` through the selected position only; double
     backward raises RuntimeError. Computed in float32 for float16/bfloat16 inputs.
     """
-    x, prototypes = autocast_inputs(x, prototypes)
-    x4, p4, _ = canonicalize(x, prototypes, metric, "protokern.min_distance")
-    values, indices = torch.ops.protokern.min_distance(x4, p4, metric, _choice())
-    return MinDistance(values, indices)
+    x4, p4, _ = _prepare(x, prototypes, metric, eps, "protokern.min_distance")
+    values, indices = torch.ops.protokern.min_distance(x4, p4, kernel_metric(metric), _choice())
+    return MinDistance(_finish(values, metric, eps), indices)
 
 
-def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean") -> Tensor:
+def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
+                 eps: float = EUCLIDEAN_EPS) -> Tensor:
     """Every patch-to-prototype distance (for explanations and similarity maps).
 
     Takes the inputs of `min_distance` and returns ``(B, M, H', W')`` for a feature map or
     ``(B, M, L)`` for tokens, in the input dtype. Differentiable once (double backward raises
     RuntimeError).
+
+    The ``"euclidean"`` map is computed in float64 whatever the input dtype (twice the
+    memory), so that its gradient stays accurate next to a zero distance.
+
+    Off the minimum, the map is the GEMM expansion (float32 error about
+    ``eps32 * (|patch|^2 + |p|^2)``); at each (image, prototype)'s minimum (its first
+    position) it holds the exact distance, recomputed directly in float64 and rounded once:
+    `min_distance`'s value there to its rounding (bit for bit on the ``reference``; the fused
+    kernels sum a trusted pair in the working precision), and 0 at a pushed patch, where the
+    expansion alone gives ~1e-5.
     """
-    x, prototypes = autocast_inputs(x, prototypes)
-    x4, p4, layout = canonicalize(x, prototypes, metric, "protokern.distance_map")
-    dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
+    x4, p4, layout = _prepare(x, prototypes, metric, eps, "protokern.distance_map")
+    if metric == "euclidean":
+        dmap = _euclidean_map(x4, p4, eps).to(x4.dtype)
+    else:
+        dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
     return dmap.flatten(2) if layout == "tokens" else dmap
 
 
+def _euclidean_map(x4: Tensor, p4: Tensor, eps: float) -> Tensor:
+    """The euclidean map ``(B, M, H', W')`` of canonical inputs, in float64: the root's gradient
+    ``1 / (2 sqrt(d + eps))`` reaches 5e6 at a pushed patch (``d = 0``, ``eps = 1e-14``), and
+    the map's backward, a GEMM expansion, would lose the other positions' gradients to that
+    weight's float32 rounding."""
+    wide = torch.ops.protokern.distance_map(x4.double(), p4.double(), "sqeuclidean", _choice())
+    return euclidean(wide, eps)
+
+
 def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
-                       metric: str = "sqeuclidean") -> NearestPrototypes:
+                       metric: str = "sqeuclidean", *,
+                       eps: float = EUCLIDEAN_EPS) -> NearestPrototypes:
     """The ``k`` nearest prototypes of every patch, token or vector of ``x``, without ever
     holding the ``(N, M)`` distance matrix (the second reduction: over prototypes).
 
@@ -447,7 +632,7 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
         prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``; patches are the valid
             stride-1 windows of a map, as in `min_distance`.
         k: how many, ``1 <= k <= M``.
-        metric: as in `min_distance`.
+        METRIC
 
     Returns:
         `NearestPrototypes` ``(values, indices)``: ``(B, H', W', k)`` for a map, ``(B, L, k)``
@@ -459,12 +644,13 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
     Gradients flow to ``x`` and ``prototypes`` through the chosen pairs; double backward
     raises RuntimeError.
     """
-    x, prototypes = autocast_inputs(x, prototypes)
     where = "protokern.nearest_prototypes"
-    x4, p4, layout = canonicalize(x, prototypes, metric, where, vectors=True)
+    x4, p4, layout = _prepare(x, prototypes, metric, eps, where, vectors=True)
     check_k(k, p4.shape[0], f"the number of prototypes M={p4.shape[0]} (prototypes "
             f"{_shape(prototypes)})", where)
-    values, indices = torch.ops.protokern.nearest_prototypes(x4, p4, metric, k, _choice())
+    values, indices = torch.ops.protokern.nearest_prototypes(x4, p4, kernel_metric(metric), k,
+                                                             _choice())
+    values = _finish(values, metric, eps)
     if layout == "vectors":
         shape = (x4.shape[0], k)
     elif layout == "tokens":
@@ -472,3 +658,63 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
     else:
         shape = (x4.shape[0], x4.shape[2] - p4.shape[2] + 1, x4.shape[3] - p4.shape[3] + 1, k)
     return NearestPrototypes(values.view(shape), indices.view(shape))
+
+
+def topk_distance(x: Tensor, prototypes: Tensor, k: int, metric: str = "sqeuclidean", *,
+                  eps: float = EUCLIDEAN_EPS) -> TopkDistance:
+    """The ``k`` smallest distances over positions of every (image, prototype), without a
+    distance map (Deformable ProtoPNet's top-k pooling, without its offsets).
+
+    Args:
+        x, prototypes: as in `min_distance`.
+        k: how many positions, ``1 <= k <= H' * W'`` (tokens: ``L``); a larger ``k`` is a
+            ValueError.
+        METRIC
+
+    Returns:
+        `TopkDistance` ``(values, indices)``, both ``(B, M, k)``: the exact distances in the
+        input dtype, ascending over positions, and the int64 flat row-major indices of their
+        positions, ties going to the lowest position; a NaN distance comes first. ``k = 1``
+        equals `min_distance` (values and indices, unsqueezed).
+
+    Gradients flow to ``x`` and ``prototypes`` through the chosen positions; double backward
+    raises RuntimeError.
+    """
+    where = "protokern.topk_distance"
+    x4, p4, layout = _prepare(x, prototypes, metric, eps, where)
+    positions = _windows(x4, p4)
+    what = (f"the number of tokens L={positions}" if layout == "tokens" else
+            f"the number of positions H'*W'={positions} (x {_shape(x)}, prototypes "
+            f"{_shape(prototypes)})")
+    check_k(k, positions, what, where)
+    values, indices = torch.ops.protokern.topk_distance(x4, p4, kernel_metric(metric), k,
+                                                        _choice())
+    return TopkDistance(_finish(values, metric, eps), indices)
+
+
+def mean_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
+                  eps: float = EUCLIDEAN_EPS) -> Tensor:
+    """Mean over positions of the distance of every (image, prototype), ``(B, M)`` in the
+    input dtype (ProtoPool's and ICICLE's focal similarity ``sim(min) - sim(mean)``).
+
+    Args:
+        x, prototypes: as in `min_distance`.
+        METRIC
+
+    ``"sqeuclidean"``, ``"dot"`` and ``"cosine"`` are closed forms with no distance map and no
+    GEMM over positions (``mean|x|^2 - 2 p.mean(x) + |p|^2``, taken about the mean patch so
+    that it stays accurate far from the origin; see `protokern.backends.reference.mean_distance`).
+    ``"euclidean"`` has none (the mean of roots is not a root of means): it averages the
+    ``(B, M, H', W')`` euclidean `distance_map`, which it holds (in float64, see
+    `distance_map`). Differentiable once.
+    """
+    where = "protokern.mean_distance"
+    x4, p4, _ = _prepare(x, prototypes, metric, eps, where)
+    if metric == "euclidean":
+        return _euclidean_map(x4, p4, eps).flatten(2).mean(-1).to(x4.dtype)
+    return torch.ops.protokern.mean_distance(x4, p4, metric, _choice())
+
+
+for _function in (min_distance, distance_map, nearest_prototypes, topk_distance,
+                  mean_distance):
+    _function.__doc__ = _function.__doc__.replace("METRIC", _METRIC_DOC)

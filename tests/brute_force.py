@@ -20,8 +20,9 @@ def as_window(prototypes: Tensor) -> Tensor:
     return prototypes[:, :, None, None] if prototypes.dim() == 2 else prototypes
 
 
-def distances(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
-    """All distances (B, M, L') in float64, L' row-major over the valid windows."""
+def distances(x: Tensor, prototypes: Tensor, metric: str, eps: float = 1e-14) -> Tensor:
+    """All distances (B, M, L') in float64, L' row-major over the valid windows (``eps``: the
+    euclidean metric's, ``sqrt(max(d, 0) + eps)``)."""
     x, p = as_map(x).double(), as_window(prototypes).double()
     _, _, height, width = x.shape
     _, _, ph, pw = p.shape
@@ -36,6 +37,10 @@ def distances(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
             x_sq = x_sq + (xs ** 2).sum(2)
     if metric == "sqeuclidean":
         d = sq_diff
+    elif metric == "euclidean":
+        d = torch.sqrt(sq_diff.clamp_min(0) + eps)
+    elif metric == "dot":
+        d = -dot
     else:
         x_norm = torch.sqrt(x_sq).clamp_min(EPS)
         p_norm = torch.sqrt((p ** 2).sum((1, 2, 3))).clamp_min(EPS)[None, :, None, None]

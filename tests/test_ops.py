@@ -33,8 +33,10 @@ from protokern.ops import canonicalize
 
 
 def test_the_shared_metrics_are_the_ops_metrics():
-    """tests/cases.py's METRICS, which the brute force computes, are every metric the ops take."""
-    assert METRICS == ops.METRICS
+    """tests/cases.py's METRICS, which the contract tests run on every backend, with the two
+    metrics of issue 18 (tested by tests/test_pooling_ops.py and tests/test_fuzz_pooling.py on
+    every backend, kept out of the shared cases for CI time), are every metric the ops take."""
+    assert METRICS + ("euclidean", "dot") == ops.METRICS
 
 
 @pytest.mark.parametrize("dtype", FULL_PRECISION)

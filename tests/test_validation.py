@@ -79,8 +79,9 @@ BAD_INPUTS = {
                            ValueError, r"tokens x \(2, 9, 4\) as \(B, L, D\) take prototypes "
                            r"\(M, D\) or \(M, D, 1, 1\), got prototypes \(5, 4, 2, 2\) with a "
                            r"2x2 window"),
-    "unknown-metric": (x4, torch.randn(5, 4), "euclidean", ValueError,
-                       r"unknown metric 'euclidean'; expected one of \('sqeuclidean', 'cosine'\)"),
+    "unknown-metric": (x4, torch.randn(5, 4), "manhattan", ValueError,
+                       r"unknown metric 'manhattan'; expected one of \('sqeuclidean', 'cosine', "
+                       r"'euclidean', 'dot'\)"),
     "metric-not-a-string": (x4, torch.randn(5, 4), None, ValueError, r"unknown metric None"),
 }
 

@@ -2,6 +2,7 @@
 //
 // Registers, in the library `protokern_cpu` of the extension protokern._C:
 //   min_distance(x, prototypes, metric, input_rounding) -> (values, indices)
+//   topk_distance(x, prototypes, metric, k, input_rounding) -> (values, indices), (B, M, k)
 //   min_distance_backward(grad_values, x, prototypes, indices, metric, needs_x, needs_prototypes)
 //     -> (grad_x, grad_prototypes)
 // for canonical inputs (x (B, D, H, W), prototypes (M, D, ph, pw); protokern/backends/cpu.py
@@ -43,6 +44,30 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
                                           protos.const_data_ptr<acc_t>(), num, metric,
                                           input_rounding, values.mutable_data_ptr<acc_t>(),
                                           indices.mutable_data_ptr<int64_t>());
+  });
+  return {values.to(x.scalar_type()), indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_distance_op(const at::Tensor& x,
+                                                    const at::Tensor& prototypes,
+                                                    c10::string_view metric_name, int64_t k,
+                                                    double input_rounding) {
+  constexpr const char* op = "protokern_cpu::topk_distance";
+  const Metric metric = parse_metric(metric_name, op);
+  check_inputs(op, x, prototypes);
+  const FeatureMap map = describe(op, x, prototypes);
+  TORCH_CHECK_VALUE(1 <= k && k <= map.positions(), op, ": k=", k,
+                    " must be between 1 and the number of positions ", map.positions());
+  const at::Tensor protos = flat_prototypes(prototypes);
+  const int64_t num = prototypes.size(0);
+  at::Tensor values = at::empty({map.batch, num, k}, x.options().dtype(protos.scalar_type()));
+  at::Tensor indices = at::empty({map.batch, num, k}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    topk_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
+                                           protos.const_data_ptr<acc_t>(), num, metric,
+                                           input_rounding, k, values.mutable_data_ptr<acc_t>(),
+                                           indices.mutable_data_ptr<int64_t>());
   });
   return {values.to(x.scalar_type()), indices};
 }
@@ -91,6 +116,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
 TORCH_LIBRARY_FRAGMENT(protokern_cpu, m) {
   m.def("min_distance(Tensor x, Tensor prototypes, str metric, float input_rounding) "
         "-> (Tensor values, Tensor indices)");
+  m.def("topk_distance(Tensor x, Tensor prototypes, str metric, int k, float input_rounding) "
+        "-> (Tensor values, Tensor indices)");
   m.def("min_distance_backward(Tensor grad_values, Tensor x, Tensor prototypes, "
         "Tensor indices, str metric, bool needs_x, bool needs_prototypes) "
         "-> (Tensor grad_x, Tensor grad_prototypes)");
@@ -98,6 +125,7 @@ TORCH_LIBRARY_FRAGMENT(protokern_cpu, m) {
 
 TORCH_LIBRARY_IMPL(protokern_cpu, CPU, m) {
   m.impl("min_distance", &min_distance_op);
+  m.impl("topk_distance", &topk_distance_op);
   m.impl("min_distance_backward", &min_distance_backward_op);
 }
 

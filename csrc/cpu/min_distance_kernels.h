@@ -45,6 +45,14 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           int64_t num_prototypes, Metric metric, double input_rounding,
                           acc_t* values, int64_t* indices);
 
+// The k smallest distances over positions (topk_distance_forward_kernel.cpp): values/indices
+// (B, M, k) contiguous, ascending, a NaN first, ties to the lowest position; 1 <= k <= L. Its
+// backward is min_distance_backward on k copies of each prototype (protokern/backends/cpu.py).
+template <typename in_t, typename acc_t>
+void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                           int64_t num_prototypes, Metric metric, double input_rounding,
+                           int64_t k, acc_t* values, int64_t* indices);
+
 // Gradients of sum(grad_values * values) through the selected positions only.
 // grad_values (B, M) contiguous; grad_x is (B, D, H, W) contiguous, grad_prototypes (M, K)
 // contiguous, both acc_t; each is fully written, or skipped when null (a gradient nobody asked

@@ -17,6 +17,12 @@ is deterministic (each prototype sums its pairs in row order).
 `distance_map` and its backward (explanations, not a training hot path) are the reference's
 blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would be on a CPU.
 
+`topk_distance` is `min_distance`'s tile reduction keeping the k smallest exact distances per
+(image, prototype) (``csrc/cpu/topk_distance_forward_kernel.cpp``); its backward is the fused
+min backward on k copies of each prototype. `mean_distance` is the reference's closed form (no
+map to fuse). The ``"dot"`` metric is refused by the C++ kernels (their shortlist has no dot bound)
+and runs on the reference.
+
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
 the default for CPU tensors.
 """
@@ -74,6 +80,23 @@ def nearest_prototypes_backward(
     return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
 
 
+_no_dot = reference.dot_refusal("its C++ tile reductions")
+
+
+def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[Tensor, Tensor]:
+    """``(values (B, M, k), indices (B, M, k))``: the k smallest distances over positions, by
+    min_distance's tile reduction with k survivors per (image, prototype)."""
+    values, indices = torch.ops.protokern_cpu.topk_distance(x, prototypes, metric, k,
+                                                            _gemm_rounding(x))
+    return values, indices
+
+
+def _topk_distance_rule(x: Tensor, prototypes: Tensor, metric: str, k: int) -> str | None:
+    if not hasattr(torch.ops.protokern_cpu, "topk_distance"):
+        return "protokern._C was built without the topk_distance kernel; rebuild it"
+    return _no_dot(x, prototypes, metric)
+
+
 register_backend(
     Backend(
         name="cpu",
@@ -84,7 +107,15 @@ register_backend(
             "distance_map_backward": reference.distance_map_backward,
             "nearest_prototypes": nearest_prototypes,
             "nearest_prototypes_backward": nearest_prototypes_backward,
+            "topk_distance": topk_distance,
+            "topk_distance_backward": reference.topk_backward_through(min_distance_backward),
+            # a closed form of a few reductions (no map, no GEMM over positions): nothing to
+            # fuse, the reference's code is the CPU kernel
+            "mean_distance": reference.mean_distance,
+            "mean_distance_backward": reference.mean_distance_backward,
         },
+        rules={"min_distance": _no_dot, "nearest_prototypes": _no_dot,
+               "topk_distance": _topk_distance_rule},
         device_types=frozenset({"cpu"}),
         priority=20,
         unavailable_reason=lambda: _LOAD_ERROR,

@@ -68,6 +68,8 @@ def unavailable_reason() -> str | None:
 
 def unsupported_reason(x: Tensor, prototypes: Tensor, **options) -> str | None:
     """Why the kernels cannot run ``min_distance`` on these canonical inputs, or None."""
+    if options.get("metric") == "dot":
+        return reference.dot_refusal("the CUDA kernels")(x, prototypes, **options)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return (f"the CUDA kernels take float32, float16 and bfloat16, not "
                 f"{str(x.dtype).removeprefix('torch.')}")

@@ -7,12 +7,12 @@ forms that `protokern.ops` produces from the public API:
 - ``prototypes``: ``(M, D, ph, pw)``,
 - windows are valid and stride 1: ``H' = H - ph + 1``, ``W' = W - pw + 1``, ``L' = H' * W'``.
 
-`min_distance` is exact: the GEMM expansion (``|x|^2 - 2 x.p + |p|^2``, how every fused kernel
-computes distances) only shortlists positions, which are then recomputed directly in float64
-(see `exact_min`). `distance_map` is the expansion itself, so in float32 its absolute error is
-about ``eps * (|x_patch|^2 + |p|^2)``. Work is done one block of prototypes at a time, so that
-no more than about ``CHUNK_ELEMENTS`` distances are alive at once. float16/bfloat16 inputs are
-computed in float32, float64 in float64.
+`min_distance` (and `topk_distance`, its k smallest) is exact: the GEMM expansion (``|x|^2 - 2
+x.p + |p|^2``, how every fused kernel computes distances) only shortlists positions, which are
+then recomputed directly in float64 (see `exact_shortlist`). `distance_map` is the expansion
+itself, so in float32 its absolute error is about ``eps * (|x_patch|^2 + |p|^2)``. Work is done
+one block of prototypes at a time, so that no more than about ``CHUNK_ELEMENTS`` distances are
+alive at once. float16/bfloat16 inputs are computed in float32, float64 in float64.
 """
 
 import torch
@@ -66,27 +66,47 @@ def input_rounding(dtype: torch.dtype, device: torch.device) -> float:
 
 def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """Distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)`` by the GEMM expansion,
-    and a bound on their rounding error (``inf`` where an intermediate overflowed).
+    and a bound on their rounding error (`expansion_bound`)."""
+    dots = torch.matmul(protos, rows.transpose(1, 2))
+    if metric == "dot":
+        return -dots, expansion_bound(rows, protos, metric)
+    if metric == "sqeuclidean":
+        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
+        dist = (magnitude - 2 * dots).clamp_min(0)
+        return dist, expansion_bound(rows, protos, metric, magnitude)
+    row_norm = rows.norm(dim=-1)[:, None, :]
+    proto_norm = protos.norm(dim=-1)[None, :, None]
+    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
+    return dist, expansion_bound(rows, protos, metric)
 
-    The bound is the worst case of a K-term float sum (``~K eps`` relative to the sum of the
-    magnitudes, plus an absolute term for subnormal products), plus the rounding of the GEMM
-    inputs where TF32/bfloat16 matmuls are allowed.
+
+def expansion_bound(rows: Tensor, protos: Tensor, metric: str,
+                    magnitude: Tensor | None = None) -> Tensor:
+    """A bound on the rounding error of the GEMM expansion's distances between rows
+    ``(B, L', K)`` and ``(c, K)``, broadcastable to ``(B, c, L')`` (``inf`` where an
+    intermediate overflowed); ``magnitude``: sqeuclidean's ``|r|^2 + |p|^2`` if at hand.
+
+    The worst case of a K-term float sum (``~K eps`` relative to the sum of the magnitudes,
+    plus an absolute term for subnormal products), plus the rounding of the GEMM inputs where
+    TF32/bfloat16 matmuls are allowed.
     """
     size = rows.shape[-1]
     finfo = torch.finfo(rows.dtype)
     eps = finfo.eps
     rounding = input_rounding(rows.dtype, rows.device)
-    dots = torch.matmul(protos, rows.transpose(1, 2))
+    if metric == "dot":
+        # |sum r_i p_i| <= sum |r_i p_i| <= |r| |p| (Cauchy-Schwarz), so the K-term sum's
+        # bound is relative to the product of the norms (inf where a norm overflowed)
+        magnitude = rows.norm(dim=-1)[:, None, :] * protos.norm(dim=-1)[None, :, None]
+        bound = ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
+        return torch.where(magnitude.isfinite(), bound, float("inf"))
     if metric == "sqeuclidean":
-        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
-        dist = (magnitude - 2 * dots).clamp_min(0)
-        return dist, ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
-    row_norm = rows.norm(dim=-1)[:, None, :]
-    proto_norm = protos.norm(dim=-1)[None, :, None]
-    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
-    finite = (row_norm * proto_norm).isfinite()
-    bound = torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
-    return dist, bound
+        if magnitude is None:
+            magnitude = (rows.square().sum(-1)[:, None, :]
+                         + protos.square().sum(-1)[None, :, None])
+        return ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
+    finite = (rows.norm(dim=-1)[:, None, :] * protos.norm(dim=-1)[None, :, None]).isfinite()
+    return torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
 
 
 def fixed_order_sum(terms: Tensor) -> Tensor:
@@ -108,30 +128,75 @@ def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
     if metric == "sqeuclidean":
         return fixed_order_sum((selected - protos).square())
     dots = fixed_order_sum(selected * protos)
+    if metric == "dot":
+        return -dots
     selected_norm = fixed_order_sum(selected.square()).sqrt().clamp_min(EPS)
     proto_norm = fixed_order_sum(protos.square()).sqrt().clamp_min(EPS)
     return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
 
 
-def exact_min(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """Min over positions of the exact distance and the first position attaining it, ``(B, c)``.
+def exact_shortlist(rows: Tensor, protos: Tensor, metric: str, k: int,
+                    expanded: Tensor | None = None) -> Tensor:
+    """Exact float64 distances ``(B, c, L')`` at every position that may be among the ``k``
+    smallest of its (image, prototype), ``inf`` elsewhere. ``expanded``: the expansion's
+    distances ``(B, c, L')`` where already computed (a distance map), else computed here.
 
-    The expansion only shortlists: every position within its rounding bound of the minimum
-    (and every position where it overflowed or gave NaN) is recomputed directly in float64,
-    and the first exact minimum wins. So ties go to the lowest position whatever the GEMM's
-    rounding, small distances next to large norms are not lost to cancellation, and a NaN
-    input makes the value NaN at the first NaN position, as `torch.min` does.
+    The expansion only shortlists: every position whose lower bound is at most the ``k``-th
+    smallest upper bound (and every position where it overflowed or gave NaN) is recomputed
+    directly in float64. So ties go to the lowest position whatever the GEMM's rounding, and
+    small distances next to large norms are not lost to cancellation.
     """
-    dist, bound = expanded_distance(rows, protos, metric)
+    if expanded is None:
+        dist, bound = expanded_distance(rows, protos, metric)
+    else:
+        dist, bound = expanded.to(rows.dtype), expansion_bound(rows, protos, metric)
     suspect = dist.isnan() | bound.isinf()
-    upper = torch.where(suspect, float("inf"), dist + bound).amin(-1, keepdim=True)
-    image, proto, position = (suspect | (dist - bound <= upper)).nonzero(as_tuple=True)
+    upper = torch.where(suspect, float("inf"), dist + bound)
+    kth_upper = (upper.amin(-1, keepdim=True) if k == 1
+                 else upper.kthvalue(k, dim=-1, keepdim=True).values)
+    image, proto, position = (suspect | (dist - bound <= kth_upper)).nonzero(as_tuple=True)
     exact = torch.full(dist.shape, float("inf"), dtype=torch.float64, device=dist.device)
     step = max(1, CHUNK_ELEMENTS // (8 * max(1, rows.shape[-1])))  # float64 rows, a few copies
     for s in range(0, image.numel(), step):
         i, m, pos = image[s:s + step], proto[s:s + step], position[s:s + step]
         exact[i, m, pos] = distance_at(rows[i, pos].double(), protos[m].double(), metric)
-    return exact.min(-1)
+    return exact
+
+
+def exact_min(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Min over positions of the exact distance and the first position attaining it, ``(B, c)``
+    (`exact_shortlist` with ``k = 1``); a NaN input makes the value NaN at the first NaN
+    position, as `torch.min` does."""
+    return exact_shortlist(rows, protos, metric, 1).min(-1)
+
+
+def dot_refusal(kernels: str):
+    """A `protokern.backends.registry.Rule` refusing the ``"dot"`` metric, for a backend whose
+    ``kernels`` (named in the reason) shortlist with the sqeuclidean and cosine rounding
+    bounds only: a dot product's bound is relative to ``|x| |p|`` instead."""
+
+    def rule(x: Tensor, prototypes: Tensor, metric: str, **options) -> str | None:
+        if metric == "dot":
+            return (f"{kernels} have no rounding bound for the 'dot' metric (relative to "
+                    f"|x| |p|); the reference runs it")
+        return None
+
+    return rule
+
+
+def write_exact_minima(dmap: Tensor, x: Tensor, prototypes: Tensor, metric: str) -> None:
+    """Overwrite, in place, each (image, prototype)'s minimum of a distance map ``dmap``
+    ``(B, M, H', W')`` (any backend's expansion of ``x``, ``prototypes``) with the exact
+    distance there: the map's own shortlist (`exact_shortlist` on it), recomputed directly in
+    float64, the first exact minimum winning, as `min_distance`. No GEMM: the map is the
+    expansion."""
+    rows, protos = _rows_and_protos(x, prototypes)
+    flat = dmap.view(dmap.shape[0], dmap.shape[1], -1)
+    for block in prototype_blocks(protos.shape[0], 6 * rows.shape[0] * rows.shape[1]):
+        exact = exact_shortlist(rows, protos[block], metric, 1, expanded=flat[:, block])
+        values, indices = exact.min(-1)
+        flat[:, block] = flat[:, block].scatter(2, indices[..., None],
+                                                values[..., None].to(flat.dtype))
 
 
 def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
@@ -175,6 +240,8 @@ def distance_at_grad(
     if metric == "sqeuclidean":
         grad_selected = 2 * grad[..., None] * (selected - protos)
         return grad_selected, -grad_selected
+    if metric == "dot":  # d = -<s, p>
+        return -grad[..., None] * protos.expand_as(selected), -grad[..., None] * selected
     # In float64: in float32, |v|^2 overflows past |v| ~ 1.8e19 (NaN gradients) and the
     # coefficients ~ grad / |v|^2 underflow; the forward handles such magnitudes, so must this.
     dtype = selected.dtype
@@ -286,6 +353,12 @@ def distance_map_backward(
                 grad_protos[block] = 2 * (grad.sum((0, 2))[:, None] * block_protos
                                           - (grad @ rows).sum(0))
             continue
+        if metric == "dot":  # d = -p.r  =>  dd/dr = -p, dd/dp = -r
+            if needs_x:
+                grad_rows -= grad.transpose(1, 2) @ block_protos
+            if needs_prototypes:
+                grad_protos[block] = -(grad @ rows).sum(0)
+            continue
         # d = 1 - s / (a b), s = p.r, a = max(|r|, EPS), b = max(|p|, EPS)
         proto_norm = block_protos.norm(dim=-1)
         proto_bound = proto_norm.clamp_min(EPS)
@@ -388,6 +461,144 @@ def nearest_prototypes_backward(
     return _fold_grads(grad_rows, grad_protos, x, prototypes)
 
 
+def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest distances over positions of every (image, prototype): ``values``
+    ``(B, M, k)`` ascending in ``x.dtype`` and ``indices`` ``(B, M, k)`` int64, flat over
+    ``H' x W'``. Exact, as `min_distance` (`exact_shortlist`); ties go to the lowest position
+    and a NaN distance comes first (`first_k`)."""
+    rows, protos = _rows_and_protos(x, prototypes)
+    batch, length, _ = rows.shape
+    num = protos.shape[0]
+    values = torch.empty(batch, num, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(batch, num, k, dtype=torch.int64, device=x.device)
+    for block in prototype_blocks(num, 6 * batch * length):
+        exact = exact_shortlist(rows, protos[block], metric, k)  # (B, c, L')
+        block_values, block_indices = first_k(exact.flatten(0, 1), k)
+        values[:, block] = block_values.view(batch, -1, k).to(x.dtype)
+        indices[:, block] = block_indices.view(batch, -1, k)
+    return values, indices
+
+
+def topk_backward_through(min_distance_backward_kernel):
+    """A ``topk_distance_backward`` kernel from a backend's ``min_distance_backward``: the
+    ``k`` chosen positions of a prototype are ``k`` copies of it, each with one position, so
+    the fused (deterministic) min_distance backward does the scatter and the copies' gradients
+    are summed back in rank order."""
+
+    def topk_distance_backward(
+        grad_values: Tensor, x: Tensor, prototypes: Tensor, indices: Tensor, metric: str,
+        needs_x: bool = True, needs_prototypes: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Gradients of ``sum(grad_values * values)`` (both ``(B, M, k)``) of `topk_distance`
+        w.r.t. ``x`` and ``prototypes`` (None for one not asked for)."""
+        batch, num, k = indices.shape
+        copies = prototypes.repeat_interleave(k, 0) if k > 1 else prototypes  # (M k, D, ph, pw)
+        grad_x, grad_copies = min_distance_backward_kernel(
+            grad_values.reshape(batch, num * k), x, copies, indices.reshape(batch, num * k),
+            metric, needs_x, needs_prototypes)
+        grad_prototypes = None
+        if grad_copies is not None:
+            grad_prototypes = grad_copies.view(num, k, *prototypes.shape[1:]).sum(1)
+        return grad_x, grad_prototypes
+
+    return topk_distance_backward
+
+
+def _mean_parts(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows (B, L', K), protos (M, K), centre (B, K))`` in the compute dtype, ``centre``
+    being what the metric averages: the mean patch (sqeuclidean, dot) or the mean unit patch
+    (cosine)."""
+    rows, protos = _rows_and_protos(x, prototypes)
+    if metric == "cosine":
+        return rows, protos, (rows / rows.norm(dim=-1, keepdim=True).clamp_min(EPS)).mean(1)
+    return rows, protos, rows.mean(1)
+
+
+def mean_distance(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
+    """Mean over positions of the distance, ``(B, M)`` in ``x.dtype``, in closed form (no
+    ``(B, M, L')`` map, no GEMM over positions: one ``(B, K) x (K, M)`` product).
+
+    - sqeuclidean: ``mean|r|^2 - 2 p.mean(r) + |p|^2``, taken about ``o``, the mean over the
+      batch of the images' mean patches: ``spread + |a|^2 - 2 a.q + |q|^2`` with ``a = mean(r)
+      - o``, ``q = p - o`` and ``spread = mean_l |r_l - c|^2 - |mean(r) - c|^2`` about each
+      image's rounded mean patch ``c``. Shifted so, the terms are as small as the features'
+      spread, not their distance from the origin: the expansion stays accurate far from it.
+    - dot: ``-<mean(r), p>``.
+    - cosine: ``1 - <mean_l r_l / |r_l|, p / |p|>`` (norms floored at `EPS`), in [0, 2].
+    """
+    rows, protos, centre = _mean_parts(x, prototypes, metric)
+    if metric == "dot":
+        return (-(centre @ protos.T)).to(x.dtype)
+    if metric == "cosine":
+        unit = protos / protos.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        return (1 - centre @ unit.T).clamp(0, 2).to(x.dtype)
+    spread, shifted_mean, shifted_protos = _shifted(rows, protos, centre)
+    squares = (spread + shifted_mean.square().sum(-1))[:, None] + shifted_protos.square().sum(-1)
+    return (squares - 2 * shifted_mean @ shifted_protos.T).clamp_min(0).to(x.dtype)
+
+
+def _shifted(rows: Tensor, protos: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """sqeuclidean's mean, about the batch's mean patch ``o``: ``(spread (B,), mean(r) - o
+    (B, K), protos - o (M, K))`` (see `mean_distance`)."""
+    residual = rows - centre[:, None]
+    drift = residual.mean(1)  # (B, K): mean(r) - c, the rounding of c
+    spread = residual.square().sum(-1).mean(1) - drift.square().sum(-1)
+    origin = _origin(centre)
+    return spread, (centre - origin) + drift, protos - origin
+
+
+def _origin(centre: Tensor) -> Tensor:
+    """The shift of `_shifted`, ``(K,)``: the images' mean patches ``(B, K)`` averaged, their
+    non-finite entries as 0 (any shift is exact; a NaN image must not spread to the others)."""
+    return torch.where(centre.isfinite(), centre, 0).mean(0)
+
+
+def _unit_grad(v: Tensor, grad_unit: Tensor) -> Tensor:
+    """Gradient w.r.t. ``v`` (``(..., K)``) of ``<grad_unit, v / max(|v|, EPS)>``."""
+    norm = v.norm(dim=-1, keepdim=True)
+    bound = norm.clamp_min(EPS)
+    unit = v / bound
+    radial = torch.where(norm >= EPS, (unit * grad_unit).sum(-1, keepdim=True), 0)
+    return (grad_unit - radial * unit) / bound
+
+
+def mean_distance_backward(
+    grad_values: Tensor, x: Tensor, prototypes: Tensor, metric: str,
+    needs_x: bool = True, needs_prototypes: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad_values * mean_distance(x, prototypes))`` (``grad_values``
+    ``(B, M)``) w.r.t. both inputs (None for one not asked for, which is then not computed),
+    in closed form: every position gets ``1 / L'`` of its image's gradient."""
+    rows, protos, centre = _mean_parts(x, prototypes, metric)
+    grad = grad_values.to(rows.dtype)
+    length = rows.shape[1]
+    grad_rows = grad_protos = None
+    if metric == "sqeuclidean":
+        # d/dr_l = 2 (r_l - p) / L' = 2 ((r_l - c) + (c - o) - (p - o)) / L', d/dp = 2 (p - mean(r))
+        # = 2 ((p - o) - (mean(r) - o)): the forward's shifted terms, no cancellation
+        _, shifted_mean, shifted_protos = _shifted(rows, protos, centre)
+        if needs_x:
+            total = grad.sum(1)  # (B,)
+            pulls = total[:, None] * (centre - _origin(centre)) - grad @ shifted_protos
+            grad_rows = (2 / length) * (total[:, None, None] * (rows - centre[:, None])
+                                        + pulls[:, None, :])
+        if needs_prototypes:
+            grad_protos = 2 * (grad.sum(0)[:, None] * shifted_protos - grad.T @ shifted_mean)
+    elif metric == "dot":
+        if needs_x:
+            grad_rows = (-(grad @ protos) / length)[:, None, :].expand_as(rows)
+        if needs_prototypes:
+            grad_protos = -(grad.T @ centre)
+    else:  # d = 1 - <c, q>, c = mean_l unit(r_l), q = unit(p)
+        unit = protos / protos.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        if needs_x:
+            grad_centre = -(grad @ unit)  # (B, K)
+            grad_rows = _unit_grad(rows, (grad_centre / length)[:, None, :].expand_as(rows))
+        if needs_prototypes:
+            grad_protos = _unit_grad(protos, -(grad.T @ centre))
+    return _fold_grads(grad_rows, grad_protos, x, prototypes)
+
+
 register_backend(Backend(
     name="reference",
     kernels={
@@ -397,5 +608,9 @@ register_backend(Backend(
         "distance_map_backward": distance_map_backward,
         "nearest_prototypes": nearest_prototypes,
         "nearest_prototypes_backward": nearest_prototypes_backward,
+        "topk_distance": topk_distance,
+        "topk_distance_backward": topk_backward_through(min_distance_backward),
+        "mean_distance": mean_distance,
+        "mean_distance_backward": mean_distance_backward,
     },
 ))

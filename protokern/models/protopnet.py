@@ -19,7 +19,7 @@ from protokern.models.backbones import (
     feature_shape,
     receptive_field,
 )
-from protokern.nn import PrototypeLayer
+from protokern.nn import PrototypeLayer, port_state_dict
 
 LOG_ACTIVATION_EPSILON = 1e-4
 INCORRECT_CLASS_CONNECTION = -0.5
@@ -134,6 +134,18 @@ class ProtoPNet(nn.Module):
         min_distances, indices = self.prototype_layer(self.conv_features(images))
         similarities = distance_to_similarity(min_distances, self.metric)
         return ProtoPNetOutput(self.last_layer(similarities), min_distances, indices)
+
+    def load_original_state_dict(self, state_dict: dict[str, Tensor],
+                                 layout: str = "protopnet",
+                                 prefixes: dict[str, str] | None = None) -> None:
+        """Load an original checkpoint's weights (`protokern.nn.port_state_dict`'s layouts:
+        ``"protopnet"``, cfchen-duke's, or ``"cabrnet"``), strictly: every key of this model
+        must be filled, except the class identity, which cfchen-duke does not save (its rule
+        is this model's: prototype ``m`` belongs to class ``m // prototypes_per_class``).
+        ``prefixes`` renames the backbone's keys where they differ."""
+        ported = port_state_dict(state_dict, layout, layer="prototype_layer", prefixes=prefixes)
+        ported.setdefault("prototype_class_identity", self.prototype_class_identity)
+        self.load_state_dict(ported, strict=True)
 
     def similarity_maps(self, images: Tensor) -> Tensor:
         """``(B, M, H', W')`` similarity of every prototype at every position (explanations)."""

@@ -7,6 +7,7 @@ a running minimum and argmin over batches is all that is kept, so memory does no
 the dataset and no distance map is ever stored.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,91 @@ from protokern.distributed.collectives import gather_from_processes
 from protokern.distributed.processes import is_distributed, world
 from protokern.models.protopnet import ProtoPNet
 from protokern.ops import min_distance
+
+
+@dataclass
+class PushSearch:
+    """Per prototype, its nearest patch among the searched images of its class; all ``M`` rows.
+
+    Attributes:
+        distance: ``(M,)`` float64 (``inf`` where no image of the class was searched).
+        image_index: ``(M,)`` int64 index of the image over all the batches, in order (-1
+            where none).
+        position: ``(M,)`` int64 flat row-major index into ``H' x W'`` of the patch.
+        patch: ``(M, D, ph, pw)`` the patch, in the prototypes' dtype (the prototype itself
+            where none was found), ready to copy into the prototypes.
+    """
+
+    distance: Tensor
+    image_index: Tensor
+    position: Tensor
+    patch: Tensor
+
+
+@torch.no_grad()
+def push_search(features_batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]],
+                prototypes: Tensor, labels: Iterable[Tensor] | None,
+                prototype_classes: Tensor | None,
+                metric: str = "sqeuclidean", *, progress: bool = False) -> PushSearch:
+    """ProtoPNet's push search, streamed: per prototype, the nearest patch over every batch of
+    features among the images of its class, with no distance map held.
+
+    Each batch goes through the fused `protokern.min_distance` once (``(B, M)`` minima and
+    positions); a running minimum, argmin and patch per prototype is all that is carried
+    across batches, so memory does not grow with the data set. For a ported model: feed it
+    the add-on features of the training set, then copy ``result.patch`` into the prototypes
+    (where ``result.image_index >= 0``).
+
+    Args:
+        features_batches: ``(B, D, H, W)`` feature maps (or ``(B, L, D)`` tokens), one per
+            batch, e.g. a generator over a DataLoader; ``B`` may vary. With ``labels=None``,
+            ``(features, labels)`` pairs instead (one pass over a loader).
+        prototypes: ``(M, D)``, ``(M, D, 1, 1)`` or ``(M, D, ph, pw)``.
+        labels: ``(B,)`` int labels of each batch's images, zipped with ``features_batches``
+            (the same number of batches; ValueError otherwise), or None (pairs).
+        prototype_classes: ``(M,)`` the class of each prototype (class-specific push), or
+            None to search every image.
+        metric: as in `protokern.min_distance` (ProtoPNet: ``"sqeuclidean"``).
+        progress: a tqdm bar over the batches.
+
+    Ties between images go to the earliest image (over the batches, in order), within an
+    image to the lowest position (`min_distance`'s rule).
+    """
+    four_d = prototypes if prototypes.dim() == 4 else prototypes[:, :, None, None]
+    num, _, ph, pw = four_d.shape
+    device = prototypes.device
+    best_distance = torch.full((num,), float("inf"), device=device, dtype=torch.float64)
+    best_image = torch.full((num,), -1, dtype=torch.int64, device=device)
+    best_position = torch.zeros(num, dtype=torch.int64, device=device)
+    best_patch = four_d.detach().clone()
+    offset = 0
+    batches = features_batches if labels is None else zip(features_batches, labels,
+                                                          strict=True)
+    for features, batch_labels in tqdm(batches, desc="push", disable=not progress, leave=False):
+        if features.dim() == 3:  # tokens (B, L, D) -> (B, D, L, 1), as min_distance reads them
+            features = features.transpose(1, 2).unsqueeze(-1)
+        values, indices = min_distance(features, four_d, metric)  # (B, M)
+        values = values.double()
+        if prototype_classes is not None:
+            other_class = batch_labels.to(device)[:, None] != prototype_classes[None, :]
+            values = values.masked_fill(other_class, float("inf"))
+        batch_min, batch_image = values.min(0)  # (M,): first image on ties
+        better = batch_min < best_distance  # strict: an earlier batch keeps its tie
+        if better.any():
+            which = better.nonzero()[:, 0]
+            image = batch_image[which]
+            position = indices[image, which]
+            width = features.shape[3] - pw + 1
+            rows, cols = position // width, position % width
+            for m, b, r, c in zip(which.tolist(), image.tolist(), rows.tolist(), cols.tolist(),
+                                  strict=True):
+                best_patch[m] = features[b, :, r:r + ph, c:c + pw]
+            best_distance[which] = batch_min[which]
+            best_image[which] = image + offset
+            best_position[which] = position
+        offset += features.shape[0]
+    return PushSearch(best_distance, best_image, best_position,
+                      best_patch.view(prototypes.shape))
 
 
 @dataclass
@@ -89,39 +175,13 @@ def _nearest_patches(model: ProtoPNet, dataset: Dataset, first_index: int, batch
     ``first_index + i`` of the whole data): ``(M,)`` float64 distances (inf where none),
     ``(M,)`` image indices (-1 where none), ``(M,)`` flat positions and ``(M, D, ph, pw)``
     patches (the prototype itself where none)."""
-    layer = model.prototype_layer
-    prototypes = layer.prototype_vectors
-    num, _, ph, pw = prototypes.shape
-    device = prototypes.device
-    classes = model.prototype_classes  # (M,)
-
-    best_distance = torch.full((num,), float("inf"), device=device, dtype=torch.float64)
-    best_image = torch.full((num,), -1, dtype=torch.int64, device=device)
-    best_position = torch.zeros(num, dtype=torch.int64, device=device)
-    best_patch = prototypes.detach().clone()
-    offset = first_index
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, labels in tqdm(loader, desc="push", disable=not progress, leave=False):
-        images, labels = images.to(device), labels.to(device)
-        features = model.conv_features(images)  # (B, D, H, W)
-        values, indices = min_distance(features, prototypes, layer.metric)  # (B, M)
-        values = values.double().masked_fill(labels[:, None] != classes[None, :], float("inf"))
-        batch_min, batch_image = values.min(0)  # (M,): first image on ties
-        better = batch_min < best_distance  # strict: an earlier batch keeps its tie
-        if better.any():
-            which = better.nonzero()[:, 0]
-            image = batch_image[which]
-            position = indices[image, which]
-            width = features.shape[3] - pw + 1
-            rows, cols = position // width, position % width
-            for m, b, r, c in zip(which.tolist(), image.tolist(), rows.tolist(), cols.tolist(),
-                                  strict=True):
-                best_patch[m] = features[b, :, r:r + ph, c:c + pw]
-            best_distance[which] = batch_min[which]
-            best_image[which] = image + offset
-            best_position[which] = position
-        offset += len(images)
-    return best_distance, best_image, best_position, best_patch
+    device = model.prototype_layer.prototype_vectors.device
+    pairs = ((model.conv_features(images.to(device)), labels) for images, labels in loader)
+    found = push_search(pairs, model.prototype_layer.prototype_vectors, None,
+                        model.prototype_classes, model.metric, progress=progress)
+    image = torch.where(found.image_index >= 0, found.image_index + first_index, -1)
+    return found.distance, image, found.position, found.patch
 
 
 def _nearest_across_processes(distance: Tensor, image: Tensor, position: Tensor, patch: Tensor

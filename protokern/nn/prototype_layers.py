@@ -1,4 +1,8 @@
-"""ProtoPNet's prototype layer, and a bank of prototypes sharded over a process group."""
+"""ProtoPNet's prototype layer, and a bank of prototypes sharded over a process group; and
+`port_state_dict`, which renames the keys of original ProtoPNet and CaBRNet checkpoints to
+those of a model built on `PrototypeLayer`."""
+
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -313,3 +317,70 @@ def _resolve_group(process_group: ProcessGroup | None) -> tuple[ProcessGroup | N
         raise ValueError("ShardedPrototypeLayer: this process is not a member of process_group")
     world_size = dist.get_world_size(process_group)
     return (process_group if world_size > 1 else None), rank, world_size
+
+
+ORIGINAL_LAYOUTS: dict[str, dict[str, str | None]] = {
+    # cfchen-duke/ProtoPNet: `prototype_vectors` (M, D, 1, 1) at the model's root; `ones`, the
+    # all-ones kernel its conv computes |x|^2 with, is not a weight
+    "protopnet": {"prototype_vectors": "{layer}.prototype_vectors", "ones": None},
+    # CaBRNet's ProtoPNet (`cabrnet.archs.protopnet`): the classifier holds the prototypes
+    # (M, D, 1, 1), the last layer and the (M, K) class map; the legacy similarity's all-ones
+    # kernel is not a weight
+    "cabrnet": {
+        "classifier.prototypes": "{layer}.prototype_vectors",
+        "classifier.last_layer.weight": "last_layer.weight",
+        "classifier.proto_class_map": "prototype_class_identity",
+        "classifier.similarity_layer._summation_kernel": None,
+    },
+}
+"""Key renames from each original layout to protokern's `ProtoPNet` (``{layer}``: the
+attribute holding the `PrototypeLayer`); None drops the key."""
+
+
+def port_state_dict(state_dict: Mapping[str, Tensor],
+                    layout: str | Mapping[str, str | None] = "protopnet", *,
+                    layer: str = "prototype_layer",
+                    prefixes: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """An original checkpoint's state dict with its keys renamed for a model whose prototypes
+    live in a `PrototypeLayer` (the tensors are shared, not copied).
+
+    Args:
+        state_dict: the original model's ``state_dict()`` (cfchen-duke ProtoPNet, CaBRNet).
+        layout: ``"protopnet"`` or ``"cabrnet"`` (`ORIGINAL_LAYOUTS`), or your own mapping of
+            original key -> new key (None: drop it).
+        layer: the attribute name of the `PrototypeLayer` in the new model.
+        prefixes: renames of key prefixes for the rest (e.g. a backbone:
+            ``{"extractor.convnet.": "features."}``); other keys pass through unchanged.
+
+    Raises:
+        KeyError: a key of the layout that maps to a tensor is not in ``state_dict`` (the
+        message lists the keys there). ValueError: the prototypes are not 2-d or 4-d.
+
+    Example (cfchen-duke ProtoPNet -> a ported model)::
+
+        model.load_state_dict(pk.nn.port_state_dict(torch.load(path).state_dict()))
+    """
+    renames = ORIGINAL_LAYOUTS[layout] if isinstance(layout, str) else dict(layout)
+    missing = [key for key, new in renames.items() if new is not None and key not in state_dict]
+    if missing:
+        raise KeyError(f"port_state_dict: the {layout if isinstance(layout, str) else 'given'} "
+                       f"layout needs {missing}, not in the state dict (its keys: "
+                       f"{sorted(state_dict)[:12]})")
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in renames:
+            if renames[key] is not None:
+                out[renames[key].format(layer=layer)] = value
+            continue
+        for old, new in (prefixes or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    prototypes = out.get(f"{layer}.prototype_vectors")
+    if prototypes is not None and prototypes.dim() == 2:  # (M, D) banks: (M, D, 1, 1)
+        out[f"{layer}.prototype_vectors"] = prototypes[:, :, None, None]
+    elif prototypes is not None and prototypes.dim() != 4:
+        raise ValueError(f"port_state_dict: the prototypes must be (M, D) or (M, D, ph, pw), "
+                         f"got shape {tuple(prototypes.shape)}")
+    return out

@@ -4,11 +4,12 @@ determinism and the kernel-level argument checks."""
 
 import pytest
 import torch
+from cases import METRICS  # the C++ kernels' ("dot" is refused: tests/test_pooling_ops.py)
 from helpers import assert_matches_brute_force
 
 import protokern as pk
 from protokern.backends import reference
-from protokern.ops import METRICS, canonicalize
+from protokern.ops import canonicalize
 from protokern.testing import TOLERANCE, relative_error
 
 pytestmark = pytest.mark.skipif(

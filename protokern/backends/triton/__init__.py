@@ -62,7 +62,12 @@ MAX_K = 64
 """The largest ``k`` of `nearest_prototypes` (its per-row state lives in registers)."""
 
 
+_no_dot = reference.dot_refusal("its kernels")
+
+
 def _nearest_prototypes_rule(x, prototypes, metric: str, k: int) -> str | None:
+    if metric == "dot":
+        return _no_dot(x, prototypes, metric)
     if k > MAX_K:
         return (f"its nearest_prototypes kernel keeps at most k={MAX_K} candidates per row in "
                 f"registers, got k={k}")
@@ -82,7 +87,10 @@ register_backend(
             "nearest_prototypes_backward": _kernel_function("nearest_prototypes_backward",
                                                             "nearest_prototypes_backward"),
         },
-        rules={"nearest_prototypes": _nearest_prototypes_rule},
+        # topk_distance and mean_distance have no kernel here (refused: the reference runs
+        # them); nor has the "dot" metric
+        rules={"nearest_prototypes": _nearest_prototypes_rule, "min_distance": _no_dot,
+               "distance_map": _no_dot},
         device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
         # below cuda (15) on CUDA tensors; interpreted, below reference: never a CPU default
         priority=-10 if INTERPRET else 10,

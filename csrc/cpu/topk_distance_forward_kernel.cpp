@@ -1,0 +1,190 @@
+// The CPU forward kernel of topk_distance: the k smallest distances over positions of every
+// (image, prototype), min_distance's tile reduction with k survivors instead of one.
+//
+// As min_distance_forward_kernel.cpp: per task a block of images, their windows packed as rows;
+// per block of prototypes one GEMM gives a (rows x block) tile of inner products. Per image and
+// column, every position's expanded distance is bounded (the reference's bounds, widened for the
+// rearranged arithmetic: protokern/backends/reference.py expanded_distance), the k-th smallest
+// upper bound found (nth_element over the positions), and every position whose lower bound is
+// at most it is recomputed directly (exact_distance.h); the k smallest exact distances win,
+// ascending, a NaN first, ties to the lowest position. At least k positions are shortlisted (the
+// k smallest upper bounds' own lower bounds are below the k-th), so the result does not depend on
+// how the GEMM rounds. Untrusted rows or prototypes (NaN, inf, huge norms) are always shortlisted.
+// Only a tile of distances and one image's candidates ever exist.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/exact_distance.h"
+#include "cpu/gemm_tiles.h"
+#include "cpu/min_distance_kernels.h"
+
+namespace protokern::cpu {
+namespace {
+
+// (exact distance, position) ordered as torch.min orders them: NaN first, then ascending, ties
+// to the lowest position.
+bool comes_first(const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+  const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+  if (a_nan != b_nan) return a_nan;
+  if (!a_nan && a.first != b.first) return a.first < b.first;
+  return a.second < b.second;
+}
+
+// Scratch of one task, allocated once.
+struct Candidates {
+  std::vector<double> lower, upper, kth;
+  std::vector<std::pair<double, int64_t>> exact;
+  explicit Candidates(int64_t positions) : lower(positions), upper(positions), kth(positions) {
+    exact.reserve(positions);
+  }
+};
+
+// One image (its `positions` packed rows, their squared norms, trust flags) against `columns`
+// prototypes: the k smallest exact distances of each column into values/indices. Vector clones,
+// as min_distance's reduce_image: exact_distance's sums then run in the same vector width, so
+// k = 1 returns min_distance's values bit for bit.
+template <typename acc_t>
+PK_VECTOR_CLONES void reduce_image_topk(const acc_t* tile, int64_t columns, int64_t positions, const acc_t* rows,
+                       const acc_t* row_squared, const uint8_t* row_finite, int64_t size,
+                       const acc_t* prototypes, const acc_t* proto_squared,
+                       const uint8_t* proto_finite, const double* proto_squared_exact,
+                       Metric metric, double g, double tau, int64_t k, Candidates& work,
+                       acc_t* values, int64_t* indices) {
+  const bool squared_metric = metric == Metric::kSqEuclidean;
+  for (int64_t c = 0; c < columns; ++c) {
+    const bool column_trusted = proto_finite[c] != 0;
+    const double p_squared = proto_squared[c];
+    const double p_inverse = 1.0 / std::max(std::sqrt(p_squared), kNormFloor);
+    int64_t trusted = 0;
+    for (int64_t r = 0; r < positions; ++r) {
+      if (!(column_trusted && row_finite[r])) {
+        work.lower[r] = -infinity<double>();  // always shortlisted
+        continue;
+      }
+      const double dot = tile[r * columns + c];
+      double distance, bound;
+      if (squared_metric) {
+        const double magnitude = static_cast<double>(row_squared[r]) + p_squared;
+        distance = std::max(magnitude - 2 * dot, 0.0);
+        bound = g * magnitude + tau;
+      } else {
+        const double x_inverse =
+            1.0 / std::max(std::sqrt(static_cast<double>(row_squared[r])), kNormFloor);
+        distance = std::min(std::max(1.0 - dot * x_inverse * p_inverse, 0.0), 2.0);
+        bound = g;
+      }
+      work.lower[r] = distance - bound;
+      work.upper[r] = distance + bound;
+      work.kth[trusted++] = distance + bound;
+    }
+    double threshold = infinity<double>();
+    if (trusted >= k) {
+      std::nth_element(work.kth.begin(), work.kth.begin() + (k - 1), work.kth.begin() + trusted);
+      threshold = work.kth[k - 1];
+    }
+    work.exact.clear();
+    for (int64_t r = 0; r < positions; ++r)
+      if (work.lower[r] <= threshold)
+        work.exact.emplace_back(
+            exact_distance(rows + r * size, prototypes + c * size, size, metric,
+                           proto_squared_exact[c], column_trusted && row_finite[r]),
+            r);
+    // The bounds guarantee k candidates; if rounding ever defeated them, take every position.
+    if (static_cast<int64_t>(work.exact.size()) < k) {
+      work.exact.clear();
+      for (int64_t r = 0; r < positions; ++r)
+        work.exact.emplace_back(exact_distance(rows + r * size, prototypes + c * size, size,
+                                               metric, proto_squared_exact[c], false),
+                                r);
+    }
+    std::partial_sort(work.exact.begin(), work.exact.begin() + k, work.exact.end(),
+                      comes_first);
+    for (int64_t j = 0; j < k; ++j) {
+      values[c * k + j] = static_cast<acc_t>(work.exact[j].first);
+      indices[c * k + j] = work.exact[j].second;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                           int64_t num_prototypes, Metric metric, double input_rounding,
+                           int64_t k, acc_t* values, int64_t* indices) {
+  const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
+  if (batch == 0 || num_prototypes == 0) return;
+
+  std::vector<acc_t> proto_squared(num_prototypes), proto_inverse(num_prototypes);
+  std::vector<uint8_t> proto_finite(num_prototypes);
+  std::vector<double> proto_squared_exact(num_prototypes, 0.0);
+  at::parallel_for(0, num_prototypes, 64, [&](int64_t begin, int64_t end) {
+    squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
+    describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
+                  proto_finite.data() + begin);
+    if (metric == Metric::kCosine)
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
+  });
+
+  // min_distance_forward_kernel.cpp's bounds (the reference's plus a few eps of slack).
+  const double eps = std::numeric_limits<acc_t>::epsilon();
+  const double g = metric == Metric::kSqEuclidean
+                       ? (size + 12) * eps + 2 * input_rounding
+                       : (2 * size + 12) * eps + 4 * input_rounding;
+  const double tau = 4 * (size + 1) * static_cast<double>(std::numeric_limits<acc_t>::min());
+
+  const int64_t images_per_block =
+      std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
+  const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
+  at::parallel_for(0, image_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t row_capacity = images_per_block * positions;
+    std::vector<acc_t> rows(row_capacity * size), squared(row_capacity), inverse(row_capacity);
+    std::vector<acc_t> tile(row_capacity * kPrototypeBlock);
+    std::vector<uint8_t> finite(row_capacity);
+    Candidates work(positions);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first_image = task * images_per_block;
+      const int64_t images = std::min(images_per_block, batch - first_image);
+      const int64_t row_count = images * positions;
+      pack_rows(x, map, first_image, images, rows.data());
+      squared_norms(rows.data(), row_count, size, squared.data());
+      describe_rows(squared.data(), row_count, inverse.data(), finite.data());
+      for (int64_t c0 = 0; c0 < num_prototypes; c0 += kPrototypeBlock) {
+        const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
+        gemm_rows_by_prototypes(rows.data(), row_count, prototypes + c0 * size, columns, size,
+                                tile.data());
+        for (int64_t image = 0; image < images; ++image) {
+          const int64_t r0 = image * positions;
+          const int64_t out = ((first_image + image) * num_prototypes + c0) * k;
+          reduce_image_topk(tile.data() + r0 * columns, columns, positions,
+                            rows.data() + r0 * size, squared.data() + r0, finite.data() + r0,
+                            size, prototypes + c0 * size, proto_squared.data() + c0,
+                            proto_finite.data() + c0, proto_squared_exact.data() + c0, metric, g,
+                            tau, k, work, values + out, indices + out);
+        }
+      }
+    }
+  });
+}
+
+#define PK_INSTANTIATE(in_t, acc_t)                                                         \
+  template void topk_distance_forward<in_t, acc_t>(const in_t*, const FeatureMap&,          \
+                                                   const acc_t*, int64_t, Metric, double,   \
+                                                   int64_t, acc_t*, int64_t*);
+
+PK_INSTANTIATE(float, float)
+PK_INSTANTIATE(double, double)
+PK_INSTANTIATE(c10::Half, float)
+PK_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace protokern::cpu
