@@ -242,4 +242,6 @@ def recording() -> Iterator[list[tuple[str, str]]]:
         yield calls
     finally:
         with _recorders_lock:
-            _recorders.remove(calls)
+            # by identity: list.remove compares by value, so a nested recording (both empty,
+            # or equal) would take out the outer one's list
+            del _recorders[next(i for i, r in enumerate(_recorders) if r is calls)]

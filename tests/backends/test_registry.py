@@ -348,3 +348,15 @@ def test_a_compiled_function_asks_each_calls_inputs_under_the_automatic_choice(r
         compiled(torch.randn(4, 3, 4, 4))
     assert calls == [("min_distance", "picky"), ("min_distance", "reference")]
     torch._dynamo.reset()
+
+
+def test_nested_recordings_each_keep_their_own_calls():
+    """An inner recording, empty like the outer one when it starts, must not take out the outer
+    one's list when it ends (list.remove would: it compares by value)."""
+    x, p = torch.randn(1, 3, 4, 4), torch.randn(2, 3)
+    with pk.use_backend("reference"), pk.recording() as outer:
+        with pk.recording() as inner:
+            pass
+        assert inner == []
+        pk.min_distance(x, p)
+    assert outer and all(backend == "reference" for _, backend in outer)
