@@ -110,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"protokern bench: {error}")
         return 2
     env = environment(config)
+    # per shape: the nearest-prototypes shapes have contenders of their own
+    planned = dict.fromkeys(c.name for shape in config.shapes
+                            for c in config.selected_contenders(shape))
     print(f"protokern bench on {env['device_name']} ({config.device}), torch {env['torch']}, "
-          f"threads {env['threads']}, contenders: "
-          f"{', '.join(c.name for c in config.selected_contenders())}")
+          f"threads {env['threads']}, contenders: {', '.join(planned)}")
     scaling: list[dict] = []
     results: list[dict] = []
 
