@@ -16,7 +16,12 @@ import pytest
 import torch
 from cases import FULL_PRECISION, HALF_PRECISION, METRICS, map_layout, token_layout
 from cases import interpreted as runs_interpreted
-from helpers import assert_nearest, first_k, nearest_brute_force
+from helpers import (
+    assert_gradients_close_where_finite,
+    assert_nearest,
+    first_k,
+    nearest_brute_force,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,12 +121,7 @@ def check(problem: Problem) -> None:
         want = torch.autograd.grad((chosen * weights.reshape(-1, problem.k).double()).sum(),
                                    (xd, pd))
         for got, expected in zip((xg.grad, pg.grad), want, strict=True):
-            # the brute force's autograd goes through sqrt(0) at an all-zero vector (cosine):
-            # NaN where the op's floor passes no gradient; compare the rest
-            known = expected.isfinite()
-            scale = expected[known].abs().max().clamp_min(1.0) if known.any() else 1.0
-            difference = (got.double() - expected)[known].abs()
-            assert difference.numel() == 0 or difference.max() / scale <= 1e-4
+            assert_gradients_close_where_finite(got, expected, 1e-4)
 
 
 def test_nearest_prototypes_matches_brute_force(backend):
