@@ -1,4 +1,4 @@
-// What the forward CPU kernels share (min_distance_forward_kernel.cpp,
+// What the forward CPU kernels share (min_distance_, topk_distance_ and
 // nearest_prototypes_forward_kernel.cpp): GEMM tiles of packed rows against a block of
 // prototypes and what the bounds need about each row (its squared norm, whether the expansion
 // can be trusted there). Raw pointers; the GEMM is PyTorch's BLAS through ATen (why: see
@@ -6,12 +6,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
+#include "cpu/exact_distance.h"
 #include "metric.h"
 
 namespace protokern::cpu {
@@ -42,6 +45,32 @@ inline void describe_rows(const acc_t* squared, int64_t count, acc_t* inverse, u
     inverse[r] = static_cast<acc_t>(
         1.0 / std::max(std::sqrt(static_cast<double>(squared[r])), kNormFloor));
   }
+}
+
+// Per prototype, what the forward kernels over positions (min_distance, topk_distance) need for
+// their bounds and exact recompute: squared norm, 1/norm, whether the expansion can be trusted
+// there, and for cosine |p|^2 in double.
+template <typename acc_t>
+struct PrototypeNorms {
+  std::vector<acc_t> squared, inverse;
+  std::vector<uint8_t> finite;
+  std::vector<double> squared_exact;
+};
+
+template <typename acc_t>
+inline PrototypeNorms<acc_t> prototype_norms(const acc_t* prototypes, int64_t count, int64_t size,
+                                             Metric metric) {
+  PrototypeNorms<acc_t> norms{std::vector<acc_t>(count), std::vector<acc_t>(count),
+                              std::vector<uint8_t>(count), std::vector<double>(count, 0.0)};
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    squared_norms(prototypes + begin * size, end - begin, size, norms.squared.data() + begin);
+    describe_rows(norms.squared.data() + begin, end - begin, norms.inverse.data() + begin,
+                  norms.finite.data() + begin);
+    if (metric == Metric::kCosine)
+      for (int64_t m = begin; m < end; ++m)
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &norms.squared_exact[m]);
+  });
+  return norms;
 }
 
 // tile (row_count x columns, row-major) = rows (row_count x K) . prototypes (columns x K)^T.

@@ -255,18 +255,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
   const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
   if (batch == 0 || num_prototypes == 0) return;
 
-  // Per prototype: squared norm, 1/norm, trust flag; and |p|^2 in double for exact cosine.
-  std::vector<acc_t> proto_squared(num_prototypes), proto_inverse(num_prototypes);
-  std::vector<uint8_t> proto_finite(num_prototypes);
-  std::vector<double> proto_squared_exact(num_prototypes, 0.0);
-  at::parallel_for(0, num_prototypes, 64, [&](int64_t begin, int64_t end) {
-    squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
-    describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
-                  proto_finite.data() + begin);
-    if (metric == Metric::kCosine)
-      for (int64_t m = begin; m < end; ++m)
-        exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
-  });
+  const PrototypeNorms<acc_t> norms = prototype_norms(prototypes, num_prototypes, size, metric);
 
   // Rounding of the expansion, as reference.expanded_distance, plus a few eps for the
   // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
@@ -302,13 +291,13 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
       for (int64_t block = first_block; block < last_block; ++block) {
         const int64_t c0 = block * kPrototypeBlock;
         const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
-        const TileSide<acc_t> col_side{proto_squared.data() + c0, proto_inverse.data() + c0,
-                                       proto_finite.data() + c0};
+        const TileSide<acc_t> col_side{norms.squared.data() + c0, norms.inverse.data() + c0,
+                                       norms.finite.data() + c0};
         if (positions == 1) {  // the only position is the answer: no GEMM, no shortlist
           const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
                                          work.finite.data()};
           direct_distances(work.rows.data(), images, size, row_side, col_side,
-                           prototypes + c0 * size, columns, proto_squared_exact.data() + c0,
+                           prototypes + c0 * size, columns, norms.squared_exact.data() + c0,
                            metric, values + first_image * num_prototypes + c0, num_prototypes,
                            indices + first_image * num_prototypes + c0);
           continue;
@@ -321,7 +310,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
           const TileSide<acc_t> row_side{work.squared.data() + r0, work.inverse.data() + r0,
                                          work.finite.data() + r0};
           reduce_image(tile, columns, positions, work.rows.data() + r0 * size, size, row_side,
-                       col_side, prototypes + c0 * size, proto_squared_exact.data() + c0, metric,
+                       col_side, prototypes + c0 * size, norms.squared_exact.data() + c0, metric,
                        g, tau, work.best.data(), *work.shortlist);
           const int64_t out = (first_image + image) * num_prototypes + c0;
           for (int64_t c = 0; c < columns; ++c) {

@@ -124,17 +124,7 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
   const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
   if (batch == 0 || num_prototypes == 0) return;
 
-  std::vector<acc_t> proto_squared(num_prototypes), proto_inverse(num_prototypes);
-  std::vector<uint8_t> proto_finite(num_prototypes);
-  std::vector<double> proto_squared_exact(num_prototypes, 0.0);
-  at::parallel_for(0, num_prototypes, 64, [&](int64_t begin, int64_t end) {
-    squared_norms(prototypes + begin * size, end - begin, size, proto_squared.data() + begin);
-    describe_rows(proto_squared.data() + begin, end - begin, proto_inverse.data() + begin,
-                  proto_finite.data() + begin);
-    if (metric == Metric::kCosine)
-      for (int64_t m = begin; m < end; ++m)
-        exact_dot(prototypes + m * size, prototypes + m * size, size, &proto_squared_exact[m]);
-  });
+  const PrototypeNorms<acc_t> norms = prototype_norms(prototypes, num_prototypes, size, metric);
 
   // min_distance_forward_kernel.cpp's bounds (the reference's plus a few eps of slack).
   const double eps = std::numeric_limits<acc_t>::epsilon();
@@ -168,8 +158,8 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
           const int64_t out = ((first_image + image) * num_prototypes + c0) * k;
           reduce_image_topk(tile.data() + r0 * columns, columns, positions,
                             rows.data() + r0 * size, squared.data() + r0, finite.data() + r0,
-                            size, prototypes + c0 * size, proto_squared.data() + c0,
-                            proto_finite.data() + c0, proto_squared_exact.data() + c0, metric, g,
+                            size, prototypes + c0 * size, norms.squared.data() + c0,
+                            norms.finite.data() + c0, norms.squared_exact.data() + c0, metric, g,
                             tau, k, work, values + out, indices + out);
         }
       }
