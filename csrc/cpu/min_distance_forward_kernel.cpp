@@ -280,9 +280,9 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
       std::clamp<int64_t>((wanted + image_blocks - 1) / image_blocks, 1, proto_blocks);
   const int64_t blocks_per_group = (proto_blocks + groups - 1) / groups;
 
-  at::parallel_for(0, image_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(image_blocks * groups, [&](auto&& take) {
     Workspace<acc_t> work(images_per_block * positions, size, kPrototypeBlock);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; take(task);) {
       const int64_t first_image = (task / groups) * images_per_block;
       const int64_t images = std::min(images_per_block, batch - first_image);
       const int64_t row_count = images * positions;
