@@ -2,6 +2,10 @@
 // min_distance_kernels.h): the vectorisation macros and the packing of windows as rows.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/min_distance_kernels.h"
@@ -22,6 +26,24 @@
 #endif
 
 namespace protokern::cpu {
+
+// Runs worker(take) once on each of at::parallel_for's threads; take(task) claims the next of
+// tasks 0 .. count - 1 from a shared counter and returns false when none is left. Unlike
+// at::parallel_for's static split, a thread the OS deschedules (another process competing for
+// the cores) then takes fewer tasks instead of keeping the others waiting at the end of the
+// region. Each task writes its own outputs, so the results do not depend on which thread ran it.
+// Per-thread scratch belongs in the worker, before its loop over take.
+template <typename Worker>
+void parallel_tasks(int64_t count, const Worker& worker) {
+  if (count <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto take = [&next, count](int64_t& task) {
+    task = next.fetch_add(1, std::memory_order_relaxed);
+    return task < count;
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(take); });
+}
 
 // Windows of images [first, first + count) as rows (count * L, K), in the prototypes' order.
 template <typename in_t, typename acc_t>

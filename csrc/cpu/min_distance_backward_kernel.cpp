@@ -196,9 +196,9 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
       for (int64_t m = begin; m < end; ++m)
         exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(batch, [&](auto&& take) {
       AlignedBuffer<acc_t> rows(image_elements);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b; take(b);) {
         pack_rows(x, map, b, 1, rows.data());
         for (int64_t m = 0; m < num; ++m) {
           const acc_t* a = rows.data() + indices[b * num + m] * size;
@@ -212,10 +212,10 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
                                  metric};
   // grad_x, one image per step: its windows are packed, turned into their gradients in place
   // and folded back into the image's (D, H, W) gradient.
-  if (grad_x != nullptr) at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  if (grad_x != nullptr) parallel_tasks(batch, [&](auto&& take) {
     AlignedBuffer<acc_t> rows(image_elements), sum(size);
     std::vector<int64_t> order(num), starts(positions + 1);
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t b; take(b);) {
       pack_rows(x, map, b, 1, rows.data());
       image_row_gradients(in, b, rows.data(), order.data(), starts.data(), sum.data());
       fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
@@ -224,19 +224,27 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
   // image once (x is read once per thread, which costs far less than the gather itself).
   if (grad_prototypes == nullptr) return;
-  at::parallel_for(0, num, kBackwardBlock, [&](int64_t begin, int64_t end) {
+  // Four tasks per thread, so that a descheduled thread's share can move (each task packs x
+  // once more: a few percent of the gather).
+  const int64_t per_task = std::max<int64_t>(
+      kBackwardBlock, (num + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
+  parallel_tasks((num + per_task - 1) / per_task, [&](auto&& take) {
     AlignedBuffer<acc_t> rows(image_elements);
-    std::vector<double> p_coef(end - begin, 0.0);
-    std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
-    for (int64_t b = 0; b < batch; ++b) {
-      pack_rows(x, map, b, 1, rows.data());
-      add_image_to_prototype_gradients(in, b, rows.data(), begin, end, grad_prototypes,
-                                       p_coef.data());
+    std::vector<double> p_coef(per_task);
+    for (int64_t block; take(block);) {
+      const int64_t begin = block * per_task, end = std::min(begin + per_task, num);
+      std::fill(p_coef.begin(), p_coef.end(), 0.0);
+      std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
+      for (int64_t b = 0; b < batch; ++b) {
+        pack_rows(x, map, b, 1, rows.data());
+        add_image_to_prototype_gradients(in, b, rows.data(), begin, end, grad_prototypes,
+                                         p_coef.data());
+      }
+      if (metric == Metric::kCosine)
+        for (int64_t m = begin; m < end; ++m)
+          add_scaled(grad_prototypes + m * size, p_coef[m - begin],
+                     prototypes + m * size, size);
     }
-    if (metric == Metric::kCosine)
-      for (int64_t m = begin; m < end; ++m)
-        add_scaled(grad_prototypes + m * size, p_coef[m - begin],
-                   prototypes + m * size, size);
   });
 }
 

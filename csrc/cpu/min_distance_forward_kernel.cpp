@@ -83,20 +83,22 @@ struct Workspace {
         inverse(row_count), finite(row_count), best(block) {}
 };
 
-// 512-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
+// 256-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
+// 256, not 512: the AVX2 clone lowered 512-bit types to scalar code with stack traffic (perf at
+// cub: the reduction 1.7x the GEMM's samples); the AVX-512 clone runs them in ymm registers.
 template <typename acc_t>
 struct VectorOf;
 template <>
 struct VectorOf<float> {
   using Index = int32_t;
-  typedef float Values __attribute__((vector_size(64)));
-  typedef int32_t Indices __attribute__((vector_size(64)));
+  typedef float Values __attribute__((vector_size(32)));
+  typedef int32_t Indices __attribute__((vector_size(32)));
 };
 template <>
 struct VectorOf<double> {
   using Index = int64_t;
-  typedef double Values __attribute__((vector_size(64)));
-  typedef int64_t Indices __attribute__((vector_size(64)));
+  typedef double Values __attribute__((vector_size(32)));
+  typedef int64_t Indices __attribute__((vector_size(32)));
 };
 
 // One image against one block of prototypes: `tile` holds the inner products C (positions x
@@ -150,12 +152,12 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
     return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot : -dot * row_side.inverse[r];
   };
 
-  // One 512-bit vector of columns at a time, its running minima kept in registers (GCC vector
+  // One 256-bit vector of columns at a time, its running minima kept in registers (GCC vector
   // extensions: lowered to AVX-512, AVX2 or SSE registers by each clone).
   using Index = typename VectorOf<acc_t>::Index;
   using Vec = typename VectorOf<acc_t>::Values;
   using IndexVec = typename VectorOf<acc_t>::Indices;
-  constexpr int64_t kLanes = Workspace<acc_t>::kPadding;  // columns per vector
+  constexpr int64_t kLanes = sizeof(Vec) / sizeof(acc_t);  // columns per vector
 
   for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
   for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
@@ -204,45 +206,47 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                       r);
 }
 
-// One position per image (tokens L = 1, or a window as large as the map): every pair's
-// distance, recomputed directly as for any chosen position; the index is 0.
+// One position per image (tokens L = 1, or a window as large as the map): the only position is
+// the answer, so every pair's distance is returned, index 0. The GEMM tile gives them by the
+// expansion; a value is kept where the expansion's rounding bound is at most twice the direct
+// float32 sum's own (g times the distance), i.e. it cancelled at most one bit, the certificate of
+// the Triton kernel (protokern/backends/triton/min_distance.py). The rest (a prototype on or near
+// its vector, untrusted norms, NaN, inf) is recomputed directly, as any chosen position is.
+// Cosine's bound is absolute (g), so the same rule keeps distances of at least about 1/2.
 template <typename acc_t>
-PK_VECTOR_CLONES void direct_distances(const acc_t* rows, int64_t count, int64_t size,
-                                       TileSide<acc_t> row_side, TileSide<acc_t> col_side,
-                                       const acc_t* prototypes, int64_t columns,
-                                       const double* proto_squared_exact, Metric metric,
-                                       acc_t* values, int64_t ld, int64_t* indices) {
+PK_VECTOR_CLONES void expanded_distances(const acc_t* tile, int64_t count, int64_t columns,
+                                         const acc_t* rows, int64_t size,
+                                         TileSide<acc_t> row_side, TileSide<acc_t> col_side,
+                                         const acc_t* prototypes,
+                                         const double* proto_squared_exact, Metric metric,
+                                         acc_t g, acc_t tau, acc_t* values, int64_t ld,
+                                         int64_t* indices) {
+  const bool squared_metric = metric == Metric::kSqEuclidean;
   for (int64_t r = 0; r < count; ++r) {
-    const acc_t* a = rows + r * size;
-    int64_t c = 0;
-    if (metric == Metric::kSqEuclidean && row_side.finite[r])
-      // Four prototypes per sweep of the window: its elements are loaded once for all four.
-      for (; c + 4 <= columns; c += 4) {
-        if (!(col_side.finite[c] && col_side.finite[c + 1] && col_side.finite[c + 2] &&
-              col_side.finite[c + 3]))
-          break;
-        const acc_t *p0 = prototypes + c * size, *p1 = p0 + size, *p2 = p1 + size,
-                    *p3 = p2 + size;
-        acc_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-#pragma omp simd reduction(+ : t0, t1, t2, t3)
-        for (int64_t k = 0; k < size; ++k) {
-          const acc_t d0 = a[k] - p0[k], d1 = a[k] - p1[k], d2 = a[k] - p2[k],
-                      d3 = a[k] - p3[k];
-          t0 += d0 * d0;
-          t1 += d1 * d1;
-          t2 += d2 * d2;
-          t3 += d3 * d3;
-        }
-        values[r * ld + c] = t0;
-        values[r * ld + c + 1] = t1;
-        values[r * ld + c + 2] = t2;
-        values[r * ld + c + 3] = t3;
+    const acc_t* dots = tile + r * columns;
+    acc_t* out = values + r * ld;
+    const acc_t row_squared = row_side.squared[r], row_inverse = row_side.inverse[r];
+    // A branch-free pass over the row (vectorised); a NaN value marks a pair to recompute.
+    for (int64_t c = 0; c < columns; ++c) {
+      acc_t value, bound;
+      if (squared_metric) {
+        const acc_t magnitude = row_squared + col_side.squared[c];
+        value = magnitude - 2 * dots[c];
+        bound = g * magnitude + tau;
+      } else {
+        value = 1 - dots[c] * (row_inverse * col_side.inverse[c]);
+        bound = g;
       }
-    for (; c < columns; ++c)
-      values[r * ld + c] = static_cast<acc_t>(
-          exact_distance(a, prototypes + c * size, size, metric, proto_squared_exact[c],
-                         row_side.finite[r] && col_side.finite[c]));
-    for (c = 0; c < columns; ++c) indices[r * ld + c] = 0;
+      const bool kept = bound <= 2 * g * (value - bound);  // false for NaN
+      out[c] = kept ? value : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    const bool row_trusted = row_side.finite[r] != 0;
+    for (int64_t c = 0; c < columns; ++c)
+      if (!(row_trusted && col_side.finite[c]) || std::isnan(out[c]))
+        out[c] = static_cast<acc_t>(exact_distance(rows + r * size, prototypes + c * size, size,
+                                                   metric, proto_squared_exact[c],
+                                                   row_trusted && col_side.finite[c]));
+    for (int64_t c = 0; c < columns; ++c) indices[r * ld + c] = 0;
   }
 }
 
@@ -276,9 +280,9 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
       std::clamp<int64_t>((wanted + image_blocks - 1) / image_blocks, 1, proto_blocks);
   const int64_t blocks_per_group = (proto_blocks + groups - 1) / groups;
 
-  at::parallel_for(0, image_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(image_blocks * groups, [&](auto&& take) {
     Workspace<acc_t> work(images_per_block * positions, size, kPrototypeBlock);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; take(task);) {
       const int64_t first_image = (task / groups) * images_per_block;
       const int64_t images = std::min(images_per_block, batch - first_image);
       const int64_t row_count = images * positions;
@@ -293,17 +297,18 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
         const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
         const TileSide<acc_t> col_side{norms.squared.data() + c0, norms.inverse.data() + c0,
                                        norms.finite.data() + c0};
-        if (positions == 1) {  // the only position is the answer: no GEMM, no shortlist
-          const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
-                                         work.finite.data()};
-          direct_distances(work.rows.data(), images, size, row_side, col_side,
-                           prototypes + c0 * size, columns, norms.squared_exact.data() + c0,
-                           metric, values + first_image * num_prototypes + c0, num_prototypes,
-                           indices + first_image * num_prototypes + c0);
-          continue;
-        }
         gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
                                 size, work.tile.data());
+        if (positions == 1) {  // the only position is the answer: no shortlist
+          const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
+                                         work.finite.data()};
+          expanded_distances(work.tile.data(), images, columns, work.rows.data(), size,
+                             row_side, col_side, prototypes + c0 * size,
+                             norms.squared_exact.data() + c0, metric, g, tau,
+                             values + first_image * num_prototypes + c0, num_prototypes,
+                             indices + first_image * num_prototypes + c0);
+          continue;
+        }
         for (int64_t image = 0; image < images; ++image) {
           const int64_t r0 = image * positions;
           const acc_t* tile = work.tile.data() + r0 * columns;

@@ -122,9 +122,9 @@ void nearest_prototypes_backward(const acc_t* grad, const in_t* x, const Feature
     });
   }
   if (grad_x != nullptr) {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(batch, [&](auto&& take) {
       AlignedBuffer<acc_t> rows(positions * size), sum(size);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b; take(b);) {
         pack_rows(x, map, b, 1, rows.data());
         image_window_gradients(grad, prototypes, indices, cosine.data(), b * positions,
                                positions, size, k, metric, rows.data(), sum.data());

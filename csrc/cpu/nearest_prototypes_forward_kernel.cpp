@@ -170,14 +170,14 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
   const int64_t images_per_block =
       std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
   const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
-  at::parallel_for(0, image_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(image_blocks, [&](auto&& take) {
     const int64_t capacity = images_per_block * positions;
     std::vector<acc_t> rows(capacity * size), tile(capacity * kPrototypeBlock);
     std::vector<acc_t> squared(capacity), inverse(capacity), scores(kPrototypeBlock);
     std::vector<uint8_t> trusted(capacity);
     std::vector<RowState<acc_t>> states(capacity);
     std::vector<std::pair<double, int64_t>> found;
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; take(block);) {
       const int64_t first_image = block * images_per_block;
       const int64_t count = std::min(images_per_block, batch - first_image) * positions;
       pack_rows(x, map, first_image, count / positions, rows.data());

@@ -136,13 +136,13 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
   const int64_t images_per_block =
       std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
   const int64_t image_blocks = (batch + images_per_block - 1) / images_per_block;
-  at::parallel_for(0, image_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(image_blocks, [&](auto&& take) {
     const int64_t row_capacity = images_per_block * positions;
     std::vector<acc_t> rows(row_capacity * size), squared(row_capacity), inverse(row_capacity);
     std::vector<acc_t> tile(row_capacity * kPrototypeBlock);
     std::vector<uint8_t> finite(row_capacity);
     Candidates work(positions);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; take(task);) {
       const int64_t first_image = task * images_per_block;
       const int64_t images = std::min(images_per_block, batch - first_image);
       const int64_t row_count = images * positions;

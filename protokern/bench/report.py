@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from protokern.bench.runner import case_group
 from protokern.bench.shapes import SHAPES
 
 _HEADER = (f"{'contender':<22} {'median ms':>10} {'min-max ms':>17} {'vs naive':>9} "
@@ -24,7 +25,9 @@ def _group_title(r: dict) -> str:
         dims += f" {r['patch']}x{r['patch']} patches"
     if r.get("op") == "nearest_prototypes":
         dims += f", {r['k']} nearest per window"
-    return f"{r['shape']} ({dims})  {r['dtype']}  {r['pass']}  [{r['gemm_flops'] / 1e9:.2f} GFLOP]"
+    under = f"  under load {r['load']}" if r.get("load") else ""
+    return (f"{r['shape']} ({dims})  {r['dtype']}  {r['pass']}  "
+            f"[{r['gemm_flops'] / 1e9:.2f} GFLOP]{under}")
 
 
 def _speedup(r: dict, key: str) -> str:
@@ -53,7 +56,7 @@ def format_table(results: list[dict]) -> str:
     on``: a ``protokern:<backend>`` row is only timed when that is its backend alone)."""
     blocks: dict[tuple, list[dict]] = {}
     for r in results:
-        blocks.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
+        blocks.setdefault(case_group(r), []).append(r)
     lines = []
     for group in blocks.values():
         with_keops = any("speedup_vs_keops" in r for r in group)
@@ -61,6 +64,32 @@ def format_table(results: list[dict]) -> str:
         lines += ["", _group_title(group[0]), header, "-" * len(header)]
         lines += [_row(r, with_keops) for r in group]
     return "\n".join(lines[1:])
+
+
+def format_load_comparison(results: list[dict]) -> str:
+    """Per (shape, dtype, pass, contender) timed both quiet and under a competing load: the
+    median quiet and loaded, the slowdown (loaded / quiet) and both times over the bare GEMM's
+    (each against the GEMM timed under the same load). Empty if nothing ran under a load."""
+    quiet = {(r["shape"], r["dtype"], r["pass"], r["contender"]): r for r in results
+             if not r.get("load") and r["status"] == "ok"}
+    loaded = [r for r in results if r.get("load") and r["status"] == "ok"]
+    pairs = [(quiet[key], r) for r in loaded
+             if (key := (r["shape"], r["dtype"], r["pass"], r["contender"])) in quiet]
+    if not pairs:
+        return ""
+
+    def ratio(r: dict) -> str:
+        return "-" if r.get("ratio_to_floor") is None else f"{r['ratio_to_floor']:.2f}"
+
+    header = (f"{'shape':<12} {'dtype':<9} {'pass':<17} {'contender':<22} {'quiet ms':>9} "
+              f"{'loaded ms':>10} {'slowdown':>9} {'/ GEMM quiet':>13} {'/ GEMM loaded':>14}")
+    lines = [f"quiet vs under load {pairs[0][1]['load']} competing process(es)", header,
+             "-" * len(header)]
+    for q, r in pairs:
+        lines.append(f"{r['shape']:<12} {r['dtype']:<9} {r['pass']:<17} {r['contender']:<22} "
+                     f"{q['median_s'] * 1e3:9.2f} {r['median_s'] * 1e3:10.2f} "
+                     f"{r['median_s'] / q['median_s']:8.2f}x {ratio(q):>13} {ratio(r):>14}")
+    return "\n".join(lines)
 
 
 def format_markdown(results: list[dict]) -> str:
@@ -72,7 +101,8 @@ def format_markdown(results: list[dict]) -> str:
                    "ran on"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
-        case = f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['contender']} |"
+        shape = r["shape"] + (f" (load {r['load']})" if r.get("load") else "")
+        case = f"| {shape} | {r['dtype']} | {r['pass']} | {r['contender']} |"
         if r["status"] != "ok":
             lines.append(f"{case} {r['status']}: {r['reason']} |" + " |" * (len(columns) - 6)
                          + f" {_ran_on(r)} |")

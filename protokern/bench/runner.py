@@ -33,6 +33,7 @@ from protokern.bench.contenders import (
     exclude_contenders,
     select_contenders,
 )
+from protokern.bench.load import competing_load
 from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case
 from protokern.bench.shapes import NamedShape
 
@@ -54,6 +55,8 @@ class BenchConfig:
     tf32: bool = False
     seed: int = 0
     isolate: bool = True
+    load: int = 0
+    """CPU: also run every case under this many competing processes (`protokern.bench.load`)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -66,6 +69,10 @@ class BenchConfig:
         bad = [p for p in self.passes if p not in PASSES]
         if bad or not self.passes:
             raise ValueError(f"passes must be among {list(PASSES)}, got {self.passes}")
+        if self.load < 0:
+            raise ValueError(f"load must be >= 0, got {self.load}")
+        if self.load and self.device != "cpu":
+            raise ValueError("load (competing processes) applies to the cpu device only")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
                              f"{self.warmup}")
@@ -96,39 +103,60 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
               description: str = "bench",
               checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every (shape, dtype, pass, contender) case of ``config`` (or of the overrides),
-    in that order, with a progress bar; every planned case gets a result. ``checkpoint`` is
-    called with the results so far after each case (so a run cut short still leaves them)."""
+    in that order, with a progress bar; every planned case gets a result. With
+    ``config.load``, every case runs quiet first, then again under that many competing
+    processes (records carry ``load``: 0 or the count). ``checkpoint`` is called with the
+    results so far after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
     plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes
             for c in config.selected_contenders(s)]
-    results = []
+    results: list[dict] = []
     runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
-    progress = tqdm(plan, desc=description, unit="case", dynamic_ncols=True)
-    for shape, dtype, pass_name, contender in progress:
-        progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}")
-        record = case_record(shape, dtype, config.device, contender, pass_name)
-        estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
-        record["estimated_bytes"] = estimate
-        if estimate > config.memory_cap_bytes:
-            record.update(status="skipped", reason=(
-                f"estimated peak {estimate / 2**30:.1f} GiB > memory cap "
-                f"{config.memory_cap_bytes / 2**30:.1f} GiB"))
-            results.append(record)
-            continue
-        spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
-                        config.repeats, config.warmup, config.threads, config.tf32,
-                        config.seed)
-        record.update(runner.run(spec) if runner else run_case(spec))
-        if record["status"] == "ok":
-            record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
-        results.append(record)
-        if checkpoint is not None:
-            add_comparisons(results)
-            checkpoint(results)
+    levels = [0, config.load] if config.load else [0]
+    progress = tqdm(total=len(plan) * len(levels), desc=description, unit="case",
+                    dynamic_ncols=True)
+    for level in levels:
+        with competing_load(level):
+            for shape, dtype, pass_name, contender in plan:
+                under = f" load {level}" if level else ""
+                progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}"
+                                         f"{under}")
+                results.append(_run_one(config, runner, shape, dtype, pass_name, contender,
+                                        level))
+                progress.update()
+                if checkpoint is not None:
+                    add_comparisons(results)
+                    checkpoint(results)
+    progress.close()
     add_comparisons(results)
     return results
+
+
+def _run_one(config: BenchConfig, runner: IsolatedRunner | None, shape: NamedShape,
+             dtype: str, pass_name: str, contender, load: int) -> dict:
+    record = case_record(shape, dtype, config.device, contender, pass_name)
+    record["load"] = load
+    estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
+    record["estimated_bytes"] = estimate
+    if estimate > config.memory_cap_bytes:
+        record.update(status="skipped", reason=(
+            f"estimated peak {estimate / 2**30:.1f} GiB > memory cap "
+            f"{config.memory_cap_bytes / 2**30:.1f} GiB"))
+        return record
+    spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
+                    config.repeats, config.warmup, config.threads, config.tf32,
+                    config.seed)
+    record.update(runner.run(spec) if runner else run_case(spec))
+    if record["status"] == "ok":
+        record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
+    return record
+
+
+def case_group(record: dict) -> tuple:
+    """What a result is compared within: its shape, dtype, pass and competing load."""
+    return record["shape"], record["dtype"], record["pass"], record.get("load", 0)
 
 
 def add_comparisons(results: list[dict]) -> None:
@@ -138,7 +166,7 @@ def add_comparisons(results: list[dict]) -> None:
     (``ratio_to_floor``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["shape"], r["dtype"], r["pass"]), []).append(r)
+        groups.setdefault(case_group(r), []).append(r)
     for group in groups.values():
         timed = [r for r in group if r["status"] == "ok"]
         naive = [r for r in timed if r["kind"] == "naive"]
@@ -244,6 +272,7 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "memory_cap_bytes": config.memory_cap_bytes,
         "seed": config.seed,
         "isolated_processes": config.isolate and config.device == "cpu",
+        "competing_load_processes": config.load,
     }
 
 

@@ -1,6 +1,7 @@
 """``protokern bench``: every contender on the named shapes; a table, JSON and a scaling plot.
 
     protokern bench --device cpu --shapes cub,imagenet --json out.json --plot out.png
+    protokern bench --device cpu --shapes cub --load 1    # also under a competing process
 
 Prints, per (shape, dtype, pass), each contender's median time and spread, speed-up over the
 fastest naive PyTorch contender (and over KeOps, where it ran), time over a bare GEMM of the
@@ -18,7 +19,7 @@ import torch
 from protokern.bench.contenders import PASSES, all_contenders
 from protokern.bench.measure import DTYPES
 from protokern.bench.plot import scaling_plot
-from protokern.bench.report import format_markdown, format_table, write_json
+from protokern.bench.report import format_load_comparison, format_markdown, format_table, write_json
 from protokern.bench.runner import BenchConfig, environment, run_cases
 from protokern.bench.shapes import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_shapes
 
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="timed calls per case (default 5 cpu, 20 cuda)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 cpu, 3 cuda)")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="CPU: run every case quiet, then again while N single-threaded "
+                        "processes compete for the cores, and print both side by side")
     parser.add_argument("--memory-cap-gb", type=float, help="skip cases estimated to need more "
                         "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -87,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeats=args.repeats if args.repeats is not None else (20 if on_cuda else 5),
         warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
         threads=args.threads, memory_cap_bytes=_memory_cap(args), tf32=args.tf32,
-        seed=args.seed,
+        seed=args.seed, load=args.load,
     )
 
 
@@ -126,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_cases(config, checkpoint=save)
     print(format_table(results))
+    if config.load:
+        print("\n" + format_load_comparison(results))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(format_markdown(results) + "\n")

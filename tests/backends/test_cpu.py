@@ -166,8 +166,9 @@ def test_cpu_is_the_default_for_cpu_tensors():
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_single_position_path_with_nan_inf_and_huge(metric):
-    """L = 1 skips the GEMM: its direct path must still give NaN, inf and huge values exactly as
-    the reference does (and index 0)."""
+    """L = 1 takes the GEMM tile's values where certified: rows and prototypes with NaN, inf or
+    huge norms are recomputed directly, and give NaN, inf and huge values exactly as the
+    reference does (and index 0)."""
     tokens = torch.randn(6, 1, 37)
     prototypes = torch.randn(13, 37)
     tokens[1, 0, 5] = float("nan")
@@ -182,3 +183,24 @@ def test_single_position_path_with_nan_inf_and_huge(metric):
     assert torch.equal(values.isnan(), ref_values.isnan())
     assert torch.equal(values.isinf(), ref_values.isinf())
     torch.testing.assert_close(values, ref_values, equal_nan=True, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_single_position_values_survive_cancellation(metric):
+    """L = 1 keeps the GEMM expansion's value only where its rounding bound certifies it: a
+    prototype on (or next to) its vector far from the origin, where the expansion cancels every
+    digit, is recomputed directly (0 on the vector), and every value, certified or not, is
+    within the float32 tolerance of the float64 truth."""
+    torch.manual_seed(0)
+    tokens = 1000 + torch.randn(300, 1, 96)  # 300 rows: a tile edge inside the first block
+    prototypes = 1000 + torch.randn(270, 96)  # a second prototype block of 14
+    prototypes[:5] = tokens[:5, 0]
+    prototypes[5:10] = tokens[5:10, 0] + 1e-3 * torch.randn(5, 96)
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(tokens, prototypes, metric)
+    with pk.use_backend("reference"):
+        ref_values, _ = pk.min_distance(tokens.double(), prototypes.double(), metric)
+    assert (indices == 0).all()
+    if metric == "sqeuclidean":
+        assert (values[torch.arange(5), torch.arange(5)] == 0).all()
+    assert relative_error(values, ref_values) <= TOLERANCE[torch.float32]

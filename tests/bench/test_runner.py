@@ -1,8 +1,11 @@
 """The benchmark's runner: cases over the memory cap are skipped with the reason; unknown shapes,
-passes and contenders are clear errors."""
+passes and contenders are clear errors; ``load`` runs every case quiet and under competing
+processes, side by side."""
 
 import pytest
 
+from protokern.bench.load import competing_load
+from protokern.bench.report import format_load_comparison, format_table
 from protokern.bench.runner import BenchConfig, run_cases
 from protokern.bench.shapes import parse_shapes
 
@@ -22,3 +25,27 @@ def test_bad_arguments_are_clear_errors():
         BenchConfig(shapes=parse_shapes("tiny"), passes=["sideways"])
     with pytest.raises(ValueError, match="not available"):
         BenchConfig(shapes=parse_shapes("tiny"), contenders=["nope"]).selected_contenders()
+    with pytest.raises(ValueError, match="load must be >= 0"):
+        BenchConfig(shapes=parse_shapes("tiny"), load=-1)
+
+
+def test_competing_load_runs_its_processes_and_kills_them():
+    with competing_load(2) as processes:
+        assert len(processes) == 2 and all(p.poll() is None for p in processes)
+    assert all(p.poll() is not None for p in processes)
+
+
+def test_load_runs_every_case_quiet_then_loaded_side_by_side():
+    config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
+                         contenders=["protokern:reference", "floor_mm"], repeats=2, warmup=0,
+                         threads=1, load=1, isolate=False)
+    results = run_cases(config)
+    assert [(r["contender"], r["load"]) for r in results] == [
+        ("protokern:reference", 0), ("floor_mm", 0), ("protokern:reference", 1), ("floor_mm", 1)]
+    assert all(r["status"] == "ok" and r["ratio_to_floor"] > 0 for r in results)
+    # each load level is compared with its own floor
+    assert results[3]["ratio_to_floor"] == pytest.approx(1.0)
+    assert "under load 1" in format_table(results)
+    comparison = format_load_comparison(results)
+    assert "protokern:reference" in comparison and "slowdown" in comparison
+    assert format_load_comparison(results[:2]) == ""

@@ -1,0 +1,42 @@
+"""A competing load for the bench (``protokern bench --load N``): N processes, each a
+single-threaded loop of 256 x 256 float32 matmuls, standing in for another job on the same cores.
+
+A kernel that splits its work statically across threads is only as fast as its slowest thread;
+on a machine where another process takes a core, that thread runs at a fraction of its speed.
+The bench runs every case quiet, then again under this load, so the two ratios sit side by side.
+"""
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_LOOP = (
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(256, 256)\n"
+    "while True:\n"
+    "    a = torch.mm(a, a).clamp_(-1, 1)\n"
+)
+
+
+@contextmanager
+def competing_load(processes: int) -> Iterator[list[subprocess.Popen]]:
+    """Keep ``processes`` busy single-threaded processes running for the ``with`` block; they are
+    killed when it ends, also on an error or Ctrl-C. ValueError on a negative count."""
+    if processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    started = [subprocess.Popen([sys.executable, "-c", _LOOP], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        time.sleep(2.0 if started else 0.0)  # past their import of torch: busy from the start
+        for process in started:
+            if process.poll() is not None:
+                raise RuntimeError(f"a load process exited at once (status {process.returncode})")
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+        for process in started:
+            process.wait()
