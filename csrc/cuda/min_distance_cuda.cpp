@@ -143,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   check_cuda(launch_min_distance_search(kind, path, metric, x_rows.view, proto_rows.view,
                                         x_sq.data_ptr<float>(), proto_sq.data_ptr<float>(),
                                         best_data, stream),
-             tensor_cores ? "min_distance_search_tensor_core_kernel"
-                          : "min_distance_search_simt_kernel",
+             tensor_cores ? "min_distance_search_kernel (tensor cores)"
+                          : "min_distance_search_kernel (SIMT)",
              shapes);
   // TF32 rounds the GEMM's operands: then every value is recomputed
   const bool from_search = kind != ScalarKind::kFloat32 || path == GemmPath::kSimt;

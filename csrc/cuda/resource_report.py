@@ -19,9 +19,10 @@ FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) by
 def demangle(name: str) -> str:
     done = subprocess.run(["c++filt", name], capture_output=True, text=True, check=False)
     readable = done.stdout.strip() or name
-    # protokern::cuda::(anonymous namespace)::kernel<T...>(args) -> kernel<T...>
+    # protokern::cuda::(anonymous namespace)::kernel<T...>(args) -> kernel<T...>, and
+    # protokern::cuda::Tile<T> template arguments -> Tile<T>
     readable = readable.split("(anonymous namespace)::")[-1]
-    return readable.split("(")[0]
+    return readable.split("(")[0].replace("protokern::cuda::", "")
 
 
 def ptx_instructions(keep: Path) -> dict[str, set[str]]:
