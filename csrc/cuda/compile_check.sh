@@ -86,11 +86,28 @@ fi
 mkdir -p "$out/stub/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
 defined=$(nm -C --defined-only "$out"/*.sm_"${archs[0]}".o | grep -o 'protokern::cuda::.*' | sort -u)
-for glue in *_cuda.cpp; do
+glues=(*_cuda.cpp)
+pids=()
+for glue in "${glues[@]}"; do  # in parallel too, at most `jobs` at a time
     g++ -std=c++20 -c -DWITH_CUDA -I.. -isystem "$out/stub" -isystem "$torch_dir/include" \
         -isystem "$torch_dir/include/torch/csrc/api/include" -isystem "$cuda_include" \
         -Wall -Wextra -Werror -o "$out/${glue%.cpp}.glue.o" "$glue" \
-        || { echo "FAILED: g++ $glue against torch and CUDA headers" >&2; exit 1; }
+        > "$out/${glue%.cpp}.glue.log" 2>&1 &
+    pids+=($!)
+    if [ ${#pids[@]} -ge "$jobs" ]; then
+        wait "${pids[0]}" || true  # a failure shows in its log, checked below
+        pids=("${pids[@]:1}")
+    fi
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || true
+done
+for glue in "${glues[@]}"; do
+    if [ ! -s "$out/${glue%.cpp}.glue.o" ] || [ -s "$out/${glue%.cpp}.glue.log" ]; then
+        cat "$out/${glue%.cpp}.glue.log" >&2
+        echo "FAILED: g++ $glue against torch and CUDA headers" >&2
+        exit 1
+    fi
     needed=$(nm -C --undefined-only "$out/${glue%.cpp}.glue.o" | grep -o 'protokern::cuda::.*' \
         | sort -u)
     if [ -z "$needed" ]; then
