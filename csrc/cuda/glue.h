@@ -8,6 +8,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
@@ -102,6 +103,56 @@ inline GemmPath gemm_path(const at::Tensor& x, bool allow_tf32, const std::strin
   const bool tensor_cores =
       major >= 8 && (scalar_kind_of(x) != ScalarKind::kFloat32 || allow_tf32);
   return tensor_cores ? GemmPath::kTensorCore : GemmPath::kSimt;
+}
+
+// The float32 squared norms of x's rows and of the prototypes (launch_squared_norms).
+struct SquaredNorms {
+  at::Tensor rows;
+  at::Tensor prototypes;
+};
+
+inline SquaredNorms squared_norms(ScalarKind kind, const Rows& x_rows, const Rows& proto_rows,
+                                  cudaStream_t stream, const std::string& shapes) {
+  const auto float_options = x_rows.tensor.options().dtype(at::kFloat);
+  SquaredNorms norms{
+      at::empty({x_rows.view.num_images * x_rows.view.rows_per_image}, float_options),
+      at::empty({proto_rows.view.rows_per_image}, float_options)};
+  check_cuda(launch_squared_norms(kind, x_rows.view, norms.rows.data_ptr<float>(), stream),
+             "squared_norms_kernel (rows of x)", shapes);
+  check_cuda(launch_squared_norms(kind, proto_rows.view, norms.prototypes.data_ptr<float>(),
+                                  stream),
+             "squared_norms_kernel (prototypes)", shapes);
+  return norms;
+}
+
+// The dtype and device checks of a backward's grad_values and saved indices.
+inline void check_backward_inputs(const char* op, const at::Tensor& grad_values,
+                                  const at::Tensor& indices, const at::Tensor& x,
+                                  const std::string& shapes) {
+  TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
+                       indices.scalar_type() == at::kLong,
+                   op, ": grad_values must have the dtype of x and indices int64, got ",
+                   grad_values.scalar_type(), " and ", indices.scalar_type(), " for ", shapes);
+  TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
+                    op, ": grad_values and indices must be on ", x.device(), " for ", shapes);
+}
+
+// The kernels' float32 gradients of x's rows (B * H * W rows of D, image-major) and of the
+// prototypes (M, D), in the inputs' shapes and dtypes; an empty tensor stands for a gradient
+// nobody asked for (protokern.ops maps it to None).
+inline std::tuple<at::Tensor, at::Tensor> input_gradients(
+    const at::Tensor& grad_rows, const at::Tensor& grad_protos, const at::Tensor& x,
+    const at::Tensor& prototypes, bool needs_x, bool needs_prototypes) {
+  at::Tensor grad_x = needs_x ? grad_rows.view({x.size(0), x.size(2), x.size(3), x.size(1)})
+                                    .permute({0, 3, 1, 2})
+                                    .to(x.scalar_type())
+                              : at::empty({0}, x.options());
+  at::Tensor grad_prototypes =
+      needs_prototypes
+          ? grad_protos.view({prototypes.size(0), prototypes.size(1), 1, 1})
+                .to(prototypes.scalar_type())
+          : at::empty({0}, prototypes.options());
+  return {grad_x, grad_prototypes};
 }
 
 }  // namespace protokern::cuda

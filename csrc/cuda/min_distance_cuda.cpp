@@ -44,9 +44,6 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   }
   const Rows x_rows = rows_of_map(x);
   const Rows proto_rows = rows_of_prototypes(prototypes);
-  const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor x_sq = at::empty({x_rows.view.num_images * x_rows.view.rows_per_image}, float_options);
-  at::Tensor proto_sq = at::empty({num_protos}, float_options);
   at::Tensor best = at::empty({batch, num_protos}, x.options().dtype(at::kLong));  // packed uint64
   auto* best_data = reinterpret_cast<unsigned long long*>(best.data_ptr<int64_t>());
 
@@ -54,21 +51,18 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   const GemmPath path = gemm_path(x, allow_tf32, shapes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  check_cuda(launch_squared_norms(kind, x_rows.view, x_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (rows of x)", shapes);
-  check_cuda(launch_squared_norms(kind, proto_rows.view, proto_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (prototypes)", shapes);
+  const SquaredNorms norms = squared_norms(kind, x_rows, proto_rows, stream, shapes);
   check_cuda(launch_min_distance_search(kind, path, metric, x_rows.view, proto_rows.view,
-                                        x_sq.data_ptr<float>(), proto_sq.data_ptr<float>(),
-                                        best_data, stream),
+                                        norms.rows.data_ptr<float>(),
+                                        norms.prototypes.data_ptr<float>(), best_data, stream),
              path == GemmPath::kTensorCore ? "min_distance_search_kernel (tensor cores)"
-                          : "min_distance_search_kernel (SIMT)",
+                                           : "min_distance_search_kernel (SIMT)",
              shapes);
   // TF32 rounds the GEMM's operands: then every value is recomputed
   const bool from_search = kind != ScalarKind::kFloat32 || path == GemmPath::kSimt;
   check_cuda(launch_min_distance_recompute(kind, metric, x_rows.view, proto_rows.view, best_data,
-                                           from_search, x_sq.data_ptr<float>(),
-                                           proto_sq.data_ptr<float>(), values.data_ptr(),
+                                           from_search, norms.rows.data_ptr<float>(),
+                                           norms.prototypes.data_ptr<float>(), values.data_ptr(),
                                            indices.data_ptr<int64_t>(), stream),
              "min_distance_recompute_kernel", shapes);
   return {values, indices};
@@ -92,12 +86,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
                     op, ": grad_values ", grad_values.sizes(), " and indices ",
                     indices.sizes(), " must be (B, M) = (", batch, ", ", num_protos, ") for ",
                     shapes);
-  TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
-                       indices.scalar_type() == at::kLong,
-                   op, ": grad_values must have the dtype of x and indices int64, got ",
-                   grad_values.scalar_type(), " and ", indices.scalar_type(), " for ", shapes);
-  TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
-                    op, ": grad_values and indices must be on ", x.device(), " for ", shapes);
+  check_backward_inputs(op, grad_values, indices, x, shapes);
   TORCH_CHECK_VALUE(!deterministic || (num_protos <= kMaxInt32 && height * width <= kMaxInt32),
                     op, ": the deterministic scatter supports at most 2^31 - 1 prototypes "
                     "and positions, got ", shapes);
@@ -142,15 +131,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
                              : "scatter_row_gradient_atomic_kernel",
                shapes);
   }
-  at::Tensor grad_x = needs_x ? grad_rows.view({batch, height, width, dim})
-                                    .permute({0, 3, 1, 2})
-                                    .to(x.scalar_type())
-                              : at::empty({0}, x.options());
-  at::Tensor grad_prototypes = needs_prototypes
-                                   ? grad_protos.view({num_protos, dim, 1, 1})
-                                         .to(prototypes.scalar_type())
-                                   : at::empty({0}, prototypes.options());
-  return {grad_x, grad_prototypes};
+  return input_gradients(grad_rows, grad_protos, x, prototypes, needs_x, needs_prototypes);
 }
 
 }  // namespace

@@ -52,22 +52,16 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_op(const at::Tensor& x,
   }
   const Rows x_rows = rows_of_map(x);
   const Rows proto_rows = rows_of_prototypes(prototypes);
-  const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor x_sq = at::empty({batch * length}, float_options);
-  at::Tensor proto_sq = at::empty({num_protos}, float_options);
   at::Tensor searched = at::empty({batch * length}, x.options().dtype(at::kByte));
   const ScalarKind kind = scalar_kind_of(x);
   const GemmPath path = gemm_path(x, allow_tf32, shapes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  check_cuda(launch_squared_norms(kind, x_rows.view, x_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (rows of x)", shapes);
-  check_cuda(launch_squared_norms(kind, proto_rows.view, proto_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (prototypes)", shapes);
-  check_cuda(launch_nearest_prototypes_search(kind, path, metric, x_rows.view, proto_rows.view,
-                                              x_sq.data_ptr<float>(), proto_sq.data_ptr<float>(),
-                                              k, values.data_ptr(), indices.data_ptr<int64_t>(),
-                                              searched.data_ptr<uint8_t>(), stream),
+  const SquaredNorms norms = squared_norms(kind, x_rows, proto_rows, stream, shapes);
+  check_cuda(launch_nearest_prototypes_search(
+                 kind, path, metric, x_rows.view, proto_rows.view, norms.rows.data_ptr<float>(),
+                 norms.prototypes.data_ptr<float>(), k, values.data_ptr(),
+                 indices.data_ptr<int64_t>(), searched.data_ptr<uint8_t>(), stream),
              path == GemmPath::kTensorCore ? "nearest_prototypes_search_kernel (tensor cores)"
                                            : "nearest_prototypes_search_kernel (SIMT)",
              shapes);
@@ -101,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_backward_op(
                     shapes);
   const int64_t k = indices.size(2);
   check_k_and_bank(op, k, num_protos, shapes);
-  TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
-                       indices.scalar_type() == at::kLong,
-                   op, ": grad_values must have the dtype of x and indices int64, got ",
-                   grad_values.scalar_type(), " and ", indices.scalar_type(), " for ", shapes);
-  TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
-                    op, ": grad_values and indices must be on ", x.device(), " for ", shapes);
+  check_backward_inputs(op, grad_values, indices, x, shapes);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const Rows x_rows = rows_of_map(x);
@@ -156,15 +145,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_backward_op(
                              : "nearest_prototype_gradient_atomic_kernel",
                shapes);
   }
-  at::Tensor grad_x = needs_x ? grad_rows.view({batch, height, width, dim})
-                                    .permute({0, 3, 1, 2})
-                                    .to(x.scalar_type())
-                              : at::empty({0}, x.options());
-  at::Tensor grad_prototypes = needs_prototypes
-                                   ? grad_protos.view({num_protos, dim, 1, 1})
-                                         .to(prototypes.scalar_type())
-                                   : at::empty({0}, prototypes.options());
-  return {grad_x, grad_prototypes};
+  return input_gradients(grad_rows, grad_protos, x, prototypes, needs_x, needs_prototypes);
 }
 
 }  // namespace

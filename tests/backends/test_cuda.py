@@ -518,19 +518,6 @@ def test_nearest_nan_rows_and_prototypes(on_cuda_backend, precision, metric):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("metric", METRICS)
-def test_nearest_infinite_entries(on_cuda_backend, metric):
-    x, p = torch.randn(70, 6, device="cuda"), torch.randn(80, 6, device="cuda")
-    x[1, 0] = float("inf")
-    values, indices = pk.nearest_prototypes(x, p, k=2, metric=metric)
-    want_values, _ = first_k(nearest_brute_force(x, p, metric), 2)
-    assert torch.equal(values.double().isnan(), want_values.isnan())
-    finite = want_values.isfinite()
-    assert torch.equal(values.double()[~finite].isinf(), want_values[~finite].isinf())
-    assert relative_error(values.double()[finite], want_values[finite]) <= 1e-5
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("metric", METRICS)
 def test_nearest_huge_magnitudes_are_searched_directly(on_cuda_backend, metric):
     """Squared norms past float32's max / 8: the expansion cannot bound those pairs."""
     if metric == "sqeuclidean":  # the distances (~1e27) fit in float32
@@ -563,39 +550,39 @@ def test_nearest_strided_inputs(on_cuda_backend, layout, metric):
     assert torch.equal(values, contiguous.values) and torch.equal(indices, contiguous.indices)
 
 
+def assert_nearest_gradients(x: torch.Tensor, p: torch.Tensor, k: int, metric: str,
+                             tol: float) -> torch.Tensor:
+    """The cuda backend's gradients of ``sum(weights * values)`` of `pk.nearest_prototypes`
+    (random weights) within ``tol`` of float64 autograd at the pairs it chose, in the inputs'
+    shapes and dtypes; returns its indices."""
+    xg, pg = x.detach().requires_grad_(), p.detach().requires_grad_()
+    values, indices = pk.nearest_prototypes(xg, pg, k, metric)
+    weights = torch.randn_like(values)
+    with pk.recording() as calls:
+        (values * weights).sum().backward()
+    assert calls == [("nearest_prototypes_backward", "cuda")]
+    want_x, want_p = nearest_gradients_at(x, p, metric, weights, indices)
+    assert xg.grad.shape == x.shape and pg.grad.shape == p.shape
+    assert xg.grad.dtype == x.dtype and pg.grad.dtype == p.dtype
+    assert relative_error(xg.grad, want_x) <= tol
+    assert relative_error(pg.grad, want_p) <= tol
+    return indices
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("case", ["map-k3", "tokens-k9", "k-equals-M", "large-D"])
-def test_nearest_gradients_match_brute_force(on_cuda_backend, case, metric, deterministic):
+@pytest.mark.parametrize(("case", "dtype"), [
+    ("map-k3", torch.float32), ("tokens-k9", torch.float32), ("k-equals-M", torch.float32),
+    ("large-D", torch.float32), ("map-k3", torch.float16), ("map-k3", torch.bfloat16)])
+def test_nearest_gradients_match_brute_force(on_cuda_backend, case, dtype, metric,
+                                             deterministic):
+    x, p, k = make_nearest(case, dtype)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
-        x, p, k = make_nearest(case, torch.float32, requires_grad=True)
-        values, indices = pk.nearest_prototypes(x, p, k, metric)
-        weights = torch.randn_like(values)
-        with pk.recording() as calls:
-            (values * weights).sum().backward()
+        assert_nearest_gradients(x, p, k, metric, TOLERANCE[dtype])
     finally:
         torch.use_deterministic_algorithms(False)
-    assert calls == [("nearest_prototypes_backward", "cuda")]
-    want_x, want_p = nearest_gradients_at(x, p, metric, weights, indices)
-    assert x.grad.shape == x.shape and p.grad.shape == p.shape
-    assert relative_error(x.grad, want_x) <= TOLERANCE[torch.float32]
-    assert relative_error(p.grad, want_p) <= TOLERANCE[torch.float32]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("metric", METRICS)
-def test_nearest_half_precision_gradients(on_cuda_backend, dtype, metric):
-    x, p, k = make_nearest("map-k3", dtype, requires_grad=True)
-    values, indices = pk.nearest_prototypes(x, p, k, metric)
-    weights = torch.randn_like(values)
-    (values * weights).sum().backward()
-    want_x, want_p = nearest_gradients_at(x, p, metric, weights, indices)
-    assert x.grad.dtype == dtype and p.grad.dtype == dtype
-    assert relative_error(x.grad, want_x) <= TOLERANCE[dtype]
-    assert relative_error(p.grad, want_p) <= TOLERANCE[dtype]
 
 
 @pytest.mark.cuda
@@ -604,15 +591,9 @@ def test_nearest_sqeuclidean_gradients_of_prototypes_on_their_rows(on_cuda_backe
     pair's gradient 2 g (x - p) is ~1e-4 of the entries, within float32's tolerance with the
     difference taken first, where 2 g x - 2 g p would cancel to ~1e-3 relative error."""
     x = torch.rand(70, 64, device="cuda")
-    p = (x + 1e-4 * torch.randn(70, 64, device="cuda")).requires_grad_()
-    x.requires_grad_()
-    values, indices = pk.nearest_prototypes(x, p, k=1)
+    p = x + 1e-4 * torch.randn(70, 64, device="cuda")
+    indices = assert_nearest_gradients(x, p, 1, "sqeuclidean", TOLERANCE[torch.float32])
     assert torch.equal(indices[:, 0].cpu(), torch.arange(70))
-    weights = torch.randn_like(values)
-    (values * weights).sum().backward()
-    want_x, want_p = nearest_gradients_at(x, p, "sqeuclidean", weights, indices)
-    assert relative_error(x.grad, want_x) <= TOLERANCE[torch.float32]
-    assert relative_error(p.grad, want_p) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.cuda
