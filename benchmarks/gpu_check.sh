@@ -3,7 +3,8 @@
 # Python 3.12, torch 2.11+cu130, Triton 3.6). Writes into OUT:
 #   gpu_check.log           everything printed, step by step, with each step's exit and time
 #   versions.txt            python, torch, CUDA, triton, nvcc, the GPU
-#   smoke.json              both GPU backends against the float64 reference (gpu_smoke.py)
+#   smoke.json              both GPU backends against the float64 reference, and cuda's
+#                             nearest_prototypes (gpu_smoke.py)
 #   junit.xml               the GPU test suite (-m cuda), every result, no -x
 #   bench-bfloat16.json     protokern bench: cub, imagenet, large_bank, cil_vectors, forward
 #   bench-tf32.json           and forward+backward, every contender but the reference and the

@@ -131,6 +131,18 @@ def nearest_brute_force(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     return d.transpose(1, 2).reshape(-1, d.shape[1])
 
 
+def nearest_gradients_at(x: Tensor, prototypes: Tensor, metric: str, weights: Tensor,
+                         indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(weights * distance at the chosen pairs)`` by autograd through the
+    float64 brute force, at a backend's own ``indices`` (``weights`` of their shape, ``(..., k)``:
+    a near-tie cannot swap a pair)."""
+    k = indices.shape[-1]
+    xd = x.detach().double().requires_grad_()
+    pd = prototypes.detach().double().requires_grad_()
+    chosen = nearest_brute_force(xd, pd, metric).gather(1, indices.reshape(-1, k))
+    return torch.autograd.grad((chosen * weights.reshape(-1, k).double()).sum(), (xd, pd))
+
+
 def first_k(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` smallest of each row, NaN first, ties to the lowest column."""
     key = torch.where(d.isnan(), float("-inf"), d)

@@ -4,7 +4,7 @@ install runs, against an independent float64 brute force (tests/brute_force.py).
 import pytest
 import torch
 from cases import FULL_PRECISION, HALF_PRECISION, METRICS
-from helpers import assert_nearest, first_k, nearest_brute_force
+from helpers import assert_nearest, first_k, nearest_brute_force, nearest_gradients_at
 from torch.library import opcheck
 
 import protokern as pk
@@ -149,10 +149,7 @@ def test_gradients_match_nearest_brute_force(backend, case, metric):
     values, indices = pk.nearest_prototypes(x, p, k, metric)
     weights = torch.randn_like(values)
     grads = torch.autograd.grad((values * weights).sum(), (x, p))
-    xd, pd = x.detach().requires_grad_(), p.detach().requires_grad_()
-    d = nearest_brute_force(xd, pd, metric)
-    chosen = d.gather(1, indices.reshape(-1, k))
-    want = torch.autograd.grad((chosen * weights.reshape(-1, k)).sum(), (xd, pd))
+    want = nearest_gradients_at(x, p, metric, weights, indices)
     for got, expected in zip(grads, want, strict=True):
         assert relative_error(got, expected) <= 1e-10
 

@@ -3,9 +3,9 @@
 # (default: 80 90), with the flags PyTorch's CUDAExtension adds and setup.py's include path csrc/
 # (so a kernel that builds here builds in setup.py too). Needs no GPU and no CUDA PyTorch: the
 # kernels include no torch header.
-# Then the glue (min_distance_cuda.cpp) is compiled against the installed torch's headers and
-# the CUDA toolkit's, and every protokern::cuda symbol it calls must be defined by the kernels'
-# objects: a signature that drifts between the glue and a kernel fails here, not on a GPU.
+# Then each glue file (*_cuda.cpp) is compiled against the installed torch's headers and the
+# CUDA toolkit's, and every protokern::cuda symbol it calls must be defined by the kernels'
+# objects: a signature that drifts between a glue file and a kernel fails here, not on a GPU.
 # Object files go to a temporary folder that is removed afterwards.
 # With PROTOKERN_CUDA_REPORT=FILE, ptxas also reports every kernel's registers, spills and
 # shared memory, the PTX is kept, and resource_report.py writes them as a Markdown table to FILE
@@ -69,7 +69,7 @@ if [ -n "${PROTOKERN_CUDA_REPORT:-}" ]; then
 fi
 
 torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null) \
-    || { echo "torch not importable: skipping the glue check of min_distance_cuda.cpp"; exit 0; }
+    || { echo "torch not importable: skipping the glue check of the *_cuda.cpp files"; exit 0; }
 cuda_include=""
 for candidate in "${CUDA_HOME:-}/include" /usr/local/cuda/include \
         "$(dirname "$(readlink -f "$(command -v nvcc)")")/../include"; do
@@ -85,20 +85,41 @@ fi
 # A CPU build of torch ships the c10/cuda headers but not the one CMake generates for CUDA builds.
 mkdir -p "$out/stub/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
-g++ -std=c++20 -c -DWITH_CUDA -I.. -isystem "$out/stub" -isystem "$torch_dir/include" \
-    -isystem "$torch_dir/include/torch/csrc/api/include" -isystem "$cuda_include" \
-    -Wall -Wextra -Werror -o "$out/glue.o" min_distance_cuda.cpp \
-    || { echo "FAILED: g++ min_distance_cuda.cpp against torch and CUDA headers" >&2; exit 1; }
-needed=$(nm -C --undefined-only "$out/glue.o" | grep -o 'protokern::cuda::.*' | sort -u)
 defined=$(nm -C --defined-only "$out"/*.sm_"${archs[0]}".o | grep -o 'protokern::cuda::.*' | sort -u)
-if [ -z "$needed" ]; then
-    echo "FAILED: found no protokern::cuda call in the glue's object (a renamed namespace?)" >&2
-    exit 1
-fi
-missing=$(comm -23 <(echo "$needed") <(echo "$defined"))
-if [ -n "$missing" ]; then
-    echo "FAILED: the glue calls kernels no .cu file defines (signature drift?):" >&2
-    echo "$missing" >&2
-    exit 1
-fi
-echo "csrc/cuda: the glue compiles against torch's headers and links to the kernels by name"
+glues=(*_cuda.cpp)
+pids=()
+for glue in "${glues[@]}"; do  # in parallel too, at most `jobs` at a time
+    g++ -std=c++20 -c -DWITH_CUDA -I.. -isystem "$out/stub" -isystem "$torch_dir/include" \
+        -isystem "$torch_dir/include/torch/csrc/api/include" -isystem "$cuda_include" \
+        -Wall -Wextra -Werror -o "$out/${glue%.cpp}.glue.o" "$glue" \
+        > "$out/${glue%.cpp}.glue.log" 2>&1 &
+    pids+=($!)
+    if [ ${#pids[@]} -ge "$jobs" ]; then
+        wait "${pids[0]}" || true  # a failure shows in its log, checked below
+        pids=("${pids[@]:1}")
+    fi
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || true
+done
+for glue in "${glues[@]}"; do
+    if [ ! -s "$out/${glue%.cpp}.glue.o" ] || [ -s "$out/${glue%.cpp}.glue.log" ]; then
+        cat "$out/${glue%.cpp}.glue.log" >&2
+        echo "FAILED: g++ $glue against torch and CUDA headers" >&2
+        exit 1
+    fi
+    needed=$(nm -C --undefined-only "$out/${glue%.cpp}.glue.o" | grep -o 'protokern::cuda::.*' \
+        | sort -u)
+    if [ -z "$needed" ]; then
+        echo "FAILED: found no protokern::cuda call in $glue's object (a renamed namespace?)" >&2
+        exit 1
+    fi
+    missing=$(comm -23 <(echo "$needed") <(echo "$defined"))
+    if [ -n "$missing" ]; then
+        echo "FAILED: $glue calls kernels no .cu file defines (signature drift?):" >&2
+        echo "$missing" >&2
+        exit 1
+    fi
+done
+echo "csrc/cuda: the glue files ($(echo *_cuda.cpp)) compile against torch's headers and link" \
+    "to the kernels by name"

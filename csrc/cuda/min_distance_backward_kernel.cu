@@ -1,16 +1,9 @@
 // Backward of min_distance from the saved indices: only the chosen position of each
 // (image, prototype) pair carries gradient. Per pair, the gradient is a combination of the chosen
-// row x and the prototype p (coefficients from selected_pair_coefficients_kernel); the prototypes'
-// gradient gathers it over images, and the rows' gradient scatters it to the chosen positions,
-// deterministically unless the caller allows atomics.
-//
-// Two numeric choices (tests/backends/test_cuda.py):
-// - sqeuclidean takes the difference first, 2 g (x - p): exact where x and p are close (a
-//   prototype pushed onto its patch, ProtoPNet's state after push), where 2 g x - 2 g p, with
-//   its products rounded (or FMA-contracted) apart, cancels.
-// - cosine's coefficients are double: with norms past ~1.8e19, |v|^2 overflows float32 and
-//   g / |v|^2 underflows it, though the gradients themselves are in range.
-#include "cuda/device_utils.cuh"
+// row x and the prototype p (coefficients from selected_pair_coefficients_kernel, numerics in
+// pair_gradients.cuh); the prototypes' gradient gathers it over images, and the rows' gradient
+// scatters it to the chosen positions, deterministically unless the caller allows atomics.
+#include "cuda/pair_gradients.cuh"
 
 namespace protokern::cuda {
 namespace {
@@ -19,9 +12,7 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kWarpThreads = kWarpsPerBlock * kWarpSize;
 constexpr int kSortThreads = 256;
 
-// One warp per (b, m): coefficients of grad_values[b, m] * distance(x[b, l], p[m]), the
-// formulas of protokern.reference.distance_at_grad (the cosine norm bound passes gradient where
-// |v| >= eps, as clamp_min does), as PairCoefficients.
+// One warp per (b, m): coefficients of grad_values[b, m] * distance(x[b, l], p[m]).
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
     selected_pair_coefficients_kernel(Metric metric, RowsView x, RowsView protos,
@@ -35,41 +26,19 @@ __global__ void __launch_bounds__(kWarpThreads)
     return;  // uniform across the warp
   }
   const double grad = to_float(grad_values[pair]);
-  if (metric == Metric::kSqEuclidean) {  // d = |x - p|^2: d/dx = 2 g (x - p) = -d/dp
+  if (metric == Metric::kSqEuclidean) {
     if (lane == 0) {
-      coeffs[pair] = PairCoefficients{2.0 * grad, -2.0 * grad, 2.0 * grad};
+      coeffs[pair] = sqeuclidean_pair_coefficients(grad);
     }
     return;
   }
-  // d = 1 - s / (a b), s = x.p, a = max(|x|, eps), b = max(|p|, eps). The sums are of the
-  // power-of-two-scaled vectors (float32 cannot overflow there); the rest is in double.
   const int64_t image = pair / num_protos;
   const int64_t m = pair - image * num_protos;
   const PairSums sums = warp_pair_sums(row_pointer<T>(x, image, indices[pair]),
                                        row_pointer<T>(protos, 0, m), x.dim, lane);
   if (lane == 0) {
-    const double row_norm = static_cast<double>(sums.row_scale) * sqrt(double{sums.row_squared});
-    const double proto_norm =
-        static_cast<double>(sums.proto_scale) * sqrt(double{sums.proto_squared});
-    const double dot = double{sums.dot} * sums.row_scale * sums.proto_scale;
-    const double row_bound = row_norm < kNormFloor ? kNormFloor : row_norm;  // NaN stays
-    const double proto_bound = proto_norm < kNormFloor ? kNormFloor : proto_norm;
-    const double scale = grad / (row_bound * proto_bound);
-    coeffs[pair] = PairCoefficients{
-        row_norm >= kNormFloor ? scale * dot / (row_bound * row_bound) : 0.0, -scale,
-        proto_norm >= kNormFloor ? scale * dot / (proto_bound * proto_bound) : 0.0};
+    coeffs[pair] = cosine_pair_coefficients(sums, grad);
   }
-}
-
-// The gradient of a pair's term w.r.t. u (a row or a prototype; v the other), given u's own
-// coefficient `self` and the cross coefficient: sqeuclidean self (u - v) (self == -cross), cosine
-// self u + cross v in double, rounded once to float32.
-__device__ __forceinline__ float pair_gradient(Metric metric, double self, double cross, float u,
-                                               float v) {
-  if (metric == Metric::kSqEuclidean) {
-    return static_cast<float>(self) * (u - v);
-  }
-  return static_cast<float>(fma(self, double{u}, cross * double{v}));
 }
 
 // grad_protos[m, k] = sum over b = 0..B-1 of the pair gradient w.r.t. p[m, k]. Blocks of 32

@@ -6,14 +6,12 @@
 //                         deterministic) -> (grad_x, grad_prototypes)
 // for canonical inputs (x (B, D, H, W), prototypes (M, D, 1, 1); protokern/backends/cuda.py
 // calls them once protokern.ops has validated the user's shapes, and refuses other windows).
-// This file reads and checks the tensors (bad input raises ValueError or TypeError), lays x out
-// as rows with contiguous channels, picks the kernels and launches them on PyTorch's current
-// stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA error raises a Python
-// RuntimeError naming the kernel and the shapes.
+// This file reads and checks the tensors (bad input raises ValueError or TypeError; the helpers
+// are glue.h's), lays x out as rows with contiguous channels, picks the kernels and launches
+// them on PyTorch's current stream; the kernels (*_kernel.cu) see raw pointers only. Every CUDA
+// error raises a Python RuntimeError naming the kernel and the shapes.
 #include <cstdint>
-#include <sstream>
 #include <string>
-#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -21,87 +19,12 @@
 #include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this c10 function
 #include <torch/library.h>
 
+#include "cuda/glue.h"
 #include "cuda/min_distance_kernels.h"
 #include "metric.h"
 
 namespace protokern::cuda {
 namespace {
-
-constexpr int64_t kMaxInt32 = 0x7fffffffLL;
-constexpr int64_t kMaxPositions = 0xffffffffLL;  // positions are packed into 32 bits
-
-std::string describe(const at::Tensor& x, const at::Tensor& prototypes) {
-  std::ostringstream out;
-  out << "x " << x.sizes() << " " << x.scalar_type() << " and prototypes " << prototypes.sizes()
-      << " " << prototypes.scalar_type();
-  return out.str();
-}
-
-void check_cuda(cudaError_t error, const char* kernel, const std::string& shapes) {
-  TORCH_CHECK(error == cudaSuccess, "protokern_cuda: ", kernel, " failed for ", shapes, ": ",
-              cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
-}
-
-Metric parse_metric(c10::string_view name, const char* op) {
-  const std::optional<Metric> metric = metric_named(name);
-  TORCH_CHECK_VALUE(metric.has_value(), op, ": unknown metric '", name, "'; expected ",
-                    kMetricNames);
-  return *metric;
-}
-
-ScalarKind scalar_kind_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? ScalarKind::kFloat32
-         : t.scalar_type() == at::kHalf ? ScalarKind::kFloat16
-                                        : ScalarKind::kBFloat16;
-}
-
-// The checks every op makes before any kernel runs.
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototypes,
-                  const std::string& shapes) {
-  TORCH_CHECK_VALUE(x.is_cuda() && prototypes.is_cuda() && x.device() == prototypes.device(),
-                    op, ": x and prototypes must be on one CUDA device, got x on ",
-                    x.device(), " and prototypes on ", prototypes.device(), " (", shapes, ")");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
-                       prototypes.scalar_type() == dtype,
-                   op, ": x and prototypes must share a dtype among float32, float16 and "
-                   "bfloat16, got ", shapes);
-  TORCH_CHECK_VALUE(x.dim() == 4 && prototypes.dim() == 4 && prototypes.size(1) == x.size(1),
-                    op, ": expected x (B, D, H, W) and prototypes (M, D, 1, 1), got ", shapes);
-  TORCH_CHECK_VALUE(prototypes.size(2) == 1 && prototypes.size(3) == 1, op,
-                    ": only 1x1 prototypes run natively (protokern/backends/cuda.py does not "
-                    "take ph x pw windows), got ", shapes);
-  TORCH_CHECK_VALUE(x.size(2) * x.size(3) <= kMaxPositions, op,
-                    ": at most 2^32 - 1 positions per image are supported, got ", shapes);
-}
-
-// A tensor of rows with contiguous channels and its view for the kernels; the tensor keeps the
-// memory alive (a copy is made only when channels are strided, e.g. a contiguous NCHW map).
-struct Rows {
-  at::Tensor tensor;
-  RowsView view;
-};
-
-Rows rows_with_contiguous_channels(at::Tensor rows) {  // (images, rows, dim)
-  if (rows.size(2) > 1 && rows.stride(2) != 1) {
-    rows = rows.contiguous();
-  }
-  const RowsView view{rows.data_ptr(), rows.size(0), rows.size(1), rows.stride(0),
-                      rows.stride(1), rows.size(2)};
-  return {rows, view};
-}
-
-// x (B, D, H, W) as B images of L = H*W rows (row-major positions) of D channels.
-Rows rows_of_map(const at::Tensor& x) {
-  return rows_with_contiguous_channels(
-      x.permute({0, 2, 3, 1}).reshape({x.size(0), x.size(2) * x.size(3), x.size(1)}));
-}
-
-// prototypes (M, D, 1, 1) as one image of M rows.
-Rows rows_of_prototypes(const at::Tensor& prototypes) {
-  return rows_with_contiguous_channels(
-      prototypes.reshape({1, prototypes.size(0), prototypes.size(1)}));
-}
 
 std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
                                                    const at::Tensor& prototypes,
@@ -121,36 +44,25 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   }
   const Rows x_rows = rows_of_map(x);
   const Rows proto_rows = rows_of_prototypes(prototypes);
-  const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor x_sq = at::empty({x_rows.view.num_images * x_rows.view.rows_per_image}, float_options);
-  at::Tensor proto_sq = at::empty({num_protos}, float_options);
   at::Tensor best = at::empty({batch, num_protos}, x.options().dtype(at::kLong));  // packed uint64
   auto* best_data = reinterpret_cast<unsigned long long*>(best.data_ptr<int64_t>());
 
   const ScalarKind kind = scalar_kind_of(x);
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()),
-             "cudaDeviceGetAttribute (compute capability)", shapes);
-  // Tensor cores need sm_80 (bfloat16, TF32); float32 uses them (as TF32) only when allowed.
-  const bool tensor_cores = major >= 8 && (kind != ScalarKind::kFloat32 || allow_tf32);
-  const GemmPath path = tensor_cores ? GemmPath::kTensorCore : GemmPath::kSimt;
+  const GemmPath path = gemm_path(x, allow_tf32, shapes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  check_cuda(launch_squared_norms(kind, x_rows.view, x_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (rows of x)", shapes);
-  check_cuda(launch_squared_norms(kind, proto_rows.view, proto_sq.data_ptr<float>(), stream),
-             "squared_norms_kernel (prototypes)", shapes);
+  const SquaredNorms norms = squared_norms(kind, x_rows, proto_rows, stream, shapes);
   check_cuda(launch_min_distance_search(kind, path, metric, x_rows.view, proto_rows.view,
-                                        x_sq.data_ptr<float>(), proto_sq.data_ptr<float>(),
-                                        best_data, stream),
-             tensor_cores ? "min_distance_search_tensor_core_kernel"
-                          : "min_distance_search_simt_kernel",
+                                        norms.rows.data_ptr<float>(),
+                                        norms.prototypes.data_ptr<float>(), best_data, stream),
+             path == GemmPath::kTensorCore ? "min_distance_search_kernel (tensor cores)"
+                                           : "min_distance_search_kernel (SIMT)",
              shapes);
   // TF32 rounds the GEMM's operands: then every value is recomputed
   const bool from_search = kind != ScalarKind::kFloat32 || path == GemmPath::kSimt;
   check_cuda(launch_min_distance_recompute(kind, metric, x_rows.view, proto_rows.view, best_data,
-                                           from_search, x_sq.data_ptr<float>(),
-                                           proto_sq.data_ptr<float>(), values.data_ptr(),
+                                           from_search, norms.rows.data_ptr<float>(),
+                                           norms.prototypes.data_ptr<float>(), values.data_ptr(),
                                            indices.data_ptr<int64_t>(), stream),
              "min_distance_recompute_kernel", shapes);
   return {values, indices};
@@ -174,12 +86,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
                     op, ": grad_values ", grad_values.sizes(), " and indices ",
                     indices.sizes(), " must be (B, M) = (", batch, ", ", num_protos, ") for ",
                     shapes);
-  TORCH_CHECK_TYPE(grad_values.scalar_type() == x.scalar_type() &&
-                       indices.scalar_type() == at::kLong,
-                   op, ": grad_values must have the dtype of x and indices int64, got ",
-                   grad_values.scalar_type(), " and ", indices.scalar_type(), " for ", shapes);
-  TORCH_CHECK_VALUE(grad_values.device() == x.device() && indices.device() == x.device(),
-                    op, ": grad_values and indices must be on ", x.device(), " for ", shapes);
+  check_backward_inputs(op, grad_values, indices, x, shapes);
   TORCH_CHECK_VALUE(!deterministic || (num_protos <= kMaxInt32 && height * width <= kMaxInt32),
                     op, ": the deterministic scatter supports at most 2^31 - 1 prototypes "
                     "and positions, got ", shapes);
@@ -224,15 +131,7 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
                              : "scatter_row_gradient_atomic_kernel",
                shapes);
   }
-  at::Tensor grad_x = needs_x ? grad_rows.view({batch, height, width, dim})
-                                    .permute({0, 3, 1, 2})
-                                    .to(x.scalar_type())
-                              : at::empty({0}, x.options());
-  at::Tensor grad_prototypes = needs_prototypes
-                                   ? grad_protos.view({num_protos, dim, 1, 1})
-                                         .to(prototypes.scalar_type())
-                                   : at::empty({0}, prototypes.options());
-  return {grad_x, grad_prototypes};
+  return input_gradients(grad_rows, grad_protos, x, prototypes, needs_x, needs_prototypes);
 }
 
 }  // namespace

@@ -17,11 +17,17 @@ FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) by
 
 
 def demangle(name: str) -> str:
+    """``kernel<T...>`` of a mangled entry name: no parameters, no namespaces of ours."""
     done = subprocess.run(["c++filt", name], capture_output=True, text=True, check=False)
     readable = done.stdout.strip() or name
-    # protokern::cuda::(anonymous namespace)::kernel<T...>(args) -> kernel<T...>
-    readable = readable.split("(anonymous namespace)::")[-1]
-    return readable.split("(")[0]
+    # protokern::cuda::(anonymous namespace)::kernel<protokern::cuda::Tile<T>>(args...)
+    readable = readable.replace("(anonymous namespace)::", "").replace("protokern::cuda::", "")
+    depth = 0
+    for at, char in enumerate(readable):
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == "(" and depth == 0:
+            return readable[:at].removeprefix("void ")
+    return readable.removeprefix("void ")
 
 
 def ptx_instructions(keep: Path) -> dict[str, set[str]]:

@@ -16,7 +16,11 @@ from brute_force import distances, first_min
 from helpers import (
     assert_gradients_at_own_positions,
     assert_matches_brute_force,
+    assert_nearest,
+    first_k,
     gradients_at,
+    nearest_brute_force,
+    nearest_gradients_at,
     pushed_patches,
 )
 from torch.library import opcheck
@@ -119,6 +123,28 @@ def test_says_what_it_runs(dtype, window):
         assert reason == "the CUDA kernels take 1x1 prototypes, not a 2x3 window"
     else:
         assert reason is None
+
+
+@pytest.mark.parametrize("case", ["runs", "k-past-max", "float64", "window", "dot"])
+def test_says_what_it_runs_for_nearest_prototypes(case):
+    """k up to MAX_K (32) on 1x1 prototypes in float32/16/bf16; past it, float64, windows and
+    the dot metric are refused with the reason."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    window = (2, 2) if case == "window" else (1, 1)
+    x, p = torch.randn(2, 3, 4, 4, dtype=dtype), torch.randn(40, 3, *window, dtype=dtype)
+    k = 33 if case == "k-past-max" else cuda_backend.MAX_K
+    metric = "dot" if case == "dot" else "cosine"
+    reason = cuda_backend.nearest_prototypes_reason(x, p, metric=metric, k=k)
+    expected = {
+        "runs": None,
+        "k-past-max": "the CUDA nearest_prototypes kernel keeps at most k=32 per row (one upper "
+                      "bound and one candidate slot per lane of a warp), got k=33",
+        "float64": "the CUDA kernels take float32, float16 and bfloat16, not float64",
+        "window": "the CUDA kernels take 1x1 prototypes, not a 2x2 window",
+        "dot": "the CUDA kernels have no rounding bound for the 'dot' metric (relative to "
+               "|x| |p|); the reference runs it",
+    }[case]
+    assert reason == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,3 +400,289 @@ def test_kernel_glue_errors_name_the_problem_and_the_shapes():
         op(x, torch.randn(5, 4, 1, 1), "sqeuclidean", False)
     with pytest.raises(ValueError, match=r"\(B, D, H, W\).*\[5, 3, 1, 1\]"):
         op(x, torch.randn(5, 3, 1, 1, device="cuda"), "sqeuclidean", False)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU: nearest_prototypes against the float64 brute force (tests/helpers.py). The search
+# takes 64 rows per block against tiles of 64 prototypes: these shapes cut both unevenly.
+
+# name -> (x shape, prototypes shape, k); x is (B, D, H, W), (B, L, D) tokens or (N, D) vectors
+NEAREST_CASES = {
+    "vectors-k1": ((70, 24), (130, 24), 1),
+    "map-k3": ((2, 37, 9, 11), (131, 37), 3),
+    "tokens-k9": ((3, 11, 40), (300, 40), 9),
+    "k-equals-M": ((65, 16), (7, 16), 7),
+    "k-max": ((40, 20), (100, 20), cuda_backend.MAX_K),
+    "large-D": ((2, 300, 3, 4), (11, 300), 4),
+    "M1": ((9, 8), (1, 8), 1),
+}
+
+
+def make_nearest(case: str, dtype: torch.dtype, requires_grad: bool = False):
+    x_shape, p_shape, k = NEAREST_CASES[case]
+    x = torch.randn(x_shape, device="cuda").to(dtype).requires_grad_(requires_grad)
+    p = torch.randn(p_shape, device="cuda").to(dtype).requires_grad_(requires_grad)
+    return x, p, k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", NEAREST_CASES)
+def test_nearest_matches_brute_force(on_cuda_backend, precision, case, metric):
+    dtype, tol = precision
+    x, p, k = make_nearest(case, dtype)
+    with pk.recording() as calls:
+        values, indices = pk.nearest_prototypes(x, p, k, metric)
+    assert calls == [("nearest_prototypes", "cuda")]
+    assert_nearest(x, p, metric, k, values, indices, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_duplicated_prototypes_tie_to_the_lowest_index(on_cuda_backend, precision,
+                                                                metric):
+    dtype, tol = precision
+    x = torch.randn(70, 16, device="cuda").to(dtype)
+    base = torch.randn(6, 16, device="cuda").to(dtype)
+    p = torch.cat([base, base, base[:2]])  # prototype m and m + 6 (and m + 12) are equal
+    values, indices = pk.nearest_prototypes(x, p, k=3, metric=metric)
+    want_values, want_indices = first_k(nearest_brute_force(x, p, metric), 3)
+    assert torch.equal(indices.cpu(), want_indices.cpu())
+    assert relative_error(values, want_values) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_more_near_ties_than_slots_are_searched_directly(on_cuda_backend, metric):
+    """100 copies of each row's nearest prototype: more candidates than the 32 slots, so the
+    rows go to the direct search, which keeps the lowest copies."""
+    x = torch.randn(5, 24, device="cuda")
+    p = torch.cat([torch.randn(40, 24, device="cuda"), x[2:3].expand(100, 24),
+                   torch.randn(30, 24, device="cuda")])
+    values, indices = pk.nearest_prototypes(x, p, k=4, metric=metric)
+    assert torch.equal(indices[2].cpu(), torch.arange(40, 44))
+    if metric == "sqeuclidean":
+        assert (values[2] == 0).all()
+    assert_nearest(x, p, metric, 4, values, indices)
+
+
+@pytest.mark.cuda
+def test_nearest_identical_distances_give_indices_0_to_k(on_cuda_backend, precision):
+    dtype, _ = precision
+    p = torch.randn(1, 32, device="cuda").to(dtype).expand(19, 32).contiguous()
+    values, indices = pk.nearest_prototypes(torch.randn(70, 32, device="cuda").to(dtype), p,
+                                            k=19)
+    assert torch.equal(indices.cpu(), torch.arange(19).expand(70, 19))
+    assert (values == values[:, :1]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["float32", "tf32"], indirect=True)
+def test_nearest_prototype_on_a_patch_is_found_exactly(on_cuda_backend, precision):
+    """A prototype equal to a patch, beside a near-duplicate (1e-4 away: float32 only, half
+    types would round it onto the patch): distance 0 at its index, which the expansion alone
+    (TF32's in particular) would lose to cancellation."""
+    dtype, _ = precision
+    x = torch.sigmoid(torch.randn(2, 128, 4, 4, device="cuda")).to(dtype)
+    patch = x[1, :, 2, 3].clone()
+    near = patch + (1e-4 * torch.randn(128, device="cuda")).to(dtype)
+    p = torch.cat([near[None], torch.rand(70, 128, device="cuda").to(dtype), patch[None]])
+    values, indices = pk.nearest_prototypes(x, p, k=2)
+    assert indices[1, 2, 3, 0] == 71 and values[1, 2, 3, 0] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_nan_rows_and_prototypes(on_cuda_backend, precision, metric):
+    """A NaN in a row: that row's values NaN at indices 0..k-1 (the reference's); a NaN
+    prototype comes first in every row; the other rows as without the NaN row."""
+    dtype, tol = precision
+    x = torch.randn(70, 10, device="cuda").to(dtype)
+    p = torch.randn(90, 10, device="cuda").to(dtype)
+    clean = pk.nearest_prototypes(x, p, k=3, metric=metric)
+    x[2, 4] = float("nan")
+    values, indices = pk.nearest_prototypes(x, p, k=3, metric=metric)
+    assert values[2].isnan().all() and torch.equal(indices[2].cpu(), torch.arange(3))
+    keep = [r for r in range(70) if r != 2]
+    assert torch.equal(values[keep], clean.values[keep])
+    assert torch.equal(indices[keep], clean.indices[keep])
+    p[5, 0] = float("nan")
+    values, indices = pk.nearest_prototypes(x[keep], p, k=2, metric=metric)
+    assert values[:, 0].isnan().all() and (indices[:, 0] == 5).all()
+    assert not values[:, 1].isnan().any()
+    rest = [m for m in range(90) if m != 5]
+    # the second nearest is the nearest of the bank without prototype 5 (indices renumbered)
+    assert_nearest(x[keep], p[rest], metric, 1, values[:, 1:],
+                   indices[:, 1:] - (indices[:, 1:] > 5).long(), tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_huge_magnitudes_are_searched_directly(on_cuda_backend, metric):
+    """Squared norms past float32's max / 8: the expansion cannot bound those pairs."""
+    if metric == "sqeuclidean":  # the distances (~1e27) fit in float32
+        x = 1e19 + 1e13 * torch.randn(70, 8, device="cuda")
+        p = 1e19 + 1e13 * torch.randn(9, 8, device="cuda")
+    else:  # cosine is scale-free
+        x = 1e20 * torch.randn(70, 8, device="cuda")
+        p = torch.randn(9, 8, device="cuda")
+    values, indices = pk.nearest_prototypes(x, p, k=3, metric=metric)
+    assert_nearest(x, p, metric, 3, values, indices)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted-tokens", "sliced-bank"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_strided_inputs(on_cuda_backend, layout, metric):
+    if layout == "channels_last":
+        x = torch.randn(2, 12, 7, 9, device="cuda").to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(3, 24, 9, 9, device="cuda")[:, ::2, 1:, ::2]
+    elif layout == "permuted-tokens":
+        x = torch.randn(12, 2, 35, device="cuda").permute(1, 2, 0)  # (B, L, D), D strided
+    else:
+        x = torch.randn(70, 12, device="cuda")
+    dim = x.shape[-1] if x.dim() != 4 else x.shape[1]
+    p = torch.randn(150, 2 * dim, device="cuda")[::2, 1::2]  # rows and entries strided
+    values, indices = pk.nearest_prototypes(x, p, k=3, metric=metric)
+    assert_nearest(x, p, metric, 3, values, indices)
+    contiguous = pk.nearest_prototypes(x.contiguous(), p.contiguous(), k=3, metric=metric)
+    assert torch.equal(values, contiguous.values) and torch.equal(indices, contiguous.indices)
+
+
+def assert_nearest_gradients(x: torch.Tensor, p: torch.Tensor, k: int, metric: str,
+                             tol: float) -> torch.Tensor:
+    """The cuda backend's gradients of ``sum(weights * values)`` of `pk.nearest_prototypes`
+    (random weights) within ``tol`` of float64 autograd at the pairs it chose, in the inputs'
+    shapes and dtypes; returns its indices."""
+    xg, pg = x.detach().requires_grad_(), p.detach().requires_grad_()
+    values, indices = pk.nearest_prototypes(xg, pg, k, metric)
+    weights = torch.randn_like(values)
+    with pk.recording() as calls:
+        (values * weights).sum().backward()
+    assert calls == [("nearest_prototypes_backward", "cuda")]
+    want_x, want_p = nearest_gradients_at(x, p, metric, weights, indices)
+    assert xg.grad.shape == x.shape and pg.grad.shape == p.shape
+    assert xg.grad.dtype == x.dtype and pg.grad.dtype == p.dtype
+    assert relative_error(xg.grad, want_x) <= tol
+    assert relative_error(pg.grad, want_p) <= tol
+    return indices
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize(("case", "dtype"), [
+    ("map-k3", torch.float32), ("tokens-k9", torch.float32), ("k-equals-M", torch.float32),
+    ("large-D", torch.float32), ("map-k3", torch.float16), ("map-k3", torch.bfloat16)])
+def test_nearest_gradients_match_brute_force(on_cuda_backend, case, dtype, metric,
+                                             deterministic):
+    x, p, k = make_nearest(case, dtype)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        assert_nearest_gradients(x, p, k, metric, TOLERANCE[dtype])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+def test_nearest_sqeuclidean_gradients_of_prototypes_on_their_rows(on_cuda_backend):
+    """A bank of the rows themselves plus ~1e-4 noise, each row's nearest its own copy: every
+    pair's gradient 2 g (x - p) is ~1e-4 of the entries, within float32's tolerance with the
+    difference taken first, where 2 g x - 2 g p would cancel to ~1e-3 relative error."""
+    x = torch.rand(70, 64, device="cuda")
+    p = x + 1e-4 * torch.randn(70, 64, device="cuda")
+    indices = assert_nearest_gradients(x, p, 1, "sqeuclidean", TOLERANCE[torch.float32])
+    assert torch.equal(indices[:, 0].cpu(), torch.arange(70))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("needs", [(True, False), (False, True)])
+def test_nearest_only_the_needed_gradient_is_computed(on_cuda_backend, needs):
+    x, p, k = make_nearest("tokens-k9", torch.float32)
+    x.requires_grad_(needs[0])
+    p.requires_grad_(needs[1])
+    pk.nearest_prototypes(x, p, k).values.sum().backward()
+    assert (x.grad is not None, p.grad is not None) == needs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_deterministic_backward_is_reproducible_bit_for_bit(on_cuda_backend, metric):
+    """Most rows choose the same few prototypes, so their gradients collide a lot."""
+    p = torch.randn(200, 48, device="cuda")
+    x = (p[:4].repeat(100, 1) + 0.01 * torch.randn(400, 48, device="cuda")).requires_grad_()
+    p.requires_grad_()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        grads = []
+        for _ in range(3):
+            values, _ = pk.nearest_prototypes(x, p, k=5, metric=metric)
+            grads.append(torch.autograd.grad(values.sum(), (x, p)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for grad_x, grad_p in grads[1:]:
+        assert torch.equal(grad_x, grads[0][0]) and torch.equal(grad_p, grads[0][1])
+    atomic = torch.autograd.grad(pk.nearest_prototypes(x, p, k=5, metric=metric).values.sum(),
+                                 (x, p))
+    assert torch.equal(atomic[0], grads[0][0])  # the rows' sums never use atomics
+    assert relative_error(atomic[1], grads[0][1]) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.cuda
+def test_nearest_empty_batch(on_cuda_backend):
+    x = torch.randn(0, 8, device="cuda", requires_grad=True)
+    p = torch.randn(5, 8, device="cuda", requires_grad=True)
+    values, indices = pk.nearest_prototypes(x, p, k=2)
+    assert values.shape == indices.shape == (0, 2)
+    values.sum().backward()
+    assert (p.grad == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_opcheck(on_cuda_backend, metric):
+    x, p, k = make_nearest("map-k3", torch.float32)
+    x4, p4, _ = canonicalize(x, p, metric, "test")
+    opcheck(torch.ops.protokern.nearest_prototypes.default, (x4, p4, metric, k, "cuda"))
+    values, indices = torch.ops.protokern.nearest_prototypes(x4, p4, metric, k, "cuda")
+    for needs in [(True, True), (True, False), (False, True)]:
+        opcheck(torch.ops.protokern.nearest_prototypes_backward.default,
+                (torch.randn_like(values), x4, p4, indices, metric, "cuda", *needs))
+
+
+@pytest.mark.cuda
+def test_nearest_k_past_max_runs_on_the_next_backend():
+    x, p = torch.randn(70, 16, device="cuda"), torch.randn(90, 16, device="cuda")
+    with pytest.raises(ValueError, match="'cuda' cannot run this call.*at most k=32"):
+        with pk.use_backend("cuda"):
+            pk.nearest_prototypes(x, p, k=33)
+    with pk.recording() as calls:
+        values, indices = pk.nearest_prototypes(x, p, k=33)
+    assert_nearest(x, p, "sqeuclidean", 33, values, indices)
+    runner_up = "triton" if "triton" in pk.available_backends("cuda") else "reference"
+    assert calls == [("nearest_prototypes", runner_up)]
+
+
+@pytest.mark.cuda
+def test_nearest_kernel_glue_errors_name_the_problem_and_the_shapes():
+    import protokern._C  # noqa: F401
+
+    op = torch.ops.protokern_cuda.nearest_prototypes
+    x = torch.randn(2, 4, 3, 3, device="cuda")
+    p = torch.randn(40, 4, 1, 1, device="cuda")
+    with pytest.raises(ValueError,
+                       match=r"k=33 must be between 1 and min\(M, 32\).*\[40, 4, 1, 1\]"):
+        op(x, p, "sqeuclidean", 33, False)
+    with pytest.raises(ValueError, match=r"k=0 must be between"):
+        op(x, p, "sqeuclidean", 0, False)
+    with pytest.raises(ValueError, match=r"1x1 prototypes.*\[5, 4, 2, 2\]"):
+        op(x, torch.randn(5, 4, 2, 2, device="cuda"), "sqeuclidean", 1, False)
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        op(x, p, "manhattan", 1, False)
+    values, indices = op(x, p, "cosine", 2, False)
+    backward = torch.ops.protokern_cuda.nearest_prototypes_backward
+    with pytest.raises(ValueError, match=r"must both be \(B, L, k\)"):
+        backward(values[:1], x, p, indices[:1], "cosine", True, True, False)
+    with pytest.raises(TypeError, match="indices int64"):
+        backward(values, x, p, indices.int(), "cosine", True, True, False)
