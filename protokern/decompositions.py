@@ -75,6 +75,13 @@ def blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
     return prototype_blocks(num_prototypes, elements_per_prototype, BLOCK_ELEMENTS)
 
 
+def row_sum(terms: Tensor) -> Tensor:
+    """The recompute's sum over the last dim: one reduction (ONNX ReduceSum), where
+    `reference.fixed_order_sum`'s pairwise adds cost a few slices and pads per halving. Every row
+    is summed alike, so identical windows (or prototypes) still get identical values."""
+    return terms.sum(-1)
+
+
 def nan_first(distances: Tensor) -> Tensor:
     """The selection key of ``distances``: NaN as ``-inf``, so that it comes first (as a NaN is
     `torch.min`'s minimum) in onnxruntime as in PyTorch."""
@@ -133,7 +140,7 @@ def _nearest_positions(x: Tensor, prototypes: Tensor, metric: str, k: int
         dist = expansion(near_rows, near_protos[block], metric)
         chosen = first_k_positions(dist, k)
         block_protos = protos[block].repeat_interleave(k, 0) if k > 1 else protos[block]
-        exact = distance_at(rows[image, chosen.flatten(1)], block_protos, metric)
+        exact = distance_at(rows[image, chosen.flatten(1)], block_protos, metric, row_sum)
         results.append((dist, chosen, exact.view(chosen.shape)))
     return results
 
@@ -182,7 +189,7 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
     indices = candidates[0]
     if len(candidates) > 1:
         indices = torch.cat(candidates, -1).gather(-1, first_k_positions(torch.cat(keys, -1), k))
-    exact = distance_at(rows[:, :, None, :], protos[indices], metric)  # (B, L', k)
+    exact = distance_at(rows[:, :, None, :], protos[indices], metric, row_sum)  # (B, L', k)
     values, indices = in_exact_order(exact, indices)
     return values.to(x.dtype), indices
 

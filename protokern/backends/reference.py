@@ -15,6 +15,8 @@ one block of prototypes at a time, so that no more than about ``CHUNK_ELEMENTS``
 alive at once. float16/bfloat16 inputs are computed in float32, float64 in float64.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -125,15 +127,17 @@ def fixed_order_sum(terms: Tensor) -> Tensor:
     return terms[..., 0] if terms.shape[-1] else terms.sum(-1)
 
 
-def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments."""
+def distance_at(selected: Tensor, protos: Tensor, metric: str,
+                total: Callable[[Tensor], Tensor] = fixed_order_sum) -> Tensor:
+    """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments,
+    their sums over ``K`` taken by ``total``."""
     if metric == "sqeuclidean":
-        return fixed_order_sum((selected - protos).square())
-    dots = fixed_order_sum(selected * protos)
+        return total((selected - protos).square())
+    dots = total(selected * protos)
     if metric == "dot":
         return -dots
-    selected_norm = fixed_order_sum(selected.square()).sqrt().clamp_min(EPS)
-    proto_norm = fixed_order_sum(protos.square()).sqrt().clamp_min(EPS)
+    selected_norm = total(selected.square()).sqrt().clamp_min(EPS)
+    proto_norm = total(protos.square()).sqrt().clamp_min(EPS)
     return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
 
 
