@@ -14,7 +14,8 @@ and returns what the op does, with its semantics:
   (`reference.finite_mean`) so that features and prototypes far from the origin keep their
   digits. The expansion only chooses; every returned value is then recomputed directly at its
   pair (`reference.distance_at`) and the chosen ones are ordered by (value, index). So values
-  ascend, ties (equal distances) go to the lowest index, and the value at a pushed patch is 0;
+  ascend, ties go to the lowest index (between windows or prototypes whose expansions are
+  equal too: identical ones are), and the value at a pushed patch is 0;
   as with the fused backends, an index may move between positions whose distances differ by
   less than the expansion's rounding (DESIGN §5). Computed in float32 for float16, bfloat16
   and float32 inputs (no float64 in the graph), in float64 for float64.
@@ -23,13 +24,14 @@ and returns what the op does, with its semantics:
   The ``k`` smallest are ``k`` argmins (`first_k_positions`): ONNX has no stable sort and the
   order of `torch.topk` among ties is unspecified.
 - Memory: where the fused ops stream, the graph holds per block of ``c`` prototypes (`blocks`:
-  about `BLOCK_ELEMENTS` entries per image) the expansion ``(B, c, L')`` and the rows of the
-  chosen pairs for the recompute ``(B, c k, K)``, ``K = D ph pw``, with a few temporaries of
-  each; ``ph x pw`` windows add their unfolded patches ``(B, L', K)``. `nearest_prototypes`
-  holds ``(B, L', c)`` per block and the chosen prototypes' rows ``(B, L', k, K)``.
-  `mean_distance` is the reference's closed form: no map.
+  about `BLOCK_ELEMENTS` entries per image, at most `MAX_BLOCKS` blocks) the expansion
+  ``(B, c, L')`` and the rows of the chosen pairs for the recompute ``(B, c k, K)``,
+  ``K = D ph pw``, with a few temporaries of each; ``ph x pw`` windows add their unfolded
+  patches ``(B, L', K)``. `nearest_prototypes` holds ``(B, L', c)`` per block and the chosen
+  prototypes' rows ``(B, L', k, K)``. `mean_distance` is the reference's closed form: no map.
 
-Inference only: the graph has no protokern backward, and exported models do not train or push.
+Inference only: export in eval mode; training (backward, the optimiser steps, push) stays in
+PyTorch, on the fused ops.
 """
 
 from collections.abc import Callable
@@ -46,10 +48,14 @@ from protokern.backends.reference import (
     rows_and_protos,
 )
 
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 16
 """About how many entries (distances, and the rows gathered for the recompute) one block of
-prototypes holds per image: 1 MiB in float32. The batch is dynamic and a graph has no loop
+prototypes holds per image: 256 KiB in float32. The batch is dynamic and a graph has no loop
 over it, so the blocks are sized per image, by the static dimensions."""
+
+MAX_BLOCKS = 64
+"""At most this many blocks per op (each adds its nodes to the graph, and export time goes by
+nodes); past it, the blocks grow instead."""
 
 DECOMPOSITIONS: dict[str, Callable] = {}
 """Custom op name (``torch.ops.protokern.<name>``) -> its ATen formulation; every forward op
@@ -68,11 +74,14 @@ def decomposition(op: str) -> Callable[[Callable], Callable]:
 
 def blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
     """The prototype blocks of a graph whose prototypes each hold ``elements_per_prototype``
-    entries per image: `prototype_blocks` of `BLOCK_ELEMENTS` per image. One block when that
-    count is dynamic (a map of dynamic size: a graph cannot size its blocks by it)."""
+    entries per image: `prototype_blocks` of `BLOCK_ELEMENTS` per image, or of more where that
+    would make more than `MAX_BLOCKS`. One block when the count is dynamic (a map of dynamic
+    size: a graph cannot size its blocks by it)."""
     if not isinstance(elements_per_prototype, int):
         return [slice(0, num_prototypes)]
-    return prototype_blocks(num_prototypes, elements_per_prototype, BLOCK_ELEMENTS)
+    fewest = -(-num_prototypes // MAX_BLOCKS) * elements_per_prototype
+    return prototype_blocks(num_prototypes, elements_per_prototype,
+                            max(BLOCK_ELEMENTS, fewest))
 
 
 def row_sum(terms: Tensor) -> Tensor:

@@ -157,6 +157,8 @@ def test_blocks_of_prototypes_merge_in_order(exporting, monkeypatch):
     # the map off its minima is the expansion, whose GEMM rounds by its block's shape
     assert relative_error(blocked_map, whole_map) <= TOLERANCE[torch.float32]
     assert torch.equal(blocked_map.flatten(2).amin(-1), whole[0])
+    monkeypatch.setattr(decompositions, "MAX_BLOCKS", 4)  # then the blocks grow
+    assert [b.stop - b.start for b in decompositions.blocks(42, 25)] == [11, 11, 11, 9]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """``protokern export``: writes the file, prints its size and the difference from eager."""
     missing = missing_onnx_packages()
     if missing:
-        raise SystemExit(f"protokern export needs {', '.join(missing)}: pip install "
-                         f"'protokern[onnx]'")
+        raise SystemExit(f"protokern export needs {', '.join(missing)} (protokern's onnx "
+                         f"extra): pip install onnx onnxruntime onnxscript")
     if args.batch_size < 1:
         raise SystemExit(f"protokern export: --batch-size must be >= 1, got {args.batch_size}")
     try:
