@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "cil": "class-incremental scenario: every CIL head, metrics table",
     "anomaly": "PatchCore-style anomaly detection on generated images with planted defects "
                "(CPU, minutes): image and pixel AUROC, heatmap PNGs, vs anomalib's cdist",
+    "export": "a trained ProtoPNet checkpoint as an ONNX file, checked in onnxruntime against "
+              "eager",
 }
 """Command -> one-line help; the command's code is ``protokern.commands.<command>``."""
 

@@ -26,7 +26,9 @@ the automatic one. Every op resolves its backend from the choice and its actual 
 runs on its forward pass's backend, and a compiled graph asks each call's inputs. Under
 `torch.compile` the explicit choice is a compile-time constant: a compiled function keeps the
 choice it was compiled under (`torch.compiler.reset()` to choose again). The ops have fake
-implementations, so they trace under `torch.compile` (no graph break) and `torch.export`.
+implementations, so they trace under `torch.compile` (no graph break). `torch.export` (and
+``torch.onnx.export(..., dynamo=True)``) records each op's ATen formulation instead
+(`call_op`, `protokern.decompositions`), so an exported program runs without protokern.
 
 A backward op computes only the gradients autograd needs (``ctx.needs_input_grad``); one it
 skips comes back as an empty ``(0,)`` tensor and autograd gets None.
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from protokern.backends import explicit_choice, record_call, reference, resolve
+from protokern.decompositions import DECOMPOSITIONS
 
 METRICS = ("sqeuclidean", "cosine", "euclidean", "dot")
 """The metrics of the public functions. ``"euclidean"`` is ``sqrt(max(d, 0) + eps)`` of the
@@ -499,6 +502,17 @@ def _choice() -> str:
     return explicit_choice()
 
 
+def call_op(op: str, x4: Tensor, p4: Tensor, metric: str, *options):
+    """Custom op ``torch.ops.protokern.<op>`` on canonical inputs (then ``options``: ``k``
+    where the op has one), with the user's backend choice. While `torch.export` traces
+    (``torch.onnx.export(..., dynamo=True)`` too), the op's ATen formulation instead
+    (`protokern.decompositions`): the exported program then holds no protokern op, and runs
+    without protokern; eager and compiled code keep the fused kernels."""
+    if torch.compiler.is_exporting():
+        return DECOMPOSITIONS[op](x4, p4, metric, *options)
+    return getattr(torch.ops.protokern, op)(x4, p4, metric, *options, _choice())
+
+
 def autocast_inputs(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     """Under `torch.autocast` for the inputs' device, both cast to the autocast dtype, as
     ``torch.matmul`` casts its inputs (float64 stays float64); otherwise unchanged."""
@@ -581,7 +595,7 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     backward raises RuntimeError. Computed in float32 for float16/bfloat16 inputs.
     """
     x4, p4, _ = _prepare(x, prototypes, metric, eps, "protokern.min_distance")
-    values, indices = torch.ops.protokern.min_distance(x4, p4, kernel_metric(metric), _choice())
+    values, indices = call_op("min_distance", x4, p4, kernel_metric(metric))
     return MinDistance(_finish(values, metric, eps), indices)
 
 
@@ -607,7 +621,7 @@ def distance_map(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     if metric == "euclidean":
         dmap = _euclidean_map(x4, p4, eps).to(x4.dtype)
     else:
-        dmap = torch.ops.protokern.distance_map(x4, p4, metric, _choice())
+        dmap = call_op("distance_map", x4, p4, metric)
     return dmap.flatten(2) if layout == "tokens" else dmap
 
 
@@ -616,7 +630,7 @@ def _euclidean_map(x4: Tensor, p4: Tensor, eps: float) -> Tensor:
     ``1 / (2 sqrt(d + eps))`` reaches 5e6 at a pushed patch (``d = 0``, ``eps = 1e-14``), and
     the map's backward, a GEMM expansion, would lose the other positions' gradients to that
     weight's float32 rounding."""
-    wide = torch.ops.protokern.distance_map(x4.double(), p4.double(), "sqeuclidean", _choice())
+    wide = call_op("distance_map", x4.double(), p4.double(), "sqeuclidean")
     return euclidean(wide, eps)
 
 
@@ -648,8 +662,7 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, k: int = 1,
     x4, p4, layout = _prepare(x, prototypes, metric, eps, where, vectors=True)
     check_k(k, p4.shape[0], f"the number of prototypes M={p4.shape[0]} (prototypes "
             f"{_shape(prototypes)})", where)
-    values, indices = torch.ops.protokern.nearest_prototypes(x4, p4, kernel_metric(metric), k,
-                                                             _choice())
+    values, indices = call_op("nearest_prototypes", x4, p4, kernel_metric(metric), k)
     values = _finish(values, metric, eps)
     if layout == "vectors":
         shape = (x4.shape[0], k)
@@ -687,8 +700,7 @@ def topk_distance(x: Tensor, prototypes: Tensor, k: int, metric: str = "sqeuclid
             f"the number of positions H'*W'={positions} (x {_shape(x)}, prototypes "
             f"{_shape(prototypes)})")
     check_k(k, positions, what, where)
-    values, indices = torch.ops.protokern.topk_distance(x4, p4, kernel_metric(metric), k,
-                                                        _choice())
+    values, indices = call_op("topk_distance", x4, p4, kernel_metric(metric), k)
     return TopkDistance(_finish(values, metric, eps), indices)
 
 
@@ -712,7 +724,7 @@ def mean_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
     x4, p4, _ = _prepare(x, prototypes, metric, eps, where)
     if metric == "euclidean":
         return _euclidean_map(x4, p4, eps).flatten(2).mean(-1).to(x4.dtype)
-    return torch.ops.protokern.mean_distance(x4, p4, metric, _choice())
+    return call_op("mean_distance", x4, p4, metric)
 
 
 for _function in (min_distance, distance_map, nearest_prototypes, topk_distance,

@@ -15,6 +15,8 @@ one block of prototypes at a time, so that no more than about ``CHUNK_ELEMENTS``
 alive at once. float16/bfloat16 inputs are computed in float32, float64 in float64.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,27 +66,31 @@ def input_rounding(dtype: torch.dtype, device: torch.device) -> float:
     return {"none": 0.0, "ieee": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-7}[precision]
 
 
-def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """Distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)`` by the GEMM expansion,
-    and a bound on their rounding error (`expansion_bound`)."""
+def expansion(rows: Tensor, protos: Tensor, metric: str) -> Tensor:
+    """Distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)`` by the GEMM expansion:
+    ``|r|^2 - 2 r.p + |p|^2`` (clamped at 0), ``1 - r.p / (max(|r|, EPS) max(|p|, EPS))``
+    (clamped to [0, 2]) or ``-r.p``."""
     dots = torch.matmul(protos, rows.transpose(1, 2))
     if metric == "dot":
-        return -dots, expansion_bound(rows, protos, metric)
+        return -dots
     if metric == "sqeuclidean":
         magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
-        dist = (magnitude - 2 * dots).clamp_min(0)
-        return dist, expansion_bound(rows, protos, metric, magnitude)
+        return (magnitude - 2 * dots).clamp_min(0)
     row_norm = rows.norm(dim=-1)[:, None, :]
     proto_norm = protos.norm(dim=-1)[None, :, None]
-    dist = (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
-    return dist, expansion_bound(rows, protos, metric)
+    return (1 - dots / (proto_norm.clamp_min(EPS) * row_norm.clamp_min(EPS))).clamp(0, 2)
 
 
-def expansion_bound(rows: Tensor, protos: Tensor, metric: str,
-                    magnitude: Tensor | None = None) -> Tensor:
+def expanded_distance(rows: Tensor, protos: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """The `expansion`'s distances ``(B, c, L')`` between rows ``(B, L', K)`` and ``(c, K)``,
+    and a bound on their rounding error (`expansion_bound`)."""
+    return expansion(rows, protos, metric), expansion_bound(rows, protos, metric)
+
+
+def expansion_bound(rows: Tensor, protos: Tensor, metric: str) -> Tensor:
     """A bound on the rounding error of the GEMM expansion's distances between rows
     ``(B, L', K)`` and ``(c, K)``, broadcastable to ``(B, c, L')`` (``inf`` where an
-    intermediate overflowed); ``magnitude``: sqeuclidean's ``|r|^2 + |p|^2`` if at hand.
+    intermediate overflowed).
 
     The worst case of a K-term float sum (``~K eps`` relative to the sum of the magnitudes,
     plus an absolute term for subnormal products), plus the rounding of the GEMM inputs where
@@ -101,9 +107,7 @@ def expansion_bound(rows: Tensor, protos: Tensor, metric: str,
         bound = ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
         return torch.where(magnitude.isfinite(), bound, float("inf"))
     if metric == "sqeuclidean":
-        if magnitude is None:
-            magnitude = (rows.square().sum(-1)[:, None, :]
-                         + protos.square().sum(-1)[None, :, None])
+        magnitude = rows.square().sum(-1)[:, None, :] + protos.square().sum(-1)[None, :, None]
         return ((size + 4) * eps + 2 * rounding) * magnitude + 4 * (size + 1) * finfo.tiny
     finite = (rows.norm(dim=-1)[:, None, :] * protos.norm(dim=-1)[None, :, None]).isfinite()
     return torch.where(finite, (2 * size + 8) * eps + 4 * rounding, float("inf"))
@@ -123,15 +127,17 @@ def fixed_order_sum(terms: Tensor) -> Tensor:
     return terms[..., 0] if terms.shape[-1] else terms.sum(-1)
 
 
-def distance_at(selected: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments."""
+def distance_at(selected: Tensor, protos: Tensor, metric: str,
+                total: Callable[[Tensor], Tensor] = fixed_order_sum) -> Tensor:
+    """Direct (non-expanded) distances between matching rows ``(..., K)`` of both arguments,
+    their sums over ``K`` taken by ``total``."""
     if metric == "sqeuclidean":
-        return fixed_order_sum((selected - protos).square())
-    dots = fixed_order_sum(selected * protos)
+        return total((selected - protos).square())
+    dots = total(selected * protos)
     if metric == "dot":
         return -dots
-    selected_norm = fixed_order_sum(selected.square()).sqrt().clamp_min(EPS)
-    proto_norm = fixed_order_sum(protos.square()).sqrt().clamp_min(EPS)
+    selected_norm = total(selected.square()).sqrt().clamp_min(EPS)
+    proto_norm = total(protos.square()).sqrt().clamp_min(EPS)
     return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
 
 
@@ -190,7 +196,7 @@ def write_exact_minima(dmap: Tensor, x: Tensor, prototypes: Tensor, metric: str)
     distance there: the map's own shortlist (`exact_shortlist` on it), recomputed directly in
     float64, the first exact minimum winning, as `min_distance`. No GEMM: the map is the
     expansion."""
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     flat = dmap.view(dmap.shape[0], dmap.shape[1], -1)
     for block in prototype_blocks(protos.shape[0], 6 * rows.shape[0] * rows.shape[1]):
         exact = exact_shortlist(rows, protos[block], metric, 1, expanded=flat[:, block])
@@ -199,13 +205,16 @@ def write_exact_minima(dmap: Tensor, x: Tensor, prototypes: Tensor, metric: str)
                                                 values[..., None].to(flat.dtype))
 
 
-def prototype_blocks(num_prototypes: int, elements_per_prototype: int) -> list[slice]:
-    """Slices of the prototype axis holding about `CHUNK_ELEMENTS` entries each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_prototype))
+def prototype_blocks(num_prototypes: int, elements_per_prototype: int,
+                     budget: int = CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of the prototype axis holding about ``budget`` entries each."""
+    step = max(1, budget // max(1, elements_per_prototype))
     return [slice(s, min(s + step, num_prototypes)) for s in range(0, num_prototypes, step)]
 
 
-def _rows_and_protos(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+def rows_and_protos(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    """Canonical ``x`` ``(B, D, H, W)`` and ``prototypes`` ``(M, D, ph, pw)`` as `patches` rows
+    ``(B, L', K)`` and flat prototypes ``(M, K)``, ``K = D ph pw``, in the `compute_dtype`."""
     dtype = compute_dtype(x.dtype)
     _, _, ph, pw = prototypes.shape
     return patches(x.to(dtype), ph, pw), prototypes.flatten(1).to(dtype)
@@ -217,7 +226,7 @@ def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Te
     Returns ``values`` ``(B, M)`` in ``x.dtype`` and ``indices`` ``(B, M)`` int64, flat over
     ``H' x W'``. Exact: see `exact_min`.
     """
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, _ = rows.shape
     num = protos.shape[0]
     values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
@@ -274,7 +283,7 @@ def min_distance_backward(
     the scatter into ``x`` is an accumulating ``index_put_``, which PyTorch runs
     deterministically on every device when deterministic algorithms are enabled.
     """
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, size = rows.shape
     grad_rows = grad_protos = None
     if needs_x:
@@ -310,7 +319,7 @@ def _fold_grads(
 
 def distance_map(x: Tensor, prototypes: Tensor, metric: str) -> Tensor:
     """Every distance, ``(B, M, H', W')`` in ``x.dtype`` (for explanations)."""
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, _ = rows.shape
     _, _, ph, pw = prototypes.shape
     out_h, out_w = x.shape[-2] - ph + 1, x.shape[-1] - pw + 1
@@ -331,7 +340,7 @@ def distance_map_backward(
     GEMMs over one block of prototypes at a time (of the unclamped formulas: where a clamp
     bites, the true gradient is zero up to rounding anyway).
     """
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, _ = rows.shape
     grad_rows = grad_protos = None
     if needs_x:
@@ -405,7 +414,7 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
     candidates are recomputed directly in float64 and the first ``k`` by (exact distance,
     index) win (`first_k`), so ties go to the lowest index and a NaN distance comes first.
     """
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, size = rows.shape
     flat = rows.reshape(batch * length, size)
     num = protos.shape[0]
@@ -436,7 +445,7 @@ def nearest_prototypes_backward(
     ``prototypes`` through the chosen pairs ``indices`` ``(B, L', k)`` (None for one not asked
     for, which is then not computed). Deterministic: the prototypes' sums are an accumulating
     ``index_put_``, deterministic on every device under deterministic algorithms."""
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, size = rows.shape
     k = indices.shape[-1]
     flat_rows = rows.reshape(batch * length, size)
@@ -466,7 +475,7 @@ def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[T
     ``(B, M, k)`` ascending in ``x.dtype`` and ``indices`` ``(B, M, k)`` int64, flat over
     ``H' x W'``. Exact, as `min_distance` (`exact_shortlist`); ties go to the lowest position
     and a NaN distance comes first (`first_k`)."""
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     batch, length, _ = rows.shape
     num = protos.shape[0]
     values = torch.empty(batch, num, k, dtype=x.dtype, device=x.device)
@@ -508,7 +517,7 @@ def _mean_parts(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Ten
     """``(rows (B, L', K), protos (M, K), centre (B, K))`` in the compute dtype, ``centre``
     being what the metric averages: the mean patch (sqeuclidean, dot) or the mean unit patch
     (cosine)."""
-    rows, protos = _rows_and_protos(x, prototypes)
+    rows, protos = rows_and_protos(x, prototypes)
     if metric == "cosine":
         return rows, protos, (rows / rows.norm(dim=-1, keepdim=True).clamp_min(EPS)).mean(1)
     return rows, protos, rows.mean(1)
@@ -543,14 +552,16 @@ def _shifted(rows: Tensor, protos: Tensor, centre: Tensor) -> tuple[Tensor, Tens
     residual = rows - centre[:, None]
     drift = residual.mean(1)  # (B, K): mean(r) - c, the rounding of c
     spread = residual.square().sum(-1).mean(1) - drift.square().sum(-1)
-    origin = _origin(centre)
+    origin = finite_mean(centre)
     return spread, (centre - origin) + drift, protos - origin
 
 
-def _origin(centre: Tensor) -> Tensor:
-    """The shift of `_shifted`, ``(K,)``: the images' mean patches ``(B, K)`` averaged, their
-    non-finite entries as 0 (any shift is exact; a NaN image must not spread to the others)."""
-    return torch.where(centre.isfinite(), centre, 0).mean(0)
+def finite_mean(points: Tensor) -> Tensor:
+    """The mean ``(K,)`` of ``points`` ``(n, K)``, their non-finite entries as 0: a shift of the
+    origin for an expansion (any shift is exact; a NaN point must not spread to the others).
+    `_shifted` takes it over the images' mean patches, `protokern.decompositions` over the
+    prototypes."""
+    return torch.where(points.isfinite(), points, 0).mean(0)
 
 
 def _unit_grad(v: Tensor, grad_unit: Tensor) -> Tensor:
@@ -579,7 +590,7 @@ def mean_distance_backward(
         _, shifted_mean, shifted_protos = _shifted(rows, protos, centre)
         if needs_x:
             total = grad.sum(1)  # (B,)
-            pulls = total[:, None] * (centre - _origin(centre)) - grad @ shifted_protos
+            pulls = total[:, None] * (centre - finite_mean(centre)) - grad @ shifted_protos
             grad_rows = (2 / length) * (total[:, None, None] * (rows - centre[:, None])
                                         + pulls[:, None, :])
         if needs_prototypes:
