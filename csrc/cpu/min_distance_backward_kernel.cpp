@@ -31,7 +31,7 @@
 namespace protokern::cpu {
 namespace {
 
-constexpr int64_t kBackwardBlock = 16;  // fewest prototypes per thread in the grad gather
+constexpr int64_t kBackwardBlock = 16;  // fewest prototypes per task in the grad gather
 
 // What both backward passes read.
 template <typename acc_t>

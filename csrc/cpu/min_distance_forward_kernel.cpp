@@ -75,7 +75,8 @@ struct Workspace {
   std::vector<Best> best;
   std::unique_ptr<Shortlist> shortlist = std::make_unique<Shortlist>();
 
-  // One 512-bit vector of padding: the reduction's last vector of a row may read past it.
+  // 64 bytes of padding (two of the reduction's 256-bit vectors): its last vector of a row may
+  // read past the row's end.
   static constexpr int64_t kPadding = 64 / sizeof(acc_t);
 
   Workspace(int64_t row_count, int64_t size, int64_t block)

@@ -1,11 +1,13 @@
 """The ``cpu`` backend: protokern's fused C++ kernels (``csrc/cpu/``) for CPU tensors.
 
-`min_distance` never holds more than a tile of distances: per thread, the windows of a few
-images against a block of prototypes, one BLAS GEMM per tile, the min over positions reduced
-right after it, and the chosen value recomputed exactly (see ``csrc/cpu/``). Its backward reads
-only the saved indices, computes only the gradients asked for, and is deterministic whatever
-the thread count (with one position per image, where every pair is selected, it is two BLAS
-products instead: deterministic for a given thread count). Parallel over
+`min_distance` never holds more than a tile of distances: per task (tasks handed to the threads
+from a shared counter), the windows of a few images against a block of prototypes, one BLAS
+GEMM per tile, the min over positions reduced right after it, and the chosen value recomputed
+exactly; with one position per image, where every pair is an output, the tile's value where
+the expansion's bound certifies it and the rest recomputed directly (see ``csrc/cpu/``). Its
+backward reads only the saved indices, computes only the gradients asked for, and is
+deterministic whatever the thread count (with one position per image, where every pair is
+selected, it is two BLAS products instead: deterministic for a given thread count). Parallel over
 ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
 upcast to float32 while packing.
 
