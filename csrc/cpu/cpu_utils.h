@@ -21,11 +21,34 @@
 #endif
 #if defined(__GNUC__)
 #define PK_INLINE inline __attribute__((always_inline))
+#define PK_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define PK_INLINE inline
+#define PK_LAMBDA_INLINE
 #endif
 
 namespace protokern::cpu {
+
+// 256-bit GCC vector types of the working type, for the reductions and exact sums that the vector
+// clones lower to their own registers (specialised: the attribute does not survive a dependent
+// alias). 256, not 512: the AVX2 clone lowered 512-bit types to scalar code with stack traffic
+// (perf at cub: the reduction 1.7x the GEMM's samples); the AVX-512 clone runs them in ymm
+// registers.
+template <typename acc_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using Index = int32_t;
+  typedef float Values __attribute__((vector_size(32)));
+  typedef int32_t Indices __attribute__((vector_size(32)));
+};
+template <>
+struct VectorOf<double> {
+  using Index = int64_t;
+  typedef double Values __attribute__((vector_size(32)));
+  typedef int64_t Indices __attribute__((vector_size(32)));
+};
+
 
 // Runs worker(take) once on each of at::parallel_for's threads; take(task) claims the next of
 // tasks 0 .. count - 1 from a shared counter and returns false when none is left. Unlike

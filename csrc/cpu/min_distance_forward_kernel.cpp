@@ -84,24 +84,6 @@ struct Workspace {
         inverse(row_count), finite(row_count), best(block) {}
 };
 
-// 256-bit GCC vector types (specialised: the attribute does not survive a dependent alias).
-// 256, not 512: the AVX2 clone lowered 512-bit types to scalar code with stack traffic (perf at
-// cub: the reduction 1.7x the GEMM's samples); the AVX-512 clone runs them in ymm registers.
-template <typename acc_t>
-struct VectorOf;
-template <>
-struct VectorOf<float> {
-  using Index = int32_t;
-  typedef float Values __attribute__((vector_size(32)));
-  typedef int32_t Indices __attribute__((vector_size(32)));
-};
-template <>
-struct VectorOf<double> {
-  using Index = int64_t;
-  typedef double Values __attribute__((vector_size(32)));
-  typedef int64_t Indices __attribute__((vector_size(32)));
-};
-
 // One image against one block of prototypes: `tile` holds the inner products C (positions x
 // columns, row stride = columns), `rows` the image's packed windows. Leaves in best[c] the first
 // exact minimum over the positions the expansion cannot rule out.
@@ -130,8 +112,9 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
 
   // Candidates are collected, then recomputed in a loop without data-dependent branches (so the
   // CPU overlaps their latencies), then offered in collection order: position order per column.
+  // The lambdas are force-inlined: one left out of line is compiled for baseline x86-64 only.
   int64_t count = 0;
-  auto flush = [&] {
+  auto flush = [&]() PK_LAMBDA_INLINE {
     for (int64_t i = 0; i < count; ++i) {
       const int64_t r = shortlist.row[i], c = shortlist.column[i];
       shortlist.distance[i] =
@@ -142,54 +125,68 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
       best[shortlist.column[i]].offer(shortlist.distance[i], shortlist.row[i]);
     count = 0;
   };
-  auto push = [&](int64_t r, int64_t c) {
+  auto push = [&](int64_t r, int64_t c) PK_LAMBDA_INLINE {
     if (count == Shortlist::kCapacity) flush();
     shortlist.row[count] = static_cast<int32_t>(r);
     shortlist.column[count] = static_cast<int32_t>(c);
     ++count;
   };
-  auto score = [&](int64_t r, int64_t c) -> acc_t {
+  auto score = [&](int64_t r, int64_t c) PK_LAMBDA_INLINE -> acc_t {
     const acc_t dot = tile[r * columns + c];
     return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot : -dot * row_side.inverse[r];
   };
 
-  // One 256-bit vector of columns at a time, its running minima kept in registers (GCC vector
-  // extensions: lowered to AVX-512, AVX2 or SSE registers by each clone).
+  // Two 256-bit vectors of columns at a time, their running minima kept in registers (GCC vector
+  // extensions: lowered to AVX-512, AVX2 or SSE registers by each clone). Two, not one: each
+  // vector's minima form a compare-and-blend chain from one position to the next, so one vector
+  // alone waits on that latency (perf at cub on AVX-512: vblendvps the hottest instruction);
+  // two independent chains overlap. Not more: AVX2 has 16 vector registers.
   using Index = typename VectorOf<acc_t>::Index;
   using Vec = typename VectorOf<acc_t>::Values;
   using IndexVec = typename VectorOf<acc_t>::Indices;
   constexpr int64_t kLanes = sizeof(Vec) / sizeof(acc_t);  // columns per vector
+  constexpr int kGroup = 2;
+  constexpr int64_t kSpan = kGroup * kLanes;  // columns per pass: the tile's padding covers it
 
   for (int64_t c = 0; c < columns; ++c) best[c] = Best{0.0, -1};
-  for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
-    Vec first = Vec{} + infinity<acc_t>(), second = first, upper = first;
-    IndexVec first_at = IndexVec{} - 1;
+  for (int64_t c0 = 0; c0 < columns; c0 += kSpan) {
+    Vec first[kGroup], second[kGroup], upper[kGroup];
+    IndexVec first_at[kGroup];
+    for (int v = 0; v < kGroup; ++v) {
+      first[v] = second[v] = upper[v] = Vec{} + infinity<acc_t>();
+      first_at[v] = IndexVec{} - 1;
+    }
     for (int64_t r = 0; r < positions; ++r) {
       if (!row_side.finite[r]) continue;
-      Vec dots;
-      std::memcpy(&dots, tile + r * columns + c0, sizeof dots);
       // Both metrics in one shape: score = base - scale * C, upper = score + spread.
       const acc_t base = squared_metric ? (1 - g) * row_side.squared[r] : acc_t(0);
       const acc_t scale = squared_metric ? acc_t(2) : row_side.inverse[r];
       const acc_t spread = squared_metric ? 2 * g * row_side.squared[r] : acc_t(0);
-      const Vec score_now = base - scale * dots;
-      const Vec upper_now = score_now + spread;
-      upper = upper_now < upper ? upper_now : upper;
-      const IndexVec better = score_now < first;
-      const Vec displaced = better ? first : score_now;  // max(first, score)
-      second = displaced < second ? displaced : second;
-      first_at = better ? IndexVec{} + static_cast<Index>(r) : first_at;
-      first = better ? score_now : first;
+      const IndexVec position = IndexVec{} + static_cast<Index>(r);
+#pragma GCC unroll 2
+      for (int v = 0; v < kGroup; ++v) {
+        Vec dots;
+        std::memcpy(&dots, tile + r * columns + c0 + v * kLanes, sizeof dots);
+        const Vec score_now = base - scale * dots;
+        const Vec upper_now = score_now + spread;
+        upper[v] = upper_now < upper[v] ? upper_now : upper[v];
+        const IndexVec better = score_now < first[v];
+        const Vec displaced = better ? first[v] : score_now;  // max(first, score)
+        second[v] = displaced < second[v] ? displaced : second[v];
+        first_at[v] = better ? position : first_at[v];
+        first[v] = better ? score_now : first[v];
+      }
     }
-    const int64_t chunk_columns = std::min(kLanes, columns - c0);
+    const int64_t chunk_columns = std::min(kSpan, columns - c0);
     for (int64_t j = 0; j < chunk_columns; ++j) {
-      const int64_t c = c0 + j;
+      const int64_t c = c0 + j, v = j / kLanes, lane = j % kLanes;
       const acc_t threshold =
           squared_metric
-              ? upper[j] + 2 * g * col_side.squared[c] + 2 * tau
-              : first[j] + 2 * g * (acc_t(1) / col_side.inverse[c]);
-      if (all_rows_trusted && col_side.finite[c] && first_at[j] >= 0 && second[j] > threshold) {
-        push(first_at[j], c);
+              ? upper[v][lane] + 2 * g * col_side.squared[c] + 2 * tau
+              : first[v][lane] + 2 * g * (acc_t(1) / col_side.inverse[c]);
+      if (all_rows_trusted && col_side.finite[c] && first_at[v][lane] >= 0 &&
+          second[v][lane] > threshold) {
+        push(first_at[v][lane], c);
         continue;
       }
       for (int64_t r = 0; r < positions; ++r)
