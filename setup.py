@@ -83,8 +83,12 @@ def _extension_build() -> dict:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    # PyTorch 2.13 headers need C++20.
-    compile_args: dict[str, list[str]] = {"cxx": ["-O3", "-std=c++20", *openmp]}
+    # PyTorch 2.13 headers need C++20. -ffp-contract=off: no fused multiply-adds where the source
+    # has a product and a sum, so the AVX-512, AVX2 and baseline clones of a kernel round alike
+    # (an FMA in one clone's exact sums and not in another's made the cosine distance of a copy
+    # an ulp above 0 in float64; the GEMM is BLAS's and keeps its own).
+    compile_args: dict[str, list[str]] = {
+        "cxx": ["-O3", "-std=c++20", "-ffp-contract=off", *openmp]}
     kind = cpp_extension.CppExtension
     sources = cpu_sources
     macros: list[tuple[str, str | None]] = []

@@ -27,7 +27,7 @@ def distances(x: Tensor, prototypes: Tensor, metric: str, eps: float = 1e-14) ->
     _, _, height, width = x.shape
     _, _, ph, pw = p.shape
     out_h, out_w = height - ph + 1, width - pw + 1
-    dot = sq_diff = x_sq = 0
+    dot = sq_diff = x_sq = p_sq = 0
     for i in range(ph):
         for j in range(pw):
             xs = x[:, None, :, i:i + out_h, j:j + out_w]  # (B, 1, D, H', W')
@@ -35,6 +35,7 @@ def distances(x: Tensor, prototypes: Tensor, metric: str, eps: float = 1e-14) ->
             sq_diff = sq_diff + ((xs - ps) ** 2).sum(2)
             dot = dot + (xs * ps).sum(2)
             x_sq = x_sq + (xs ** 2).sum(2)
+            p_sq = p_sq + (ps ** 2).sum(2)  # in x_sq's order: a copy's three sums are one
     if metric == "sqeuclidean":
         d = sq_diff
     elif metric == "euclidean":
@@ -42,9 +43,11 @@ def distances(x: Tensor, prototypes: Tensor, metric: str, eps: float = 1e-14) ->
     elif metric == "dot":
         d = -dot
     else:
-        x_norm = torch.sqrt(x_sq).clamp_min(EPS)
-        p_norm = torch.sqrt((p ** 2).sum((1, 2, 3))).clamp_min(EPS)[None, :, None, None]
-        d = 1 - dot / (x_norm * p_norm)
+        # max(|x|, EPS) max(|p|, EPS) as sqrt(|x|^2 |p|^2): exact at a copy (sqrt(fl(v v)) == v),
+        # so a pushed patch is at 0, not 2e-16; the norms' product where the squares' overflows
+        x_sq, p_sq = x_sq.clamp_min(EPS * EPS), p_sq.clamp_min(EPS * EPS)
+        product = x_sq * p_sq
+        d = 1 - dot / torch.where(product.isfinite(), product.sqrt(), x_sq.sqrt() * p_sq.sqrt())
     return d.flatten(2)
 
 

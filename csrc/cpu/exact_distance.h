@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/cpu_utils.h"
 #include "cpu/min_distance_kernels.h"
@@ -27,12 +28,39 @@ PK_INLINE double exact_squared_distance(const acc_t* a, const acc_t* p, int64_t 
   return total;
 }
 
-// Returns a.p and stores |a|^2 in *a_squared.
+// The sum of a vector's lanes by a fixed tree (pairs of halves): one order, in registers.
+template <typename Vec>
+PK_INLINE auto lane_sum(const Vec& v) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  constexpr int64_t kLanes = sizeof(Vec) / sizeof(T);
+  T lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
+
+// Returns a.p and stores |a|^2 in *a_squared. Vector accumulators in a fixed order that does not
+// depend on where a and p lie (an omp simd loop may peel to align one of them, which moves the
+// lanes): so exact_dot(p, p) gives bit for bit the |a|^2 and a.p of a copy a of p, which
+// cosine_from turns into exactly 0.
 template <typename acc_t>
 PK_INLINE double exact_dot(const acc_t* a, const acc_t* p, int64_t size, double* a_squared) {
-  double dot = 0, squared = 0;
-#pragma omp simd reduction(+ : dot, squared)
-  for (int64_t k = 0; k < size; ++k) {
+  using Vec = typename VectorOf<double>::Values;
+  constexpr int64_t kLanes = sizeof(Vec) / sizeof(double);
+  Vec dots = Vec{}, squares = Vec{};
+  int64_t k = 0;
+  for (; k + kLanes <= size; k += kLanes) {
+    Vec av, pv;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      av[j] = static_cast<double>(a[k + j]);
+      pv[j] = static_cast<double>(p[k + j]);
+    }
+    dots += av * pv;
+    squares += av * av;
+  }
+  double dot = lane_sum(dots), squared = lane_sum(squares);
+  for (; k < size; ++k) {
     const double av = static_cast<double>(a[k]);
     dot += av * static_cast<double>(p[k]);
     squared += av * av;
@@ -41,10 +69,17 @@ PK_INLINE double exact_dot(const acc_t* a, const acc_t* p, int64_t size, double*
   return dot;
 }
 
+// max(|a|, floor) max(|p|, floor) as sqrt(|a|^2 |p|^2) (floored squares): at a copy (a == p, so
+// a.p, |a|^2 and |p|^2 are one sum) it is exactly a.p, since sqrt(fl(v * v)) == v, and the distance
+// is 0 (|a| |p| is off by an ulp for about a quarter of random vectors); the product of the norms
+// where the product overflows. As reference.cosine_denominator.
 PK_INLINE double cosine_from(double dot, double a_squared, double p_squared) {
-  const double denominator = std::max(std::sqrt(a_squared), kNormFloor) *
-                             std::max(std::sqrt(p_squared), kNormFloor);
-  // std::max/min keep a NaN first argument, so NaN propagates through the clamp.
+  const double floor_squared = kNormFloor * kNormFloor;
+  // std::max keeps a NaN first argument, so NaN propagates.
+  const double a2 = std::max(a_squared, floor_squared), p2 = std::max(p_squared, floor_squared);
+  const double product = a2 * p2;
+  const double denominator =
+      std::isfinite(product) ? std::sqrt(product) : std::sqrt(a2) * std::sqrt(p2);
   return std::min(std::max(1.0 - dot / denominator, 0.0), 2.0);
 }
 
@@ -79,12 +114,7 @@ PK_INLINE acc_t squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
     even += d0 * d0;
     k += kLanes;
   }
-  acc_t lanes[kLanes];
-  const Vec both = even + odd;
-  std::memcpy(lanes, &both, sizeof lanes);
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  acc_t total = lanes[0];
+  acc_t total = lane_sum(even + odd);
   for (; k < size; ++k) {
     const acc_t d = a[k] - p[k];
     total += d * d;

@@ -136,9 +136,21 @@ def distance_at(selected: Tensor, protos: Tensor, metric: str,
     dots = total(selected * protos)
     if metric == "dot":
         return -dots
-    selected_norm = total(selected.square()).sqrt().clamp_min(EPS)
-    proto_norm = total(protos.square()).sqrt().clamp_min(EPS)
-    return (1 - dots / (selected_norm * proto_norm)).clamp(0, 2)
+    return (1 - dots / cosine_denominator(total(selected.square()), total(protos.square()))
+            ).clamp(0, 2)
+
+
+def cosine_denominator(selected_squared: Tensor, proto_squared: Tensor) -> Tensor:
+    """``max(|s|, EPS) max(|p|, EPS)`` from the squared norms, as ``sqrt(|s|^2 |p|^2)`` (floored
+    squares): at a copy (``s == p``, so ``s.p``, ``|s|^2`` and ``|p|^2`` are the same sum) it is
+    exactly ``s.p``, since ``sqrt(fl(v * v)) == v``, and the distance is 0 on every host, where
+    ``|s| |p|`` is off by an ulp in about a quarter of the vectors. Where the product overflows,
+    the product of the norms."""
+    selected_squared = selected_squared.clamp_min(EPS * EPS)
+    proto_squared = proto_squared.clamp_min(EPS * EPS)
+    product = selected_squared * proto_squared
+    return torch.where(product.isfinite(), product.sqrt(),
+                       selected_squared.sqrt() * proto_squared.sqrt())
 
 
 def exact_shortlist(rows: Tensor, protos: Tensor, metric: str, k: int,

@@ -196,8 +196,10 @@ def _choose_kernel(
         exact_enough = (upper - lowest) <= 4 * GROWTH * lowest
         value = tl.where(value < 0, 0.0, value)
     else:
-        # cosine's bound is absolute, GROWTH, as the direct computation's own error is
-        exact_enough = lowest == lowest
+        # cosine's bound is absolute, GROWTH, as the direct computation's own error is; but a
+        # pair whose lower bound is not above 0 may be a copy (a pushed patch), whose distance is
+        # exactly 0 only when recomputed (false for NaN too)
+        exact_enough = lowest > 0
         value = tl.where(value < 0, 0.0, tl.where(value > 2, 2.0, value))
     # VALUES: the tile's products are exact (IEEE float32, or bfloat16/float16 operands, or
     # tf32x3's split); with TF32 operands every value is recomputed.

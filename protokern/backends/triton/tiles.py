@@ -259,9 +259,13 @@ def direct_distances(x_ptr, x_rows, p_ptr, p_rows, ok, K, PH, PW, sxd, sxh, sxw,
         total += tl.sum(x * p, axis=1)
         x_sq += tl.sum(x * x, axis=1)
         p_sq += tl.sum(p * p, axis=1)
-    x_norm = _sqrt(x_sq)
-    p_norm = _sqrt(p_sq)
-    x_norm = tl.where(x_norm < x_floor, x_floor, x_norm)
-    p_norm = tl.where(p_norm < p_floor, p_floor, p_norm)
-    dist = 1 - _div(total, x_norm * p_norm)
+    # max(|x|, floor) max(|p|, floor) as sqrt(|x|^2 |p|^2) of the floored squares: at a copy
+    # (x == p: total, x_sq and p_sq are one sum) exactly total, so the distance is 0
+    # (reference.cosine_denominator); the product of the norms where the product overflows.
+    x_sq = tl.where(x_sq < x_floor * x_floor, x_floor * x_floor, x_sq)  # NaN stays NaN
+    p_sq = tl.where(p_sq < p_floor * p_floor, p_floor * p_floor, p_sq)
+    product = x_sq * p_sq
+    overflow = product == float("inf")
+    norms = tl.where(overflow, _sqrt(x_sq) * _sqrt(p_sq), _sqrt(tl.where(overflow, 1.0, product)))
+    dist = 1 - _div(total, norms)
     return tl.where(dist < 0, 0.0, tl.where(dist > 2, 2.0, dist))
