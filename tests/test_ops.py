@@ -29,6 +29,7 @@ from torch.library import opcheck
 import protokern as pk
 from protokern import ops
 from protokern.backends import reference
+from protokern.backends import triton as triton_backend
 from protokern.ops import canonicalize
 
 
@@ -144,6 +145,10 @@ def test_ties_between_all_positions(backend):
 def test_ties_in_a_constant_map_at_protopnet_width(backend, metric, seed):
     """49 identical windows, D = 128: rounding that differs by position must not pick a later
     copy (it did when the GEMM expansion decided alone)."""
+    if backend == "triton" and triton_backend.INTERPRET and seed >= 2:
+        # 2 of the 8 seeds (600 prototypes) in Triton's interpreter: each seed costs it 2-6 s
+        # (60 s of CI for all 8); compiled, on a GPU, it runs all of them
+        pytest.skip("seeds 2-7 run on compiled Triton only (interpreted: seeds 0 and 1)")
     torch.manual_seed(seed)
     x = torch.rand(128, 1, 1).expand(2, 128, 7, 7).contiguous()
     assert (pk.min_distance(x, torch.rand(300, 128), metric).indices == 0).all()

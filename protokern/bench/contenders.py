@@ -398,7 +398,7 @@ def select_contenders(device: str, names: str | list[str] | None, op: str = "min
         for name in _names(names):
             if not any(name in (c.name, c.kind) for c in everything):
                 raise ValueError(
-                    f"--contenders: {name!r} is not available on {device}; available: "
+                    f"contender {name!r} is not available on {device}; available: "
                     f"{', '.join(sorted({c.name for c in everything}))} (or a kind: "
                     f"{', '.join(KINDS)})")
     if names is None:

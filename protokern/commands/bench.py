@@ -11,6 +11,7 @@ longer fits ``--memory-cap-gb``.
 """
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-m", default=DEFAULT_SCALING_M, help="M values of the sweep")
     parser.add_argument("--scaling-pass", default="forward+backward", choices=PASSES,
                         help="pass of the sweep")
+    parser.add_argument("--scaling-contenders", help="comma-separated names or kinds for the "
+                        "sweep (default: those of the table)")
     parser.add_argument("--scaling-repeats", type=int, help="timed calls per sweep case "
                         "(default: --repeats)")
     parser.add_argument("--list", action="store_true", help="list shapes and contenders, exit")
@@ -106,10 +109,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         config = config_from_args(args)
-        for shape in config.shapes:
-            config.selected_contenders(shape)
+        try:
+            for shape in config.shapes:
+                config.selected_contenders(shape)
+        except ValueError as error:
+            raise ValueError(f"--contenders: {error}") from None
         scaling_shape = parse_shapes(args.scaling_shape)[0]
         scaling_m = [int(m) for m in _csv(args.scaling_m)]
+        # the sweep's own copy: its contenders and repeats may differ from the table's
+        scaling_config = dataclasses.replace(config)
+        if args.scaling_contenders:
+            scaling_config.contenders = _csv(args.scaling_contenders)
+            try:  # a bad name is an error before any case runs
+                scaling_config.selected_contenders()
+            except ValueError as error:
+                raise ValueError(f"--scaling-contenders: {error}") from None
     except ValueError as error:
         print(f"protokern bench: {error}")
         return 2
@@ -139,25 +153,26 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         sweep = [scaling_shape.with_prototypes(m) for m in scaling_m]
         if args.scaling_repeats is not None:
-            config.repeats = args.scaling_repeats
+            scaling_config.repeats = args.scaling_repeats
         env["scaling"] = {"shape": scaling_shape.name, "num_prototypes": scaling_m,
-                          "pass": args.scaling_pass, "dtype": config.dtypes[0],
-                          "repeats": config.repeats}
+                          "pass": args.scaling_pass, "dtype": scaling_config.dtypes[0],
+                          "repeats": scaling_config.repeats,
+                          "contenders": [c.name for c in scaling_config.selected_contenders()]}
         title = (f"{scaling_shape.name} family: B={scaling_shape.batch} D={scaling_shape.dim} "
-                 f"{scaling_shape.height}x{scaling_shape.width}, {config.dtypes[0]}, "
+                 f"{scaling_shape.height}x{scaling_shape.width}, {scaling_config.dtypes[0]}, "
                  f"{args.scaling_pass}, {env['device_name']}")
 
         def save_sweep(partial: list[dict]) -> None:
             # JSON and plot after every size, so a run cut short still leaves both
             save(partial_scaling=partial)
-            size_done = len(partial) % len(config.selected_contenders()) == 0
+            size_done = len(partial) % len(scaling_config.selected_contenders()) == 0
             if size_done and len({r["num_prototypes"] for r in partial}) > 1:
-                scaling_plot(partial, args.plot, config.memory_cap_bytes, title)
+                scaling_plot(partial, args.plot, scaling_config.memory_cap_bytes, title)
 
-        scaling = run_cases(config, shapes=sweep, passes=[args.scaling_pass],
-                            dtypes=config.dtypes[:1], description="M sweep",
+        scaling = run_cases(scaling_config, shapes=sweep, passes=[args.scaling_pass],
+                            dtypes=scaling_config.dtypes[:1], description="M sweep",
                             checkpoint=save_sweep)
-        scaling_plot(scaling, args.plot, config.memory_cap_bytes, title)
+        scaling_plot(scaling, args.plot, scaling_config.memory_cap_bytes, title)
         print(f"\nscaling plot: {args.plot}")
     if args.json:
         env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -28,6 +28,9 @@ def test_bench_command_end_to_end(tmp_path):
                "--shapes", "tiny_patch", "--repeats", "2", "--warmup", "1",
                "--threads", "1", "--json", str(out_json), "--plot", str(out_png),
                "--scaling-shape", "tiny", "--scaling-m", "20,60", "--scaling-repeats", "1",
+               # two contenders in the sweep: each CPU case starts two processes (timing and
+               # memory), and the sweep of every contender doubled this test's time
+               "--scaling-contenders", "protokern:reference,naive_cdist",
                "--markdown", str(tmp_path / "table.md")]
     # As a user runs it: without the Triton interpreter tests/conftest.py turns on here
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -68,6 +71,8 @@ def test_bench_command_end_to_end(tmp_path):
 
     scaling = document["scaling"]
     assert sorted({r["num_prototypes"] for r in scaling}) == [20, 60]
+    assert {r["contender"] for r in scaling} == {"protokern:reference", "naive_cdist"}
+    assert env["scaling"]["contenders"] == ["protokern:reference", "naive_cdist"]
     assert all(r["status"] == "ok" and _finite_positive(r["median_s"]) for r in scaling)
 
     image = matplotlib.image.imread(out_png)
@@ -79,3 +84,10 @@ def test_bench_command_end_to_end(tmp_path):
 def test_bench_on_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert cli.main(["bench", "--device", "cuda", "--shapes", "tiny"]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().out
+
+
+def test_an_unknown_sweep_contender_is_a_clear_error_before_any_case(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny",
+                     "--scaling-contenders", "protokern:reference,no_such_contender"]) == 2
+    assert capsys.readouterr().out.startswith(
+        "protokern bench: --scaling-contenders: contender 'no_such_contender' is not available")
