@@ -17,6 +17,8 @@ from helpers import (
     assert_gradients_at_own_positions,
     assert_matches_brute_force,
     brute_force_grads,
+    first_k,
+    nearest_brute_force,
     pushed_patches,
 )
 
@@ -38,6 +40,7 @@ from protokern.backends.triton import INTERPRET, launch, tiles  # noqa: E402
 from protokern.backends.triton import distance_map as distance_map_module  # noqa: E402
 from protokern.backends.triton import min_distance as min_distance_module  # noqa: E402
 from protokern.backends.triton import min_distance_backward as backward_module  # noqa: E402
+from protokern.backends.triton import nearest_prototypes as nearest_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -227,6 +230,30 @@ def test_undecided_pairs_are_searched_exactly_and_alone(small_blocks, metric):
         assert indices[2, 7] == 3 * 4 + 1 and values[2, 7] == 0
     else:
         assert_matches_brute_force(x, p, metric, values, indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The running selections (selection.py) of nearest_prototypes
+
+
+SMALL_TILE = triton.Config({"BLOCK_ROWS": 16, "BLOCK_M": 16, "BLOCK_K": 16}, num_warps=2)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_search_with_fewer_prototypes_per_tile_than_k(monkeypatch, metric):
+    """Rows left to the search (all 40 prototypes tie but two), 16 prototypes per tile of both
+    kernels and k = 20: each tile offers its own prototypes once and then nothing. (The
+    search offered column 0 again as an infinite distance once a tile's 16 were taken; the
+    copies then took several slots at once, and the rows came back with repeated indices.)"""
+    _use_config(monkeypatch, nearest_module._nearest_kernel, SMALL_TILE)
+    monkeypatch.setattr(nearest_module, "SEARCH", SMALL_TILE)
+    p = torch.randn(1, 8, device=DEVICE).expand(40, 8).contiguous()
+    p[[5, 33]] = torch.randn(2, 8, device=DEVICE)
+    x = torch.randn(5, 8, device=DEVICE)
+    values, indices = pk.nearest_prototypes(x, p, k=20, metric=metric)
+    want_values, want_indices = first_k(nearest_brute_force(x, p, metric), 20)
+    assert torch.equal(indices, want_indices)
+    assert relative_error(values, want_values) <= TOLERANCE[torch.float32]
 
 
 @triton.jit
