@@ -6,7 +6,7 @@ window, never holding the ``(N, M)`` distance matrix.
    keeps per row, in registers, bounds of the true distance (the expansion minus / plus its
    rounding bound, the reference's): the ``k`` smallest upper bounds, whose largest is ``T``,
    and the ``SLOTS`` smallest lower bounds at most ``T`` with their prototypes (``SLOTS``, a
-   power of two, is more than ``k``; `selection.offer_bounds`).
+   power of two, is more than ``k``; `selection.offer_bounds`, shared with `topk_distance`).
    Every prototype whose lower bound is at most ``T`` may be among the ``k`` nearest. When the
    largest kept lower bound is above ``T`` all of them are kept, and the epilogue recomputes
    just those directly (no expansion) and keeps the first ``k`` by (exact distance, index).

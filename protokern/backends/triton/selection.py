@@ -1,5 +1,5 @@
 """Running selections of the ``k`` smallest, shared by the kernels that keep them in registers
-(`nearest_prototypes`: over prototypes): `offer_bounds` and
+(`nearest_prototypes`: over prototypes; `topk_distance`: over positions): `offer_bounds` and
 `shortlist`, the expansion's bounds of a tile offered to each row's shortlist, and the direct
 searches' `smallest_after` and `offer_pair`.
 
