@@ -327,6 +327,7 @@ def test_topk_refusals_name_the_bound():
     assert "at most k=16" in triton_backend.supports("topk_distance", x4, p4,
                                                      metric="sqeuclidean", k=MAX_TOPK + 1)
     assert "'dot'" in triton_backend.supports("topk_distance", x4, p4, metric="dot", k=2)
+    assert triton_backend.supports("mean_distance", x4, p4, metric="dot") is None
     with pytest.raises(ValueError, match="at most k=16"):
         pk.topk_distance(x, p, MAX_TOPK + 1)
 

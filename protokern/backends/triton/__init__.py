@@ -19,6 +19,9 @@ first use.
   recomputed directly, a direct search where the bounds cannot decide; ``k = 1`` is
   min_distance); ``k`` up to `MAX_TOPK`. Its backward is min_distance's on ``k`` copies of each
   prototype (`reference.topk_backward_through`).
+- `mean_distance` and its backward: the reference's closed form (a few reductions and one
+  ``(B, K) x (K, M)`` product, no map over positions: nothing to fuse), every metric, ``dot``
+  included.
 
 The ``dot`` metric is refused by every kernel that shortlists (min_distance, distance_map,
 nearest_prototypes, topk_distance): they have no rounding bound for it.
@@ -115,9 +118,11 @@ register_backend(
             # backward kernels, the deterministic buckets included
             "topk_distance_backward": reference.topk_backward_through(
                 _kernel_function("min_distance_backward", "min_distance_backward")),
+            # a closed form of a few reductions and one (B, K) x (K, M) product (no map, no
+            # GEMM over positions): nothing to fuse, the reference's PyTorch is the GPU code
+            "mean_distance": reference.mean_distance,
+            "mean_distance_backward": reference.mean_distance_backward,
         },
-        # mean_distance has no kernel here (refused: the reference runs it); nor has the
-        # "dot" metric
         rules={"nearest_prototypes": _nearest_prototypes_rule, "min_distance": _no_dot,
                "distance_map": _no_dot, "topk_distance": _topk_distance_rule},
         device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
