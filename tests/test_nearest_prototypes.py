@@ -124,6 +124,28 @@ def test_infinite_entries(backend, metric):
     finite = want_values.isfinite()
     assert torch.equal(values.double()[~finite].isinf(), want_values[~finite].isinf())
     assert relative_error(values.double()[finite], want_values[finite]) <= 1e-5
+    assert torch.equal(indices, want_indices)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_infinitely_far_prototypes_are_each_taken_once(request, backend, metric):
+    """Prototypes 1 and 3 hold an inf entry (sqeuclidean: infinitely far from every row;
+    cosine: NaN) and row 1 is infinitely far from all of them, with k = M: every prototype
+    once per row, in the brute force's order (equal infinite distances by index). A search
+    that marked a taken column by setting it to inf took the first infinite one k times."""
+    if backend == "cpu" and metric == "cosine":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="the C++ kernel takes a NaN prototype twice where two are NaN "
+                                "(indices [1, 1, 3, 3, 2]); not fixed here (no C++ rebuild)"))
+    x, p = torch.randn(4, 6), torch.randn(5, 6)
+    x[1, 0] = float("inf")
+    p[1, 2] = p[3, 0] = float("inf")
+    values, indices = pk.nearest_prototypes(x, p, k=5, metric=metric)
+    want_values, want_indices = first_k(nearest_brute_force(x, p, metric), 5)
+    assert torch.equal(indices.sort(-1).values, torch.arange(5).expand(4, 5))
+    assert torch.equal(indices, want_indices)
+    assert torch.equal(values.double().isnan(), want_values.isnan())
+    assert torch.equal(values.double().isinf(), want_values.isinf())
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted-tokens"])

@@ -156,6 +156,24 @@ def test_topk_nan_comes_first(backend, metric):
     assert torch.equal(indices, want_indices)
 
 
+@pytest.mark.parametrize("metric", ALL_METRICS)
+def test_topk_infinite_distances_are_each_taken_once(backend, metric):
+    """An inf entry at position 15 of image 0 and in prototype 2 (sqeuclidean: infinitely
+    far; cosine: NaN; dot: either): the brute force's order, equal infinite distances by
+    position, every position once."""
+    x, p = make("1x1")
+    x[0, 1, 2, 3] = float("inf")
+    p[2, 4] = float("inf")
+    skip_if_refused(backend, "topk_distance", x, p, metric, k=6)
+    values, indices = pk.topk_distance(x, p, 6, metric)
+    want_values, want_indices = brute_topk(x, p, metric, 6)
+    assert torch.equal(indices, want_indices)
+    ordered = indices.sort(-1).values
+    assert (ordered[..., 1:] != ordered[..., :-1]).all()
+    assert torch.equal(values.isnan(), want_values.isnan())
+    assert torch.equal(values.isinf(), want_values.isinf())
+
+
 @pytest.mark.parametrize("k", [0, 25])
 def test_topk_k_out_of_range_is_a_value_error(k):
     x, p = torch.randn(2, 5, 4, 6), torch.randn(7, 5)

@@ -17,6 +17,8 @@ from helpers import (
     assert_gradients_at_own_positions,
     assert_matches_brute_force,
     brute_force_grads,
+    first_k,
+    nearest_brute_force,
     pushed_patches,
 )
 
@@ -38,6 +40,8 @@ from protokern.backends.triton import INTERPRET, launch, tiles  # noqa: E402
 from protokern.backends.triton import distance_map as distance_map_module  # noqa: E402
 from protokern.backends.triton import min_distance as min_distance_module  # noqa: E402
 from protokern.backends.triton import min_distance_backward as backward_module  # noqa: E402
+from protokern.backends.triton import nearest_prototypes as nearest_module  # noqa: E402
+from protokern.backends.triton import topk_distance as topk_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -227,6 +231,105 @@ def test_undecided_pairs_are_searched_exactly_and_alone(small_blocks, metric):
         assert indices[2, 7] == 3 * 4 + 1 and values[2, 7] == 0
     else:
         assert_matches_brute_force(x, p, metric, values, indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The running selections (selection.py) of nearest_prototypes and topk_distance
+
+
+SMALL_TILE = triton.Config({"BLOCK_ROWS": 16, "BLOCK_M": 16, "BLOCK_K": 16}, num_warps=2)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_search_with_fewer_prototypes_per_tile_than_k(monkeypatch, metric):
+    """Rows left to the search (all 40 prototypes tie but two), 16 prototypes per tile of both
+    kernels and k = 20: each tile offers its own prototypes once and then nothing. (The
+    search offered column 0 again as an infinite distance once a tile's 16 were taken; the
+    copies then took several slots at once, and the rows came back with repeated indices.)"""
+    _use_config(monkeypatch, nearest_module._nearest_kernel, SMALL_TILE)
+    monkeypatch.setattr(nearest_module, "SEARCH", SMALL_TILE)
+    p = torch.randn(1, 8, device=DEVICE).expand(40, 8).contiguous()
+    p[[5, 33]] = torch.randn(2, 8, device=DEVICE)
+    x = torch.randn(5, 8, device=DEVICE)
+    values, indices = pk.nearest_prototypes(x, p, k=20, metric=metric)
+    want_values, want_indices = first_k(nearest_brute_force(x, p, metric), 20)
+    assert torch.equal(indices, want_indices)
+    assert relative_error(values, want_values) <= TOLERANCE[torch.float32]
+
+
+@pytest.fixture
+def small_topk_blocks(monkeypatch):
+    """Tiles of 16 positions x 16 prototypes x 16 entries, searched 16 prototypes at a time:
+    small maps cross every block boundary, and k = 16 keeps 32 slots, more than a tile has
+    columns."""
+    _use_config(monkeypatch, topk_module._topk_kernel, SMALL_TILE)
+    monkeypatch.setattr(topk_module, "SEARCH",
+                        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=2))
+
+
+def _brute_topk(x, p, metric, k):
+    d = distances(x, p, metric)
+    values, indices = first_k(d.flatten(0, 1), k)
+    return values.view(*d.shape[:2], k), indices.view(*d.shape[:2], k)
+
+
+@pytest.mark.parametrize("k", [5, 16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_topk_block_boundaries(small_topk_blocks, metric, k):
+    """L = 35 positions (three chunks of 16, the last ragged), M = 37 (three prototype
+    blocks), K = 3 * 2 * 2 = 12 windowed entries; both gradients."""
+    x, p = random_inputs((2, 3, 6, 8), (37, 3, 2, 2), requires_grad=True, device=DEVICE)
+    values, indices = pk.topk_distance(x, p, k, metric)
+    want_values, want_indices = _brute_topk(x, p, metric, k)
+    assert relative_error(values, want_values) <= TOLERANCE[torch.float32]
+    assert torch.equal(indices, want_indices)  # random data: no near-ties
+    weights = torch.randn_like(values)
+    grad_x, grad_p = torch.autograd.grad((values * weights).sum(), (x, p))
+    xd, pd = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    picked = distances(xd, pd, metric).gather(-1, want_indices)
+    want_x, want_p = torch.autograd.grad((picked * weights.double()).sum(), (xd, pd))
+    assert relative_error(grad_x, want_x) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_p, want_p) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_topk_pairs_the_bounds_cannot_decide_are_searched(small_topk_blocks, metric):
+    """Small integers (exact ties, to the lowest position, from the shortlist), a NaN in
+    image 1 (NaN first, at its position), an inf in image 2 (sqeuclidean:
+    that position infinitely far; cosine: NaN) and a prototype with an inf entry (the last
+    three: the direct search): every pair as the brute force orders it, each position once."""
+    x = torch.randint(-1, 2, (3, 2, 4, 5), device=DEVICE).float()
+    p = torch.randint(-1, 2, (20, 2), device=DEVICE).float()
+    x[1, 0, 3, 2] = float("nan")  # position 17
+    x[2, 1, 0, 4] = float("inf")  # position 4
+    p[17, 1] = float("inf")
+    values, indices = pk.topk_distance(x, p, 16, metric)
+    want_values, want_indices = _brute_topk(x, p, metric, 16)
+    assert torch.equal(indices, want_indices)
+    ordered = indices.sort(-1).values
+    assert (ordered[..., 1:] != ordered[..., :-1]).all()
+    assert torch.equal(values.isnan(), want_values.isnan())
+    assert torch.equal(values.isinf(), want_values.isinf())
+    finite = want_values.isfinite()
+    assert relative_error(values[finite], want_values[finite]) <= 1e-6
+
+
+def test_topk_refusals_name_the_bound():
+    """k past MAX_TOPK and the dot metric are refused with a reason (the automatic choice
+    then runs the reference); the bound itself runs."""
+    x, p = torch.randn(1, 3, 5, 4, device=DEVICE), torch.randn(4, 3, device=DEVICE)
+    x4, p4, _ = canonicalize(x, p, "sqeuclidean", "test")
+    triton_backend = backends.registered_backend("triton")
+    from protokern.backends.triton import MAX_TOPK
+
+    assert triton_backend.supports("topk_distance", x4, p4, metric="sqeuclidean",
+                                   k=MAX_TOPK) is None
+    assert "at most k=16" in triton_backend.supports("topk_distance", x4, p4,
+                                                     metric="sqeuclidean", k=MAX_TOPK + 1)
+    assert "'dot'" in triton_backend.supports("topk_distance", x4, p4, metric="dot", k=2)
+    assert triton_backend.supports("mean_distance", x4, p4, metric="dot") is None
+    with pytest.raises(ValueError, match="at most k=16"):
+        pk.topk_distance(x, p, MAX_TOPK + 1)
 
 
 @triton.jit

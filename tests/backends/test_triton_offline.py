@@ -1,7 +1,9 @@
 """The Triton forward compiled for a GPU with no GPU here (`protokern.backends.triton.offline`):
 on sm_90 (the lent GPUs' target) in bfloat16, no configuration `_choose_kernel` may run with on
 the benchmark shapes (L = 49, 196, 1) spills registers, and the GEMM compiles to wgmma with
-cp.async loads. (Every configuration spilled before the channels-contiguous, transposed tile.)
+cp.async loads; `topk_distance`'s default configuration spills nothing at k = 16 on cub in
+bfloat16 on sm_90 and in TF32 on sm_80. (Every `_choose_kernel` configuration spilled before the
+channels-contiguous, transposed tile.)
 
 What this does not guard, and the committed report (benchmarks/results/triton-compile-report.md:
 every shape, dtype, metric, both targets) shows: float32 without TF32 (FMAs, no tensor cores)
@@ -29,12 +31,16 @@ from protokern.backends.triton import offline
 shapes = [s for s in offline.SHAPES if s.name in ("cub", "large_bank", "cil_vectors")]
 specs = {s[0]: s for s in offline.SPECIALIZATIONS}
 rows = offline.reports(["sm_90"], shapes, [specs["bfloat16"]], ("sqeuclidean",), exact=False)
-json.dump([r.__dict__ for r in rows], sys.stdout)
+from protokern.backends.triton import topk_distance
+topk = [offline.topk_kernel_report(shape, specs[spec], "sqeuclidean", topk_distance.CONFIGS[0],
+                                   16, target)
+        for shape in shapes[:1] for spec, target in (("bfloat16", "sm_90"), ("tf32", "sm_80"))]
+json.dump({"min": [r.__dict__ for r in rows], "topk": [r.__dict__ for r in topk]}, sys.stdout)
 '''
 
 
 @pytest.fixture(scope="module")
-def compiled() -> list[dict]:
+def compiled() -> dict[str, list[dict]]:
     missing = offline.tool_missing()
     if missing:
         pytest.skip(f"cannot compile for a GPU here: {missing}")
@@ -50,13 +56,24 @@ def test_every_default_config_compiles_without_spills(compiled):
     from protokern.backends.triton import min_distance
 
     per_specialization = sum(len(min_distance.configs_for(length)) for length in (49, 196, 1))
-    assert len(compiled) == per_specialization
-    spilling = [(r["specialization"], r["config"], r["spill_bytes"]) for r in compiled
+    assert len(compiled["min"]) == per_specialization
+    spilling = [(r["specialization"], r["config"], r["spill_bytes"]) for r in compiled["min"]
                 if r["spill_bytes"]]
     assert not spilling, f"default configs that spill (stack bytes) on sm_90: {spilling}"
 
 
 def test_the_gemm_runs_on_tensor_cores_with_asynchronous_loads(compiled):
-    assert all(r["wgmma"] for r in compiled)
-    assert all(r["cp_async"] for r in compiled), [
-        (r["specialization"], r["config"]) for r in compiled if not r["cp_async"]]
+    assert all(r["wgmma"] for r in compiled["min"])
+    assert all(r["cp_async"] for r in compiled["min"]), [
+        (r["specialization"], r["config"]) for r in compiled["min"] if not r["cp_async"]]
+
+
+def test_topk_default_config_compiles_without_spills(compiled):
+    """`topk_distance._topk_kernel`'s first configuration (the deterministic runs') at k = 16,
+    the largest, on cub: no spill in bfloat16 on sm_90 nor in TF32 on sm_80 (nor, float32 aside,
+    anywhere in the grid `topk_distance.CONFIGS` names), tensor cores
+    (``mma.sync``: 32 prototypes per tile is below wgmma's 64) and ``cp.async`` loads."""
+    spilling = [(r["specialization"], r["target"], r["spill_bytes"]) for r in compiled["topk"]
+                if r["spill_bytes"]]
+    assert len(compiled["topk"]) == 2 and not spilling, spilling
+    assert all(r["mma_sync"] and r["cp_async"] for r in compiled["topk"])

@@ -13,7 +13,18 @@ first use.
   PyTorch GEMM per block of prototypes, on the GPU: explanations, not a training hot path).
 - `nearest_prototypes`: the k nearest prototypes of every window (certified by the expansion's
   rounding bound, the candidates recomputed directly) and its deterministic backward; ``k`` up
-  to `nearest_prototypes.MAX_K`.
+  to `MAX_K`.
+- `topk_distance`: the k smallest distances over positions (min_distance's tile loop with a
+  running top-k per pair, `selection`, shared with nearest_prototypes; the candidates
+  recomputed directly, a direct search where the bounds cannot decide; ``k = 1`` is
+  min_distance); ``k`` up to `MAX_TOPK`. Its backward is min_distance's on ``k`` copies of each
+  prototype (`reference.topk_backward_through`).
+- `mean_distance` and its backward: the reference's closed form (a few reductions and one
+  ``(B, K) x (K, M)`` product, no map over positions: nothing to fuse), every metric, ``dot``
+  included.
+
+The ``dot`` metric is refused by every kernel that shortlists (min_distance, distance_map,
+nearest_prototypes, topk_distance): they have no rounding bound for it.
 """
 
 import functools
@@ -62,6 +73,11 @@ MAX_K = 64
 """The largest ``k`` of `nearest_prototypes` (its per-row state lives in registers)."""
 
 
+MAX_TOPK = 16
+"""The largest ``k`` of `topk_distance` (per pair, its k upper bounds and up to 2 k lower bounds
+with their positions live in registers)."""
+
+
 _no_dot = reference.dot_refusal("its kernels")
 
 
@@ -71,6 +87,15 @@ def _nearest_prototypes_rule(x, prototypes, metric: str, k: int) -> str | None:
     if k > MAX_K:
         return (f"its nearest_prototypes kernel keeps at most k={MAX_K} candidates per row in "
                 f"registers, got k={k}")
+    return None
+
+
+def _topk_distance_rule(x, prototypes, metric: str, k: int) -> str | None:
+    if metric == "dot":
+        return _no_dot(x, prototypes, metric)
+    if k > MAX_TOPK:
+        return (f"its topk_distance kernel keeps at most k={MAX_TOPK} distances per (image, "
+                f"prototype) in registers, got k={k}")
     return None
 
 
@@ -86,11 +111,20 @@ register_backend(
             "nearest_prototypes": _kernel_function("nearest_prototypes", "nearest_prototypes"),
             "nearest_prototypes_backward": _kernel_function("nearest_prototypes_backward",
                                                             "nearest_prototypes_backward"),
+            "topk_distance": _kernel_function("topk_distance", "topk_distance"),
+            # min_distance's backward on k copies of each prototype: the copies are (M k, D ph
+            # pw), a few times the prototypes, where reading the (B, M, k) positions in place
+            # would take a second addressing (one prototype per k pairs) in each of the four
+            # backward kernels, the deterministic buckets included
+            "topk_distance_backward": reference.topk_backward_through(
+                _kernel_function("min_distance_backward", "min_distance_backward")),
+            # a closed form of a few reductions and one (B, K) x (K, M) product (no map, no
+            # GEMM over positions): nothing to fuse, the reference's PyTorch is the GPU code
+            "mean_distance": reference.mean_distance,
+            "mean_distance_backward": reference.mean_distance_backward,
         },
-        # topk_distance and mean_distance have no kernel here (refused: the reference runs
-        # them); nor has the "dot" metric
         rules={"nearest_prototypes": _nearest_prototypes_rule, "min_distance": _no_dot,
-               "distance_map": _no_dot},
+               "distance_map": _no_dot, "topk_distance": _topk_distance_rule},
         device_types=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
         # below cuda (15) on CUDA tensors; interpreted, below reference: never a CPU default
         priority=-10 if INTERPRET else 10,

@@ -78,7 +78,7 @@ EXACT = launch.fixed_config({"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BL
 
 
 @triton.jit
-def _window_bounds(p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW,
+def window_bounds(p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW,
                    sxd, sxh, sxw, spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS: tl.constexpr,
                    METRIC: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                    HUGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -133,7 +133,7 @@ def _choose_kernel(
         # one position per image (L = 1): every tile column is a pair's only candidate
         x_ok = row_image < B
         x_rows = tiles.window_offsets(row_image, 0, OUT_W, sxb, sxh, sxw)
-        lowest, upper, image_bad = _window_bounds(
+        lowest, upper, image_bad = window_bounds(
             p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW, sxd, sxh, sxw,
             spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS, METRIC, PRECISION, ACC, HUGE,
             BLOCK_M, BLOCK_ROWS, BLOCK_K)
@@ -152,7 +152,7 @@ def _choose_kernel(
             position = tiles.chunk_positions(start, row, BLOCK_L)
             x_ok = (row_image < B) & (position < L)
             x_rows = tiles.window_offsets(row_image, position, OUT_W, sxb, sxh, sxw)
-            low, high, x_bad = _window_bounds(
+            low, high, x_bad = window_bounds(
                 p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, PW,
                 sxd, sxh, sxw, spd, sph, spw, GROWTH, FLOOR, CONTIGUOUS, METRIC, PRECISION,
                 ACC, HUGE, BLOCK_M, BLOCK_ROWS, BLOCK_K)

@@ -209,6 +209,32 @@ def exact_kernel_report(shape: Shape, specialization: tuple, metric: str,
                     label, target)
 
 
+def topk_kernel_report(shape: Shape, specialization: tuple, metric: str, config, k: int,
+                       target: str) -> Compiled:
+    """`topk_distance._topk_kernel` with ``config`` on ``shape`` for ``k``, as
+    `topk_distance.topk_distance` launches it (``shape``'s L must be above 1)."""
+    import triton.language as tl
+
+    from protokern.backends.triton import selection
+    from protokern.backends.triton import topk_distance as module
+
+    name, element, precision, _ = specialization
+    arguments = {key: value for key, value in shape.arguments().items() if key != "B"}
+    meta = {**config.kwargs, "L": arguments["L"]}
+    constants = {"CONTIGUOUS": True, "METRIC": metric, "PRECISION": precision,
+                 "ACC": tl.float32, "HUGE": 3.4028234663852886e38 / 8, "K_SMALLEST": k,
+                 "SLOTS": selection.slots_for(k), "BLOCK_L": module.positions_per_tile(meta),
+                 **{key: meta[key] for key in ("BLOCK_ROWS", "BLOCK_M", "BLOCK_K")}}
+    pointers = {"x_ptr": f"*{element}", "p_ptr": f"*{element}", "values_ptr": f"*{element}",
+                "indices_ptr": "*i64", "searched_ptr": "*i8"}
+    compiled = compile_kernel(module._topk_kernel.kernel.fn,
+                              {**arguments, **pointers, "GROWTH": 1e-5, "FLOOR": 1e-35},
+                              constants, config.num_warps, config.num_stages, target)
+    return describe("topk_distance._topk_kernel",
+                    f"{shape.name} L={arguments['L']} {name} ({precision}) {metric} k={k}",
+                    compiled, _label(config), target)
+
+
 def reports(targets: list[str], shapes: list[Shape] = SHAPES,
             specializations: list[tuple] = SPECIALIZATIONS,
             metrics: tuple[str, ...] = METRICS, exact: bool = True) -> list[Compiled]:
