@@ -128,15 +128,12 @@ def test_infinite_entries(backend, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_infinitely_far_prototypes_are_each_taken_once(request, backend, metric):
+def test_infinitely_far_prototypes_are_each_taken_once(backend, metric):
     """Prototypes 1 and 3 hold an inf entry (sqeuclidean: infinitely far from every row;
     cosine: NaN) and row 1 is infinitely far from all of them, with k = M: every prototype
     once per row, in the brute force's order (equal infinite distances by index). A search
-    that marked a taken column by setting it to inf took the first infinite one k times."""
-    if backend == "cpu" and metric == "cosine":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the C++ kernel takes a NaN prototype twice where two are NaN "
-                                "(indices [1, 1, 3, 3, 2]); not fixed here (no C++ rebuild)"))
+    that marked a taken column by setting it to inf took the first infinite one k times (the
+    Triton kernel), and one that shortlisted an untrusted prototype twice took it twice (cpu)."""
     x, p = torch.randn(4, 6), torch.randn(5, 6)
     x[1, 0] = float("inf")
     p[1, 2] = p[3, 0] = float("inf")

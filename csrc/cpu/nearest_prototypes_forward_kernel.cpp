@@ -211,8 +211,11 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
           for (int64_t m = 0; m < num; ++m) exact(m);
         } else {
           const acc_t limit = states[r].threshold() + (sq ? 2 * g * squared[r] + 2 * tau : 0);
+          // untrusted prototypes once, from their own list: the tiles may have shortlisted
+          // them too (cosine: an inf bound below an inf threshold while k exceeds the finite
+          // ones), which took a NaN prototype twice
           for (const Shortlisted<acc_t>& s : states[r].shortlist)
-            if (s.lower <= limit) exact(s.index);
+            if (s.lower <= limit && cols.trusted[s.index]) exact(s.index);
           for (const int64_t m : cols.untrusted) exact(m);
         }
         const int64_t out = (first_image * positions + r) * k;
