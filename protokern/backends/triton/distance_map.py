@@ -11,10 +11,12 @@ import triton.language as tl
 from torch import Tensor
 
 from protokern.backends.triton import launch, tiles
-from protokern.backends.triton.min_distance import CONFIGS, INTERPRETED
+from protokern.backends.triton.min_distance import CONFIGS, INTERPRETED, prune_configs
 
 
-@launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED)
+# the forward's tiles less its reduction's state: its configurations for the call's L, dot and GPU
+@launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED,
+              prune=prune_configs)
 @launch.tile_rows
 @triton.jit
 def _distance_map_kernel(

@@ -31,7 +31,8 @@ def fixed_config(gpu: dict, interpreted: dict, num_warps: int = 4) -> triton.Con
 
 class Tuned:
     """An autotuned kernel that, under ``torch.use_deterministic_algorithms(True)``, always
-    launches its first configuration instead: which configuration the autotuner's timings pick
+    launches its first configuration instead (`first`: the first of those its pruning keeps for
+    the call): which configuration the autotuner's timings pick
     can differ from one process to the next, and with the block sizes the order of the GEMM's
     sums, hence which of two near-tied positions wins and the bits of a distance map.
 
@@ -45,6 +46,7 @@ class Tuned:
 
     def __init__(self, kernel, configs: list[triton.Config], key: list[str], prune=None):
         self.kernel = kernel
+        self.prune = prune
         pruning = None if prune is None else {"early_config_prune": prune}
         self.autotuner = triton.autotune(configs, key=key, prune_configs_by=pruning)(kernel)
 
@@ -53,9 +55,21 @@ class Tuned:
     cache = property(lambda self: self.autotuner.cache,
                      lambda self, value: setattr(self.autotuner, "cache", value))
 
+    def first(self, args: tuple, kwargs: dict) -> triton.Config:
+        """The configuration a deterministic launch with these arguments takes: the first of
+        those the pruning keeps for them (the autotuner's own candidates), as the defaults
+        differ by GPU and dot (`protokern.backends.triton.min_distance.configs_for`)."""
+        configs = self.configs
+        if self.prune is not None and len(configs) > 1:
+            # positional arguments by name, as the autotuner passes them (constexprs by keyword)
+            named = dict(zip(self.autotuner.arg_names, args, strict=False))
+            configs = self.prune(configs, named, **kwargs)
+        return configs[0]
+
     def __getitem__(self, grid):
         if Tuned.narrowed or torch.are_deterministic_algorithms_enabled():
-            return Fixed(self.kernel, self.configs[0])[grid]
+            return lambda *args, **kwargs: Fixed(self.kernel, self.first(args, kwargs))[grid](
+                *args, **kwargs)
         return self.autotuner[grid]
 
 

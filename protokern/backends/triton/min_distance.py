@@ -41,32 +41,96 @@ def _config(rows, block_m, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-WINDOWS_CONFIGS = [_config(*c) for c in [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                                           (128, 128, 64, 8, 3)]]
-"""For L > 1 (the maps): 64 rows for 7x7 maps (one image per tile), 128 x 128 for the
-GEMM-heavy shapes."""
+TARGETS = ("sm_90", "sm_80")
+"""The GPU families the default configurations are sized for: Hopper (wgmma, its operands in
+shared memory) and Ampere with the rest (mma.sync, operands in registers)."""
 
-SINGLE_CONFIGS = WINDOWS_CONFIGS[:1] + [_config(*c) for c in [(64, 128, 64, 8, 3),
-                                                               (128, 64, 64, 8, 3)]]
-"""For L = 1 (token heads), whose epilogue keeps every pair's bounds: at most 64 x 128 tiles
-per 8 warps."""
+DOTS = ("half", "ieee", "tf32", "tf32x3")
+"""What ``tl.dot`` runs on, which sets a tile's registers (`dot_kind`): 16-bit operands on
+tensor cores; float32 (or float64) products by FMA, no tensor cores; TF32 tensor cores; three
+TF32 products (`gemm_precision`)."""
 
-CONFIGS = WINDOWS_CONFIGS + SINGLE_CONFIGS[1:]
-"""Autotuned on a GPU, keyed on the problem's shape, metric and dot precision, among those of
-`configs_for` its L. BLOCK_K 64. In bfloat16 on sm_90 none spills
-(tests/backends/test_triton_offline.py); float32 without TF32 spills in all, TF32 in some
-(benchmarks/results/triton-compile-report.md). The first, which deterministic runs take,
-serves every L."""
+_TABLE = {
+    # (target, dot, L = 1): [(rows, prototypes, entries, warps, stages)], each commented with
+    # the most registers any benchmark shape and metric needs (of 255; none spills). FMA dots
+    # hold their operands' K slices in registers, TF32 ones twice 16-bit ones' bytes: smaller K.
+    ("sm_90", "half", False): [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3),  # 195, 252
+                               (128, 128, 16, 8, 3)],  # 234 (K 64: 255, K 32: 255, spilled)
+    ("sm_90", "half", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 183, 179
+                              (128, 64, 64, 8, 3)],  # 158
+    ("sm_90", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 4, 3),  # 218, 250
+                               (128, 128, 16, 8, 3)],  # 245
+    ("sm_90", "tf32x3", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 239, 202
+                                (128, 64, 64, 8, 3)],  # 214
+    ("sm_90", "ieee", False): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 214, 226
+                               (128, 64, 32, 8, 3)],  # 218 (128 x 128 spills at K 16)
+    ("sm_90", "ieee", True): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 210, 170
+                              (128, 64, 32, 8, 3)],  # 196
+    ("sm_80", "half", False): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 217, 218
+                               (128, 128, 32, 8, 3)],  # 255
+    ("sm_80", "half", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 152, 154
+                              (128, 64, 64, 8, 3)],  # 158
+    ("sm_80", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 8, 3),  # 242, 214
+                               (128, 128, 16, 8, 3)],  # 254
+    ("sm_80", "tf32x3", True): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 183, 186
+                                (128, 64, 32, 8, 3)],  # 247
+    ("sm_80", "ieee", False): [(64, 64, 16, 4, 3), (64, 128, 32, 8, 3),  # 255, 255
+                               (128, 64, 32, 8, 3)],  # 255
+    ("sm_80", "ieee", True): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 168, 198
+                              (128, 64, 32, 8, 3)],  # 198
+}
 
 
-def configs_for(length: int) -> list[triton.Config]:
-    """The configurations `_choose_kernel` may run with ``length`` positions per image."""
-    return SINGLE_CONFIGS if length == 1 else WINDOWS_CONFIGS
+def _configs(table: dict) -> dict:
+    made = {}  # one Config object per distinct configuration, shared between the lists
+    return {key: [made.setdefault(c, _config(*c)) for c in configs]
+            for key, configs in table.items()}
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    allowed = [id(c) for c in configs_for(named_args["L"])]
-    return [c for c in configs if id(c) in allowed]
+DEFAULTS = _configs(_TABLE)
+"""Per (target, dot, L = 1): the configurations `_choose_kernel` may run with, the first the
+one deterministic runs take (`launch.Tuned.first`). Sized from the offline compile
+(benchmarks/results/triton-compile-report.md, `protokern.backends.triton.offline`): on sm_90
+and sm_80, for every dot, metric and benchmark shape, none spills registers
+(tests/backends/test_triton_offline.py compiles each once in CI). Before they depended on the
+target and the dot (BLOCK_K 64 everywhere, the same tiles for every dot), 84 of the report's
+192 kernels spilled: float32 without TF32 in all (up to 960 stack bytes on sm_90, 6392 on
+sm_80), TF32 in some, bfloat16 cosine on sm_90 and bfloat16 on sm_80 in a few."""
+
+CONFIGS = list({id(c): c for configs in DEFAULTS.values() for c in configs}.values())
+"""Every default configuration, autotuned on a GPU among those `configs_for` the call (its L,
+dot kind and GPU: `prune_configs`), keyed on the problem's shape, metric, dot precision and
+dtype."""
+
+
+def dot_kind(element_bits: int, precision: str) -> str:
+    """`DOTS`' name of a ``tl.dot`` of ``element_bits``-bit operands at ``precision`` (the
+    kernel's ``PRECISION``): 16-bit operands ignore the precision."""
+    return "half" if element_bits == 16 else precision
+
+
+def target_of(capability: tuple[int, int]) -> str:
+    """`TARGETS`' name for a GPU of compute ``capability``: Hopper's or Ampere's, the smaller
+    tiles, for every other (Ampere, Ada, Blackwell: not compiled for here)."""
+    return "sm_90" if capability[0] == 9 else "sm_80"
+
+
+def configs_for(length: int, dot: str, target: str) -> list[triton.Config]:
+    """The configurations `_choose_kernel` may run with ``length`` positions per image, a
+    ``dot`` (`dot_kind`; ``tf32`` has L > 1 only, ``tf32x3`` L = 1: `gemm_precision`) and a
+    GPU of ``target`` (`target_of`)."""
+    return DEFAULTS[target, dot, length == 1]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs
+                  ) -> list[triton.Config]:
+    """The autotuner's candidates for a launch: `configs_for` its L, dot and GPU (all of
+    ``configs`` where a test narrowed them to none of those)."""
+    x = named_args["x_ptr"]
+    allowed = {id(c) for c in configs_for(
+        named_args["L"], dot_kind(x.element_size() * 8, kwargs["PRECISION"]),
+        target_of(torch.cuda.get_device_capability(x.device)))}
+    return [c for c in configs if id(c) in allowed] or configs
 
 
 INTERPRETED = _config(128, 128, 128, 4, 1)
@@ -106,7 +170,7 @@ def window_bounds(p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, 
 
 
 @launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED,
-              prune=_prune)
+              prune=prune_configs)
 @launch.tile_rows
 @triton.jit
 def _choose_kernel(

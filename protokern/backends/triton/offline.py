@@ -7,13 +7,12 @@ compiled form costs: registers, spills, shared memory, and which instructions th
 
 Triton compiles for a `GPUTarget` with no device present; the register and spill counts come
 from ``cuobjdump -res-usage`` on the cubin (the cuobjdump that Triton ships). What runs here is
-every default configuration (`min_distance.configs_for` each shape's L) of `_choose_kernel`,
-and the fixed one of
-`_exact_kernel`, on the GPU benchmarks' shapes (`SHAPES`), specialised as the launcher would
-for those arguments (the channels_last rows `launch.contiguous_entries` makes, 16-aligned
-pointers, ``tt.divisibility`` 16 on every integer that is a multiple of 16).
-tests/backends/test_triton_offline.py compiles a subset in CI (bfloat16 on sm_90, where none
-spills).
+every default configuration of `_choose_kernel` (`min_distance.configs_for` each shape's L,
+dot kind and target), and the fixed one of `_exact_kernel`, on the GPU benchmarks' shapes
+(`SHAPES`), specialised as the launcher would for those arguments (the channels_last rows
+`launch.contiguous_entries` makes, 16-aligned pointers, ``tt.divisibility`` 16 on every integer
+that is a multiple of 16). tests/backends/test_triton_offline.py compiles a subset in CI
+(every distinct default configuration once) and fails on a spill.
 """
 
 import argparse
@@ -159,6 +158,24 @@ def _label(config) -> str:
             f"w{config.num_warps} s{config.num_stages}")
 
 
+def dot_of(shape: Shape, specialization: tuple) -> str:
+    """`min_distance.dot_kind` of ``specialization`` on ``shape`` (its L picks the precision)."""
+    from protokern.backends.triton import min_distance as module
+
+    _, element, precision, single = specialization
+    length = shape.arguments()["L"]
+    return module.dot_kind(16 if element in ("bf16", "fp16") else 32,
+                           single if length == 1 else precision)
+
+
+def default_configs(shape: Shape, specialization: tuple, target: str) -> list:
+    """The configurations `_choose_kernel` may run with on ``shape`` in ``specialization``
+    on a GPU of ``target`` (`min_distance.configs_for`)."""
+    from protokern.backends.triton import min_distance as module
+
+    return module.configs_for(shape.arguments()["L"], dot_of(shape, specialization), target)
+
+
 def choose_kernel_report(shape: Shape, specialization: tuple, metric: str, config,
                          target: str) -> Compiled:
     """`_choose_kernel` with ``config`` on ``shape``, as `min_distance.min_distance` launches
@@ -238,14 +255,12 @@ def topk_kernel_report(shape: Shape, specialization: tuple, metric: str, config,
 def reports(targets: list[str], shapes: list[Shape] = SHAPES,
             specializations: list[tuple] = SPECIALIZATIONS,
             metrics: tuple[str, ...] = METRICS, exact: bool = True) -> list[Compiled]:
-    """Every configuration `_choose_kernel` may run with (`min_distance.configs_for` the
-    shape's L; and `_exact_kernel`'s, if ``exact``) for every target, shape, specialization
-    and metric asked for."""
-    from protokern.backends.triton import min_distance as module
-
+    """Every configuration `_choose_kernel` may run with (`default_configs`: the shape's L,
+    the dot and the target's; and `_exact_kernel`'s, if ``exact``) for every target, shape,
+    specialization and metric asked for."""
     plan = [(t, s, spec, metric, config) for t in targets for s in shapes
             for spec in specializations for metric in metrics
-            for config in module.configs_for(s.arguments()["L"]) + ([None] if exact else [])]
+            for config in default_configs(s, spec, t) + ([None] if exact else [])]
     rows = []
     for target, shape, spec, metric, config in tqdm(plan, desc="compile", unit="kernel"):
         if config is None:
@@ -253,6 +268,24 @@ def reports(targets: list[str], shapes: list[Shape] = SHAPES,
         else:
             rows.append(choose_kernel_report(shape, spec, metric, config, target))
     return rows
+
+
+def each_config_once(targets: list[str]) -> list[tuple]:
+    """``(target, shape, specialization, metric, config)``: every distinct default
+    configuration of `_choose_kernel` compiled once per target, dot kind and kind of L (maps,
+    L = 1), the subset CI compiles (tests/backends/test_triton_offline.py). Along each list the
+    map shape and the metric rotate, so that both metrics, L = 49 (128-row tiles hold two
+    images: the reduction's 3-D path) and L = 196 are among them."""
+    maps = [s for s in SHAPES if s.name in ("cub", "large_bank")]
+    single = [s for s in SHAPES if s.arguments()["L"] == 1]
+    plan = []
+    for target in targets:
+        for n, spec in enumerate(SPECIALIZATIONS):
+            for shapes in (maps, single):
+                for i, config in enumerate(default_configs(shapes[0], spec, target)):
+                    plan.append((target, shapes[i % len(shapes)], spec,
+                                 METRICS[(i + n) % len(METRICS)], config))
+    return plan
 
 
 HEADER = ("| kernel | specialization | config | target | registers | spill/stack bytes | "
