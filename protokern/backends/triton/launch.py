@@ -159,6 +159,23 @@ def check_positions(length: int, what: str, x: Tensor, prototypes: Tensor) -> No
         )
 
 
+def checked_map_geometry(x: Tensor, prototypes: Tensor, what: str,
+                         configs: list[triton.Config], second: dict[str, int]
+                         ) -> tuple[int, int, int, int]:
+    """``(batch, num, length, out_w)`` of a reduction over positions (canonical ``x``
+    ``(B, D, H, W)``, ``prototypes`` ``(M, D, ph, pw)``), after the checks its two launches
+    need: the positions per image and both ``(B, M / BLOCK_M)`` grids, the tuned kernel's at
+    the smallest ``BLOCK_M`` of ``configs`` and the fixed second pass's at ``second``'s."""
+    batch, _, height, width = x.shape
+    num, _, ph, pw = prototypes.shape
+    out_w = width - pw + 1
+    length = (height - ph + 1) * out_w
+    check_positions(length, what, x, prototypes)
+    for block in (smallest_block(configs, "BLOCK_M"), second["BLOCK_M"]):
+        check_grid((batch, triton.cdiv(num, block)), what, x, prototypes)
+    return batch, num, length, out_w
+
+
 def contiguous_entries(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor, bool]:
     """``(x, prototypes, contiguous)`` for the kernels' ``CONTIGUOUS`` (`tiles`): with 1x1
     prototypes, ``x`` ``(B, D, H, W)`` with channels at stride 1 (channels_last: a copy unless

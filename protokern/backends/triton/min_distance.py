@@ -355,16 +355,10 @@ def gemm_precision(x: Tensor, length: int) -> str:
 def min_distance(x: Tensor, prototypes: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """`protokern.backends.reference.min_distance` on canonical inputs, fused (see the module
     doc)."""
-    batch, dim, height, width = x.shape
-    num, _, ph, pw = prototypes.shape
-    out_w = width - pw + 1
-    length = (height - ph + 1) * out_w
-    launch.check_positions(length, "min_distance", x, prototypes)
-    configs = [INTERPRETED] if launch.INTERPRET else CONFIGS
-    launch.check_grid((batch, triton.cdiv(num, launch.smallest_block(configs, "BLOCK_M"))),
-                      "min_distance", x, prototypes)
-    launch.check_grid((batch, triton.cdiv(num, EXACT.kwargs["BLOCK_M"])), "min_distance", x,
-                      prototypes)
+    batch, num, length, out_w = launch.checked_map_geometry(
+        x, prototypes, "min_distance", [INTERPRETED] if launch.INTERPRET else CONFIGS,
+        EXACT.kwargs)
+    dim, ph, pw = x.shape[1], *prototypes.shape[2:]
     values = torch.empty(batch, num, dtype=x.dtype, device=x.device)
     indices = torch.empty(batch, num, dtype=torch.int64, device=x.device)
     if values.numel() == 0:

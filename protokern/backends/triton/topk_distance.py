@@ -171,16 +171,10 @@ def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[T
     if k == 1:
         values, indices = min_distance(x, prototypes, metric)
         return values[..., None], indices[..., None]
-    batch, dim, height, width = x.shape
-    num, _, ph, pw = prototypes.shape
-    out_w = width - pw + 1
-    length = (height - ph + 1) * out_w
-    launch.check_positions(length, "topk_distance", x, prototypes)
-    configs = [INTERPRETED] if launch.INTERPRET else CONFIGS
-    launch.check_grid((batch, triton.cdiv(num, launch.smallest_block(configs, "BLOCK_M"))),
-                      "topk_distance", x, prototypes)
-    launch.check_grid((batch, triton.cdiv(num, SEARCH.kwargs["BLOCK_M"])), "topk_distance", x,
-                      prototypes)
+    batch, num, length, out_w = launch.checked_map_geometry(
+        x, prototypes, "topk_distance", [INTERPRETED] if launch.INTERPRET else CONFIGS,
+        SEARCH.kwargs)
+    dim, ph, pw = x.shape[1], *prototypes.shape[2:]
     values = torch.empty(batch, num, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(batch, num, k, dtype=torch.int64, device=x.device)
     if values.numel() == 0:
