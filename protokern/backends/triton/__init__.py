@@ -81,22 +81,22 @@ with their positions live in registers)."""
 _no_dot = reference.dot_refusal("its kernels")
 
 
-def _nearest_prototypes_rule(x, prototypes, metric: str, k: int) -> str | None:
-    if metric == "dot":
-        return _no_dot(x, prototypes, metric)
-    if k > MAX_K:
-        return (f"its nearest_prototypes kernel keeps at most k={MAX_K} candidates per row in "
-                f"registers, got k={k}")
-    return None
+def _k_rule(op: str, bound: int, kept: str):
+    """The rule of an op with a ``k``: no ``dot``, and ``k`` at most ``bound`` (the kernel keeps
+    its ``kept`` in registers)."""
+
+    def rule(x, prototypes, metric: str, k: int) -> str | None:
+        if metric == "dot":
+            return _no_dot(x, prototypes, metric)
+        if k > bound:
+            return f"its {op} kernel keeps at most k={bound} {kept} in registers, got k={k}"
+        return None
+
+    return rule
 
 
-def _topk_distance_rule(x, prototypes, metric: str, k: int) -> str | None:
-    if metric == "dot":
-        return _no_dot(x, prototypes, metric)
-    if k > MAX_TOPK:
-        return (f"its topk_distance kernel keeps at most k={MAX_TOPK} distances per (image, "
-                f"prototype) in registers, got k={k}")
-    return None
+_nearest_prototypes_rule = _k_rule("nearest_prototypes", MAX_K, "candidates per row")
+_topk_distance_rule = _k_rule("topk_distance", MAX_TOPK, "distances per (image, prototype)")
 
 
 register_backend(
