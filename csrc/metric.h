@@ -9,14 +9,17 @@
 
 namespace protokern {
 
-enum class Metric : int { kSqEuclidean = 0, kCosine = 1 };
+// kDot: -<a, p> (TesNet's projection; protokern.ops maps "euclidean" onto kSqEuclidean). The CPU
+// kernels run all three; the CUDA glue refuses kDot (its kernels have no dot bound).
+enum class Metric : int { kSqEuclidean = 0, kCosine = 1, kDot = 2 };
 
 // For error messages: the names metric_named accepts.
-inline constexpr const char* kMetricNames = "'sqeuclidean' or 'cosine'";
+inline constexpr const char* kMetricNames = "'sqeuclidean', 'cosine' or 'dot'";
 
 inline std::optional<Metric> metric_named(std::string_view name) {
   if (name == "sqeuclidean") return Metric::kSqEuclidean;
   if (name == "cosine") return Metric::kCosine;
+  if (name == "dot") return Metric::kDot;
   return std::nullopt;
 }
 

@@ -48,6 +48,9 @@ def distances(x: Tensor, prototypes: Tensor, metric: str, eps: float = 1e-14) ->
         x_sq, p_sq = x_sq.clamp_min(EPS * EPS), p_sq.clamp_min(EPS * EPS)
         product = x_sq * p_sq
         d = 1 - dot / torch.where(product.isfinite(), product.sqrt(), x_sq.sqrt() * p_sq.sqrt())
+        # 1 - cos lies in [0, 2]: outside it is the rounding of this float64 sum (-2e-16 where
+        # D = 1 makes every same-signed pair 0), which would order exact ties by noise
+        d = d.clamp(0, 2)
     return d.flatten(2)
 
 

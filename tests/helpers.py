@@ -5,7 +5,21 @@ from brute_force import distances, first_min
 from torch import Tensor
 
 import protokern as pk
+from protokern.backends import registry
+from protokern.ops import canonicalize, kernel_metric
 from protokern.testing import TOLERANCE, near_tie_ok, relative_error
+
+
+def refusal(backend: str | None, op: str, x: Tensor, prototypes: Tensor, metric: str,
+            **options) -> str | None:
+    """Why ``backend`` (None: the automatic choice, which always runs) does not run ``op`` on
+    these public inputs (`Backend.supports`), or None where it does."""
+    if backend is None:
+        return None
+    x4, p4, _ = canonicalize(x, prototypes, metric, "test",
+                             vectors=op == "nearest_prototypes")  # (its (N, D) vectors)
+    return registry.registered_backend(backend).supports(op, x4, p4,
+                                                         metric=kernel_metric(metric), **options)
 
 
 def assert_matches_brute_force(x: Tensor, prototypes: Tensor, metric: str, values: Tensor,

@@ -39,13 +39,12 @@ from cases import (
     token_layout,
 )
 from cases import interpreted as runs_interpreted
-from helpers import assert_matches_brute_force, brute_force_grads
+from helpers import assert_matches_brute_force, brute_force_grads, refusal
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import protokern as pk
 from protokern import env
-from protokern.ops import canonicalize
 from protokern.testing import TOLERANCE, near_tie_ok, relative_error
 
 LONG = env.text("PROTOKERN_FUZZ") == "long"
@@ -60,6 +59,10 @@ PROFILE = settings.get_profile("protokern-fuzz-long" if LONG else "protokern-fuz
 
 # NaN and inf inputs make the interpreter's numpy warn; the results are what is checked
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+FUZZ_METRICS = METRICS + ("dot",)
+"""The kernel metrics (TesNet's dot too; euclidean is the sqeuclidean op's root: its fuzzer is
+tests/test_fuzz_pooling.py)."""
 
 SPECIALS = ("none", "none", "none", "ties", "duplicates", "copy", "nan", "inf", "tiny", "huge")
 
@@ -123,11 +126,15 @@ def problems(draw, interpreted: bool) -> Problem:
     positions = x_shape[1] if tokens else (x_shape[2] - ph + 1) * (x_shape[3] - pw + 1)
     num = max(1, min(num, BRUTE_FORCE_ELEMENTS // (batch * dim * positions)))
     p_layout = draw(st.sampled_from(PROTOTYPE_LAYOUTS))
-    metric = draw(st.sampled_from(METRICS))
+    metric = draw(st.sampled_from(FUZZ_METRICS))
     dtype = draw(st.sampled_from(DTYPES))
     special = draw(st.sampled_from(SPECIALS))
     if special == "huge" and dtype in HALF_PRECISION:
         special = "none"  # their range holds no huge distances: an overflow is right there
+    if special == "tiny" and dtype == torch.float16:
+        # distances ~1e-6 are float16 subnormals (spacing 6e-8): the output cannot hold them
+        # to the tolerance (found by the long profile: 0.0003 against 0 at D = 1)
+        special = "none"
     check_grads = draw(st.booleans())
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
 
@@ -154,7 +161,7 @@ def problems(draw, interpreted: bool) -> Problem:
     elif special == "tiny":
         x, p = x * 1e-3, p * 1e-3
     elif special == "huge":  # sqeuclidean: big but finite distances; cosine: overflowing norms
-        scale = 1e17 if metric == "sqeuclidean" else 1e20
+        scale = 1e20 if metric == "cosine" else 1e17  # (dot: products near 1e34 D, finite)
         x, p = x * scale, p * scale
     if dtype == torch.float16:
         # keep squared distances (~2 K, ties: up to 4 K) well inside float16's range (65504):
@@ -179,11 +186,7 @@ def _first_nan(d: torch.Tensor) -> torch.Tensor:
 def _supported(backend: str | None, problem: Problem) -> bool:
     """Whether the chosen ``backend`` takes the problem (the cuda kernels refuse windows and
     float64: DESIGN §3); a refused problem is left out, and tallied."""
-    if backend is None:
-        return True
-    x4, p4, _ = canonicalize(problem.x, problem.prototypes, problem.metric, "test")
-    reason = pk.backends.registered_backend(backend).supports("min_distance", x4, p4,
-                                                             metric=problem.metric)
+    reason = refusal(backend, "min_distance", problem.x, problem.prototypes, problem.metric)
     if reason is not None:
         event(f"{backend} refuses: {reason}")
     return reason is None
@@ -227,7 +230,7 @@ def check_against_brute_force(problem: Problem) -> None:
         else:  # every minimum is 0 up to float64 rounding (a copied patch): no relative error
             assert (clean_values.double().abs() <= tol).all()
             assert near_tie_ok(clean_indices, clean_d, tol).all()
-    if problem.special == "ties" and metric == "sqeuclidean":
+    if problem.special == "ties" and metric in ("sqeuclidean", "dot"):
         # integer data: every distance is exact in every backend's arithmetic, so ties are
         # exact ties and the lowest position must win
         assert torch.equal(indices, first_min(d)[1])

@@ -7,12 +7,12 @@ import pytest
 import torch
 from brute_force import distances
 from cases import FULL_PRECISION, HALF_PRECISION, map_layout
-from helpers import first_k
+from helpers import first_k, refusal
 from torch.library import opcheck
 
 import protokern as pk
 from protokern.backends import registry
-from protokern.ops import canonicalize, kernel_metric
+from protokern.ops import canonicalize
 from protokern.testing import TOLERANCE, relative_error
 
 ALL_METRICS = ("sqeuclidean", "cosine", "euclidean", "dot")
@@ -23,14 +23,13 @@ CASES = {
     "2x3": ((3, 4, 5, 6), (9, 4, 2, 3)),
     "tokens": ((2, 9, 8), (6, 8)),
     "D300": ((2, 300, 3, 2), (5, 300)),
+    "L1": ((6, 8, 1, 1), (7, 8)),  # one position: the kernels' every-pair path
 }
 
 
 def skip_if_refused(backend: str, op: str, x, p, metric: str, **options) -> None:
     """Skip with the backend's reason where it does not run ``op`` on these inputs."""
-    x4, p4, _ = canonicalize(x, p, metric, "test")
-    reason = registry.registered_backend(backend).supports(op, x4, p4,
-                                                          metric=kernel_metric(metric), **options)
+    reason = refusal(backend, op, x, p, metric, **options)
     if reason is not None:
         pytest.skip(f"the backend refuses {op} (Backend.supports): {reason}")
 
@@ -294,6 +293,37 @@ def test_distance_map_is_exact_at_each_minimum(backend, metric):
     assert relative_error(dmap.flatten(2), d) <= 1e-5
 
 
+def test_dot_finds_the_true_maximum_where_the_gemm_misorders_it(backend):
+    """Patches of norm ~8e5 orthogonal to every prototype, plus small projections onto them
+    (gaps >= 0.002 between the two largest): the float32 GEMM's products are off by ~0.3, so
+    its argmax is wrong for several pairs (checked: the test bites). The dot bound (g |x| |p|)
+    must shortlist every position and prototype the GEMM cannot rule out, and the recomputed
+    products decide: indices exactly the float64 truth's, in both reductions."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 64, dtype=torch.float64, generator=generator)
+    basis, _ = torch.linalg.qr(p.T)  # (64, 6): the prototypes' span
+    w = torch.randn(4, 49, 64, dtype=torch.float64, generator=generator) * 1e5
+    w = w - (w @ basis) @ basis.T
+    coef = torch.randn(4, 49, 6, dtype=torch.float64, generator=generator) * 1e-2
+    x, p = (w + coef @ p).float(), p.float()  # tokens (B, L, D), prototypes (M, D)
+    truth = -(x.double() @ p.double().T)  # (B, L, M)
+    gemm = -(x @ p.T)
+    assert (gemm.argmin(1) != truth.argmin(1)).any() and (gemm.argmin(2) != truth.argmin(2)).any()
+    skip_if_refused(backend, "min_distance", x, p, "dot")
+    values, indices = pk.min_distance(x, p, "dot")
+    assert torch.equal(indices, truth.argmin(1))
+    assert relative_error(values, truth.amin(1)) <= TOLERANCE[torch.float32]
+    skip_if_refused(backend, "nearest_prototypes", x, p, "dot", k=2)
+    near = pk.nearest_prototypes(x, p, 2, "dot")
+    want_values, want_indices = first_k(truth.reshape(-1, 6), 2)
+    assert torch.equal(near.indices.reshape(-1, 2), want_indices)
+    assert relative_error(near.values.reshape(-1, 2), want_values) <= TOLERANCE[torch.float32]
+    skip_if_refused(backend, "topk_distance", x, p, "dot", k=3)
+    top = pk.topk_distance(x, p, 3, "dot")
+    want_values, want_indices = first_k(truth.transpose(1, 2).reshape(-1, 49), 3)
+    assert torch.equal(top.indices.reshape(-1, 3), want_indices)
+
+
 def test_euclidean_eps_is_checked_and_used():
     x, p = torch.randn(2, 4, 3, 3), torch.randn(3, 4)
     p[0] = x[0, :, 1, 1]
@@ -383,15 +413,18 @@ def test_reference_gradcheck():
 @pytest.mark.skipif("cpu" not in pk.available_backends(), reason="protokern._C is not built")
 def test_the_automatic_choice_on_cpu_tensors():
     """cpu runs topk_distance (its C++ tile reduction with k survivors, the fused min backward)
-    and mean_distance (the closed form); it refuses the dot metric with a reason, and the
-    reference runs it."""
+    and mean_distance (the closed form), and every op with the dot metric (its own bound)."""
     x, p = make("2x3")
     cpu = registry.registered_backend("cpu")
     x4, p4, _ = canonicalize(x, p, "sqeuclidean", "test")
-    assert "'dot'" in cpu.supports("topk_distance", x4, p4, metric="dot", k=2)
+    for op in ("min_distance", "nearest_prototypes", "topk_distance"):
+        assert cpu.supports(op, x4, p4, metric="dot", k=2) is None
     with pk.recording() as calls:
         pk.topk_distance(x.requires_grad_(), p, 3).values.sum().backward()
         pk.mean_distance(x, p)
-        pk.min_distance(x, p, "dot")
+        pk.min_distance(x, p, "dot").values.sum().backward()
+        pk.nearest_prototypes(x, p, 2, "dot").values.sum().backward()
     assert calls == [("topk_distance", "cpu"), ("topk_distance_backward", "cpu"),
-                     ("mean_distance", "cpu"), ("min_distance", "reference")]
+                     ("mean_distance", "cpu"), ("min_distance", "cpu"),
+                     ("min_distance_backward", "cpu"), ("nearest_prototypes", "cpu"),
+                     ("nearest_prototypes_backward", "cpu")]

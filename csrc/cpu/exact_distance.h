@@ -122,7 +122,8 @@ PK_INLINE acc_t squared_distance(const acc_t* a, const acc_t* p, int64_t size) {
   return total;
 }
 
-// The distance the forward kernel returns. `trusted`: both squared norms are below huge_norm.
+// The distance the forward kernel returns: |a - p|^2, cosine's or dot's -a.p, the dot products
+// in double. `trusted`: both squared norms are below huge_norm.
 template <typename acc_t>
 PK_INLINE double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Metric metric,
                                 double p_squared, bool trusted) {
@@ -131,6 +132,7 @@ PK_INLINE double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Me
                    : exact_squared_distance(a, p, size);
   double a_squared;
   const double dot = exact_dot(a, p, size, &a_squared);
+  if (metric == Metric::kDot) return -dot;
   return cosine_from(dot, a_squared, p_squared);
 }
 

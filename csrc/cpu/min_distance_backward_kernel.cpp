@@ -71,6 +71,8 @@ PK_VECTOR_CLONES void image_row_gradients(const BackwardInputs<acc_t>& in, int64
       if (in.metric == Metric::kSqEuclidean) {
         add_scaled_difference(sum, static_cast<acc_t>(2.0 * in.grad_values[pair]), window, p,
                               in.size);
+      } else if (in.metric == Metric::kDot) {  // d = -a.p: d/da = -p
+        add_scaled(sum, -static_cast<double>(in.grad_values[pair]), p, in.size);
       } else {
         const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
                                                   in.a_squared[pair], in.p_squared[m]);
@@ -96,6 +98,8 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
     if (in.metric == Metric::kSqEuclidean) {
       add_scaled_difference(out, static_cast<acc_t>(-2.0 * in.grad_values[pair]), a,
                             in.prototypes + m * in.size, in.size);
+    } else if (in.metric == Metric::kDot) {  // d/dp = -a
+      add_scaled(out, -static_cast<double>(in.grad_values[pair]), a, in.size);
     } else {
       const CosineGradient cg = cosine_gradient(in.grad_values[pair], in.dots[pair],
                                                 in.a_squared[pair], in.p_squared[m]);
@@ -110,7 +114,8 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
 // see min_distance_kernels.h). With rows A (B, K), prototypes P (M, K) and G = grad_values:
 //   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
 //   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
-//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A.
+//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A;
+//   dot:    grad_a = -G P,  grad_p = -G^T A.
 // Deterministic for a given thread count (BLAS splits its output, not its sums, across threads).
 template <typename in_t, typename acc_t>
 void single_position_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
@@ -135,6 +140,11 @@ void single_position_backward(const acc_t* grad_values, const in_t* x, const Fea
     if (grad_protos.defined())
       at::sub_out(grad_protos, grad.sum(0).unsqueeze(1) * protos, at::mm(grad.t(), rows))
           .mul_(2);
+    return;
+  }
+  if (metric == Metric::kDot) {
+    if (grad_rows.defined()) at::mm_out(grad_rows, grad, protos).neg_();
+    if (grad_protos.defined()) at::mm_out(grad_protos, grad.t(), rows).neg_();
     return;
   }
   // float32 norms of entries past ~1e18 overflow when squared (NaN gradients): take such

@@ -90,12 +90,14 @@ struct Workspace {
 //
 // Every position's expanded distance is within a bound of the truth (the reference's bounds:
 // sqeuclidean |x|^2 + |p|^2 - 2C within g (|x|^2 + |p|^2) + tau, cosine 1 - C / (|x||p|) within
-// g), so a position is shortlisted when its lower bound is at most the smallest upper bound. In
-// "score" units that are cheap per element:
+// g, dot -C within g |x||p| + tau), so a position is shortlisted when its lower bound is at most
+// the smallest upper bound. In "score" units that are cheap per element:
 //   sqeuclidean: score = (1-g)|x|^2 - 2C, shortlisted iff score <= min_r((1+g)|x|^2 - 2C)
 //                + 2g|p|^2 + 2tau;
 //   cosine:      score = -C / max(|x|, floor), shortlisted iff score <= min_r(score)
-//                + 2g max(|p|, floor).
+//                + 2g max(|p|, floor);
+//   dot:         score = -C, shortlisted iff score <= min_r(score) + 2(g X|p| + tau), X the
+//                image's largest |x| (so every position's bound g|x||p| + tau is below it).
 // One pass over the tile keeps, per column and in registers, the smallest score, its first
 // position and the second smallest score: when the second smallest is above the threshold, the
 // first position is the only candidate (the usual case). Otherwise (ties, near-ties, untrusted
@@ -107,8 +109,14 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                                    const double* proto_squared_exact, Metric metric, acc_t g,
                                    acc_t tau, Best* best, Shortlist& shortlist) {
   const bool squared_metric = metric == Metric::kSqEuclidean;
+  const bool dot_metric = metric == Metric::kDot;
   bool all_rows_trusted = true;
-  for (int64_t r = 0; r < positions; ++r) all_rows_trusted &= row_side.finite[r] != 0;
+  acc_t largest_squared = 0;  // over the trusted rows: dot's bound
+  for (int64_t r = 0; r < positions; ++r) {
+    all_rows_trusted &= row_side.finite[r] != 0;
+    if (row_side.finite[r]) largest_squared = std::max(largest_squared, row_side.squared[r]);
+  }
+  const acc_t largest_norm = std::sqrt(largest_squared);
 
   // Candidates are collected, then recomputed in a loop without data-dependent branches (so the
   // CPU overlaps their latencies), then offered in collection order: position order per column.
@@ -133,7 +141,9 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
   };
   auto score = [&](int64_t r, int64_t c) PK_LAMBDA_INLINE -> acc_t {
     const acc_t dot = tile[r * columns + c];
-    return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot : -dot * row_side.inverse[r];
+    return squared_metric ? (1 - g) * row_side.squared[r] - 2 * dot
+           : dot_metric   ? -dot
+                          : -dot * row_side.inverse[r];
   };
 
   // Two 256-bit vectors of columns at a time, their running minima kept in registers (GCC vector
@@ -158,9 +168,9 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
     }
     for (int64_t r = 0; r < positions; ++r) {
       if (!row_side.finite[r]) continue;
-      // Both metrics in one shape: score = base - scale * C, upper = score + spread.
+      // Every metric in one shape: score = base - scale * C, upper = score + spread.
       const acc_t base = squared_metric ? (1 - g) * row_side.squared[r] : acc_t(0);
-      const acc_t scale = squared_metric ? acc_t(2) : row_side.inverse[r];
+      const acc_t scale = squared_metric ? acc_t(2) : dot_metric ? acc_t(1) : row_side.inverse[r];
       const acc_t spread = squared_metric ? 2 * g * row_side.squared[r] : acc_t(0);
       const IndexVec position = IndexVec{} + static_cast<Index>(r);
 #pragma GCC unroll 2
@@ -181,9 +191,10 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
     for (int64_t j = 0; j < chunk_columns; ++j) {
       const int64_t c = c0 + j, v = j / kLanes, lane = j % kLanes;
       const acc_t threshold =
-          squared_metric
-              ? upper[v][lane] + 2 * g * col_side.squared[c] + 2 * tau
-              : first[v][lane] + 2 * g * (acc_t(1) / col_side.inverse[c]);
+          squared_metric ? upper[v][lane] + 2 * g * col_side.squared[c] + 2 * tau
+          : dot_metric   ? first[v][lane] +
+                             2 * (g * largest_norm * std::sqrt(col_side.squared[c]) + tau)
+                         : first[v][lane] + 2 * g * (acc_t(1) / col_side.inverse[c]);
       if (all_rows_trusted && col_side.finite[c] && first_at[v][lane] >= 0 &&
           second[v][lane] > threshold) {
         push(first_at[v][lane], c);
@@ -210,7 +221,8 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
 // float32 sum's own (g times the distance), i.e. it cancelled at most one bit, the certificate of
 // the Triton kernel (protokern/backends/triton/min_distance.py). The rest (a prototype on or near
 // its vector, untrusted norms, NaN, inf) is recomputed directly, as any chosen position is.
-// Cosine's bound is absolute (g), so the same rule keeps distances of at least about 1/2.
+// Cosine's bound is absolute (g), so the same rule keeps distances of at least about 1/2; dot's
+// (g |x||p| + tau) keeps products within about 1/2 of |x||p| (cos >= 1/2 in size).
 template <typename acc_t>
 PK_VECTOR_CLONES void expanded_distances(const acc_t* tile, int64_t count, int64_t columns,
                                          const acc_t* rows, int64_t size,
@@ -220,10 +232,12 @@ PK_VECTOR_CLONES void expanded_distances(const acc_t* tile, int64_t count, int64
                                          acc_t g, acc_t tau, acc_t* values, int64_t ld,
                                          int64_t* indices) {
   const bool squared_metric = metric == Metric::kSqEuclidean;
+  const bool dot_metric = metric == Metric::kDot;
   for (int64_t r = 0; r < count; ++r) {
     const acc_t* dots = tile + r * columns;
     acc_t* out = values + r * ld;
     const acc_t row_squared = row_side.squared[r], row_inverse = row_side.inverse[r];
+    const acc_t row_norm = std::sqrt(row_squared);
     // A branch-free pass over the row (vectorised); a NaN value marks a pair to recompute.
     for (int64_t c = 0; c < columns; ++c) {
       acc_t value, bound;
@@ -231,11 +245,15 @@ PK_VECTOR_CLONES void expanded_distances(const acc_t* tile, int64_t count, int64
         const acc_t magnitude = row_squared + col_side.squared[c];
         value = magnitude - 2 * dots[c];
         bound = g * magnitude + tau;
+      } else if (dot_metric) {
+        value = -dots[c];
+        bound = g * (row_norm * std::sqrt(col_side.squared[c])) + tau;
       } else {
         value = 1 - dots[c] * (row_inverse * col_side.inverse[c]);
         bound = g;
       }
-      const bool kept = bound <= 2 * g * (value - bound);  // false for NaN
+      // |value|: dot's may be negative (the others are >= 0 up to their bound, where this fails)
+      const bool kept = bound <= 2 * g * (std::abs(value) - bound);  // false for NaN
       out[c] = kept ? value : std::numeric_limits<acc_t>::quiet_NaN();
     }
     const bool row_trusted = row_side.finite[r] != 0;
@@ -263,9 +281,9 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
   // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
   const double eps = std::numeric_limits<acc_t>::epsilon();
   const double tiny = std::numeric_limits<acc_t>::min();
-  const acc_t g = metric == Metric::kSqEuclidean
-                      ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
-                      : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
+  const acc_t g = metric == Metric::kCosine
+                      ? static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding)
+                      : static_cast<acc_t>((size + 12) * eps + 2 * input_rounding);
   const acc_t tau = static_cast<acc_t>(4 * (size + 1) * tiny);
 
   const int64_t images_per_block =

@@ -55,6 +55,8 @@ PK_VECTOR_CLONES void image_window_gradients(const acc_t* grad, const acc_t* pro
       const acc_t* p = prototypes + indices[pair] * size;
       if (metric == Metric::kSqEuclidean) {
         add_scaled_difference(sum, static_cast<acc_t>(2.0 * grad[pair]), window, p, size);
+      } else if (metric == Metric::kDot) {  // d = -a.p: d/da = -p
+        add_scaled(sum, -static_cast<double>(grad[pair]), p, size);
       } else {
         add_combination(sum, cosine[pair].a_term, window, -cosine[pair].scale, p, size);
       }
@@ -82,6 +84,8 @@ PK_VECTOR_CLONES void prototype_gradients(const acc_t* grad, const in_t* x, cons
       load_window(x, map, pair / k, window);
       if (metric == Metric::kSqEuclidean) {
         add_scaled_difference(out, static_cast<acc_t>(-2.0 * grad[pair]), window, p, size);
+      } else if (metric == Metric::kDot) {  // d/dp = -a
+        add_scaled(out, -static_cast<double>(grad[pair]), window, size);
       } else {
         p_coef += cosine[pair].p_term;
         add_scaled(out, -cosine[pair].scale, window, size);

@@ -4,9 +4,11 @@
 // Per tile (rows x a block of prototypes) and per row, a vectorised pass turns the inner
 // products into upper bounds of the true distances, in "score" units that drop the row's own
 // constant (sqeuclidean: u = (1 + g)|p|^2 - 2 x.p, the row adding (1 + g)|x|^2 + tau; cosine:
-// u = (1 + g) - x.p / (|x| |p|), norms floored), keeps the k smallest of them over all tiles so
-// far (their largest is T) and appends to the row's shortlist every prototype whose lower bound
-// (u - d, d = 2g|p|^2 resp. 2g) is at most T plus the row's own gap (2g|x|^2 + 2 tau, resp. 0).
+// u = (1 + g) - x.p / (|x| |p|), norms floored; dot: u = g|p| - x.p / |x|, i.e. the bound
+// -x.p + g|x||p| divided by the row's |x| (floored: s = 1/max(|x|, floor), s|x| <= 1), the row
+// adding s tau), keeps the k smallest of them over all tiles so far (their largest is T) and
+// appends to the row's shortlist every prototype whose lower bound (u - d, d = 2g|p|^2, 2g resp.
+// 2g|p|) is at most T plus the row's own gap (2g|x|^2 + 2 tau, 0 resp. 2 s tau).
 // These are the reference's bounds (protokern/backends/reference.py, nearest_candidates): every
 // prototype that can be among the k nearest is on the shortlist, usually about k of them. At the
 // end the shortlist is cut to T's final value, recomputed directly (exact_distance.h) and the
@@ -53,9 +55,10 @@ struct RowState {
 // What the bounds need about each prototype of the bank (all of it, once per call).
 template <typename acc_t>
 struct Columns {
-  std::vector<acc_t> upper_base;  // sqeuclidean (1 + g)|p|^2; cosine 1 + g; inf where untrusted
-  std::vector<acc_t> scale;       // sqeuclidean 2; cosine 1 / max(|p|, floor)
-  std::vector<acc_t> spread;      // d: upper - lower, 2g|p|^2 resp. 2g
+  std::vector<acc_t> upper_base;  // (1 + g)|p|^2, 1 + g, g|p| (sqeuclidean, cosine, dot); inf
+                                  // where untrusted
+  std::vector<acc_t> scale;       // sqeuclidean 2; cosine 1 / max(|p|, floor); dot 1
+  std::vector<acc_t> spread;      // d: upper - lower, 2g|p|^2, 2g resp. 2g|p|
   std::vector<double> squared_exact;  // |p|^2 in double (cosine's exact distance)
   std::vector<uint8_t> trusted;
   std::vector<int64_t> untrusted;  // their indices: on every row's shortlist
@@ -136,13 +139,22 @@ Columns<acc_t> describe_columns(const acc_t* prototypes, int64_t num, int64_t si
     describe_rows(squared.data() + begin, end - begin, inverse.data() + begin,
                   cols.trusted.data() + begin);
     for (int64_t m = begin; m < end; ++m) {
-      const bool sq = metric == Metric::kSqEuclidean;
-      cols.upper_base[m] = cols.trusted[m] ? (sq ? (1 + g) * squared[m] : 1 + g)
-                                           : std::numeric_limits<acc_t>::infinity();
-      cols.scale[m] = sq ? acc_t(2) : inverse[m];
-      cols.spread[m] = sq ? 2 * g * squared[m] : 2 * g;
-      if (!sq) exact_dot(prototypes + m * size, prototypes + m * size, size,
-                         &cols.squared_exact[m]);
+      const acc_t norm = std::sqrt(squared[m]);
+      if (metric == Metric::kSqEuclidean) {
+        cols.upper_base[m] = (1 + g) * squared[m];
+        cols.scale[m] = 2;
+        cols.spread[m] = 2 * g * squared[m];
+      } else if (metric == Metric::kDot) {
+        cols.upper_base[m] = g * norm;
+        cols.scale[m] = 1;
+        cols.spread[m] = 2 * g * norm;
+      } else {
+        cols.upper_base[m] = 1 + g;
+        cols.scale[m] = inverse[m];
+        cols.spread[m] = 2 * g;
+        exact_dot(prototypes + m * size, prototypes + m * size, size, &cols.squared_exact[m]);
+      }
+      if (!cols.trusted[m]) cols.upper_base[m] = std::numeric_limits<acc_t>::infinity();
     }
   });
   for (int64_t m = 0; m < num; ++m)
@@ -162,8 +174,9 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
   // The reference's rounding bounds, plus a few eps for the rearranged arithmetic, as in
   // min_distance_forward.
   const double eps = std::numeric_limits<acc_t>::epsilon();
-  const acc_t g = sq ? static_cast<acc_t>((size + 12) * eps + 2 * input_rounding)
-                     : static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding);
+  const acc_t g = metric == Metric::kCosine
+                      ? static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding)
+                      : static_cast<acc_t>((size + 12) * eps + 2 * input_rounding);
   const acc_t tau = static_cast<acc_t>(4 * (size + 1) * std::numeric_limits<acc_t>::min());
   const Columns<acc_t> cols = describe_columns(prototypes, num, size, metric, g);
 
@@ -177,6 +190,12 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
     std::vector<uint8_t> trusted(capacity);
     std::vector<RowState<acc_t>> states(capacity);
     std::vector<std::pair<double, int64_t>> found;
+    // A row's factor on the inner products and its own gap (see the top of this file).
+    auto row_scale = [&](int64_t r) { return sq ? acc_t(1) : inverse[r]; };
+    auto row_gap = [&](int64_t r) {
+      return sq ? 2 * g * squared[r] + 2 * tau
+                : metric == Metric::kDot ? 2 * inverse[r] * tau : acc_t(0);
+    };
     for (int64_t block; take(block);) {
       const int64_t first_image = block * images_per_block;
       const int64_t count = std::min(images_per_block, batch - first_image) * positions;
@@ -194,9 +213,8 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
         for (int64_t r = 0; r < count; ++r) {
           if (!trusted[r]) continue;  // compared with every prototype below
           upper_scores(tile.data() + r * columns, columns, cols.upper_base.data() + c0,
-                       cols.scale.data() + c0, sq ? acc_t(1) : inverse[r], scores.data());
-          offer(scores.data(), columns, c0, cols.spread.data() + c0,
-                sq ? 2 * g * squared[r] + 2 * tau : acc_t(0), k, states[r]);
+                       cols.scale.data() + c0, row_scale(r), scores.data());
+          offer(scores.data(), columns, c0, cols.spread.data() + c0, row_gap(r), k, states[r]);
         }
       }
       for (int64_t r = 0; r < count; ++r) {
@@ -210,7 +228,7 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
         if (!trusted[r]) {
           for (int64_t m = 0; m < num; ++m) exact(m);
         } else {
-          const acc_t limit = states[r].threshold() + (sq ? 2 * g * squared[r] + 2 * tau : 0);
+          const acc_t limit = states[r].threshold() + row_gap(r);
           // untrusted prototypes once, from their own list: the tiles may have shortlisted
           // them too (cosine: an inf bound below an inf threshold while k exceeds the finite
           // ones), which took a NaN prototype twice

@@ -76,6 +76,9 @@ PK_VECTOR_CLONES void reduce_image_topk(const acc_t* tile, int64_t columns, int6
         const double magnitude = static_cast<double>(row_squared[r]) + p_squared;
         distance = std::max(magnitude - 2 * dot, 0.0);
         bound = g * magnitude + tau;
+      } else if (metric == Metric::kDot) {
+        distance = -dot;
+        bound = g * std::sqrt(static_cast<double>(row_squared[r]) * p_squared) + tau;
       } else {
         const double x_inverse =
             1.0 / std::max(std::sqrt(static_cast<double>(row_squared[r])), kNormFloor);
@@ -128,9 +131,8 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
 
   // min_distance_forward_kernel.cpp's bounds (the reference's plus a few eps of slack).
   const double eps = std::numeric_limits<acc_t>::epsilon();
-  const double g = metric == Metric::kSqEuclidean
-                       ? (size + 12) * eps + 2 * input_rounding
-                       : (2 * size + 12) * eps + 4 * input_rounding;
+  const double g = metric == Metric::kCosine ? (2 * size + 12) * eps + 4 * input_rounding
+                                            : (size + 12) * eps + 2 * input_rounding;
   const double tau = 4 * (size + 1) * static_cast<double>(std::numeric_limits<acc_t>::min());
 
   const int64_t images_per_block =

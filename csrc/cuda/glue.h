@@ -37,6 +37,10 @@ inline Metric parse_metric(c10::string_view name, const char* op) {
   const std::optional<Metric> metric = metric_named(name);
   TORCH_CHECK_VALUE(metric.has_value(), op, ": unknown metric '", name, "'; expected ",
                     kMetricNames);
+  // The backend's rule refuses it first (protokern/backends/cuda.py); a direct call must not
+  // reach kernels that would take it for cosine.
+  TORCH_CHECK_VALUE(*metric != Metric::kDot, op, ": the CUDA kernels have no rounding bound "
+                    "for the 'dot' metric; expected 'sqeuclidean' or 'cosine'");
   return *metric;
 }
 

@@ -22,8 +22,9 @@ blocked GEMM code: one BLAS GEMM per block of prototypes, as a fused map would b
 `topk_distance` is `min_distance`'s tile reduction keeping the k smallest exact distances per
 (image, prototype) (``csrc/cpu/topk_distance_forward_kernel.cpp``); its backward is the fused
 min backward on k copies of each prototype. `mean_distance` is the reference's closed form (no
-map to fuse). The ``"dot"`` metric is refused by the C++ kernels (their shortlist has no dot bound)
-and runs on the reference.
+map to fuse). Every kernel runs the three kernel metrics: ``"dot"`` (TesNet's ``-<x, p>``)
+shortlists with its own bound, ``g |x| |p| + tau`` (Cauchy-Schwarz on the GEMM's K-term sums, as
+`reference.expansion_bound`), and recomputes the shortlisted products directly in double.
 
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
 the default for CPU tensors.
@@ -82,9 +83,6 @@ def nearest_prototypes_backward(
     return (grad_x if needs_x else None), (grad_prototypes if needs_prototypes else None)
 
 
-_no_dot = reference.dot_refusal("its C++ tile reductions")
-
-
 def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[Tensor, Tensor]:
     """``(values (B, M, k), indices (B, M, k))``: the k smallest distances over positions, by
     min_distance's tile reduction with k survivors per (image, prototype)."""
@@ -96,7 +94,7 @@ def topk_distance(x: Tensor, prototypes: Tensor, metric: str, k: int) -> tuple[T
 def _topk_distance_rule(x: Tensor, prototypes: Tensor, metric: str, k: int) -> str | None:
     if not hasattr(torch.ops.protokern_cpu, "topk_distance"):
         return "protokern._C was built without the topk_distance kernel; rebuild it"
-    return _no_dot(x, prototypes, metric)
+    return None
 
 
 register_backend(
@@ -116,8 +114,7 @@ register_backend(
             "mean_distance": reference.mean_distance,
             "mean_distance_backward": reference.mean_distance_backward,
         },
-        rules={"min_distance": _no_dot, "nearest_prototypes": _no_dot,
-               "topk_distance": _topk_distance_rule},
+        rules={"topk_distance": _topk_distance_rule},
         device_types=frozenset({"cpu"}),
         priority=20,
         unavailable_reason=lambda: _LOAD_ERROR,
