@@ -74,13 +74,10 @@ def cases(batch: int, device: str) -> list[tuple[str, str, object, object, list]
                 lambda f=f: recipe["prototree"](SimpleNamespace(prototype_vectors=tree), f),
                 lambda f=f: originals.prototree_distances(f, tree), [f, tree]))
     tasks, f = [p(500, 128, 1, 1) for _ in range(4)], x(128)
-    ones_t = [torch.ones_like(t) for t in tasks]
     out.append(("ICICLE", f"x ({batch}, 128, 7, 7), 4 tasks x M 500",
                 lambda f=f: recipe["icicle"](SimpleNamespace(task_prototypes=tasks,
                                                              epsilon=1e-4), f),
-                lambda f=f: torch.cat([originals.focal_similarity(f, t, o)
-                                       for t, o in zip(tasks, ones_t, strict=True)], 1),
-                [f, *tasks]))
+                lambda f=f: originals.icicle_activations(f, tasks), [f, *tasks]))
     return out
 
 

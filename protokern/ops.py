@@ -707,7 +707,7 @@ def topk_distance(x: Tensor, prototypes: Tensor, k: int, metric: str = "sqeuclid
 def mean_distance(x: Tensor, prototypes: Tensor, metric: str = "sqeuclidean", *,
                   eps: float = EUCLIDEAN_EPS) -> Tensor:
     """Mean over positions of the distance of every (image, prototype), ``(B, M)`` in the
-    input dtype (ProtoPool's and ICICLE's focal similarity ``sim(min) - sim(mean)``).
+    input dtype (ProtoPool's focal similarity ``sim(min) - sim(mean)``, ICICLE's with ``--focal``).
 
     Args:
         x, prototypes: as in `min_distance`.

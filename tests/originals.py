@@ -63,12 +63,54 @@ def st_protopnet_activations(x: Tensor, trivial: Tensor, support: Tensor) -> tup
 
 
 def focal_similarity(x: Tensor, prototypes: Tensor, ones: Tensor) -> Tensor:
-    """ProtoPool's (and ICICLE's) focal similarity ``sim(min) - sim(mean)`` over the L2 map,
-    with ProtoPNet's log activation, ``(B, M)``."""
+    """ProtoPool's focal similarity ``sim(min) - sim(mean)`` over the L2 map, with ProtoPNet's
+    log activation, ``(B, M)``. (ICICLE's head computes it only under its ``--focal`` flag,
+    which the paper's runs leave off: see `icicle_activations`.)"""
     distances = l2_convolution(x, prototypes, ones)
     min_distances = global_min_pool(distances)
     avg_distances = F.avg_pool2d(distances, kernel_size=distances.shape[2:]).flatten(1)
     return log_similarity(min_distances) - log_similarity(avg_distances)
+
+
+def icicle_activations(x: Tensor, task_prototypes: list[Tensor], epsilon: float = 1e-4,
+                       focal: bool = False) -> Tensor:
+    """ICICLE's prototype activations: one ProtoPNet head per task, each head's activations
+    concatenated over the tasks, ``(B, sum_t M_t)``.
+
+    Checked against ICICLE's public code, github.com/gmum/ICICLE at commit 48b2242 (2023-08-01;
+    the model files date from e5267f3): ``src/networks/protopartnet.py``,
+    ``PPNet_head.l2_convolution``, ``PPNet_head.forward``, ``PPNet_head.distance_2_similarity``
+    and ``PPNet_head.focal_similarity``; ``src/networks/network.py``, ``LLL_Net_PPNet.add_head``
+    (one ``PPNet_head`` with its own ``prototype_vectors`` ``(10 * classes_t, D, 1, 1)`` per
+    task) and ``LLL_Net_PPNet.forward`` (every head on the same add-on features). Each head
+    takes cfchen-duke ProtoPNet's relu'd expansion ``relu(|x|^2 + (-2 x.p + |p|^2))`` (written
+    here as `l2_convolution`), turns the whole map into similarities with the log activation
+    and epsilon ``1e-4`` (``--ppnet_sim log`` in the README's ICICLE command), and max-pools
+    the similarity map over positions, which is the log activation of the min distance. It does
+    not subtract the mean term: ``focal_similarity`` runs only with ``--focal``, a flag that
+    defaults off and that the README's ICICLE command does not pass; ``focal=True`` here is
+    that branch (``sim(min) - sim(mean)``, as ProtoPool). No prototype is masked per task in
+    the head: every head always runs, and each feeds its own last layer (the logits of the task
+    heads are concatenated; ``--incorrect_weight_btw_tasks`` adds a last layer on the log
+    activation of all tasks' min distances, the same activations). What else in
+    ``src/approach/icicle.py`` touches the distances needs the full map, not its pooling: the
+    interpretability regularisation (``Appr.criterion`` with ``--similarity_reg``) takes the
+    log-similarity maps ``(B, M_old, H, W)`` of the old tasks' prototypes from the current and
+    the frozen old model and penalises their difference where the old map is at or above its
+    ``--perc`` percentile; the proximity-based initialisation (``Appr.settlement``) k-means the
+    patches whose mean distance to the old prototypes, from ``push_forward``, is below a
+    quantile."""
+    activations = []
+    for prototypes in task_prototypes:
+        distances = l2_convolution(x, prototypes, torch.ones_like(prototypes))
+        similarities = torch.log((distances + 1) / (distances + epsilon))
+        # PPNet_head.forward: min_similarities = F.max_pool2d(similarities, kernel_size=...)
+        act = F.max_pool2d(similarities, kernel_size=distances.shape[2:]).flatten(1)
+        if focal:
+            avg = F.avg_pool2d(distances, kernel_size=distances.shape[2:]).flatten(1)
+            act = act - torch.log((avg + 1) / (avg + epsilon))
+        activations.append(act)
+    return torch.cat(activations, 1)
 
 
 def deformable_topk_similarity(x: Tensor, prototypes: Tensor, k: int) -> Tensor:

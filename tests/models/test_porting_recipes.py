@@ -111,8 +111,16 @@ def test_icicle():
     tasks = [parameter(6, 16, 1, 1), parameter(4, 16, 1, 1)]
     x = features()
     out = RECIPES["icicle"](SimpleNamespace(task_prototypes=tasks, epsilon=1e-4), x)
+    assert_same(out, originals.icicle_activations(x, tasks), (x, *tasks))
+
+
+def test_icicle_focal_flag_is_protopool_focal_similarity_per_task():
+    """ICICLE's off-by-default ``--focal`` head is ProtoPool's focal similarity, per task (the
+    recipe's prose sends it to the ProtoPool recipe)."""
+    tasks = [parameter(6, 16, 1, 1), parameter(4, 16, 1, 1)]
+    x = features()
     want = torch.cat([originals.focal_similarity(x, p, torch.ones_like(p)) for p in tasks], 1)
-    assert_same(out, want, (x, *tasks))
+    assert_same(originals.icicle_activations(x, tasks, focal=True), want, (x, *tasks))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
