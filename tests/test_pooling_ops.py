@@ -324,6 +324,25 @@ def test_dot_finds_the_true_maximum_where_the_gemm_misorders_it(backend):
     assert torch.equal(top.indices.reshape(-1, 3), want_indices)
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 32), (4, 32, 1, 1)])
+def test_euclidean_gradients_at_a_copy_with_one_position(backend, shape):
+    """One position per image (every pair selected) and a prototype equal to a vector: the
+    euclidean root's factor 1 / (2 sqrt(d + eps)) is 5e6 there, which the dense form
+    2 (rowsum(G) a - G P) turned into a float32 gradient 66% off (the long pooling fuzz found
+    it); the copy's own term is exactly 0."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator)
+    p = torch.randn(10, 32, generator=generator)
+    p[3] = x[1].flatten()
+    weights = torch.randn(4, 10, generator=generator)
+    skip_if_refused(backend, "min_distance", x, p, "euclidean")
+    xg, pg = x.clone().requires_grad_(), p.clone().requires_grad_()
+    (pk.min_distance(xg, pg, "euclidean").values * weights).sum().backward()
+    want_x, want_p = topk_grads(x, p, "euclidean", 1, weights[..., None])
+    assert relative_error(xg.grad, want_x) <= TOLERANCE[torch.float32]
+    assert relative_error(pg.grad, want_p) <= TOLERANCE[torch.float32]
+
+
 def test_euclidean_eps_is_checked_and_used():
     x, p = torch.randn(2, 4, 3, 3), torch.randn(3, 4)
     p[0] = x[0, :, 1, 1]

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -109,10 +110,31 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
   }
 }
 
+// out (n, K) = 2 sum_j W_ij (u_i - v_j), computed by BLAS as 2 (rowsum(W) u - W V): that form
+// cancels where a pair's u_i and v_j nearly coincide and its weight dwarfs the others' (the
+// euclidean metric's chain factor 1 / (2 sqrt(d + eps)) is 5e6 at a copy: grad_x was 66% off in
+// float32). A row whose products' magnitude, 2 sum_j |W_ij| (|u_i| + |v_j|), is more than
+// 1 / (4096 eps) times its result's norm (2048 in float32) is summed again from the differences,
+// 2 W_i (u_i - V), which cannot cancel; usually no row is.
+template <typename acc_t>
+void resum_cancelled_rows(at::Tensor& out, const at::Tensor& weights, const at::Tensor& u,
+                          const at::Tensor& v) {
+  const at::Tensor magnitude =
+      2 * (weights.abs().sum(1) * u.norm(2, 1) + at::mv(weights.abs(), v.norm(2, 1)));
+  const double limit = 1.0 / (4096 * std::numeric_limits<acc_t>::epsilon());
+  const at::Tensor cancelled = (magnitude > limit * out.norm(2, 1)).nonzero().flatten();
+  const auto rows = cancelled.accessor<int64_t, 1>();
+  for (int64_t j = 0; j < rows.size(0); ++j) {
+    const int64_t i = rows[j];
+    out[i].copy_(at::mv((u[i].unsqueeze(0) - v).t(), weights[i]).mul_(2));
+  }
+}
+
 // One position per image: every (image, prototype) pair is selected, so the gather/scatter of the
 // general backward is a pair of dense products, which BLAS runs far faster (why through ATen:
 // see min_distance_kernels.h). With rows A (B, K), prototypes P (M, K) and G = grad_values:
-//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A);
+//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A) (the rows
+//                that cancel summed again: resum_cancelled_rows);
 //   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
 //           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A;
 //   dot:    grad_a = -G P,  grad_p = -G^T A.
@@ -135,11 +157,15 @@ void single_position_backward(const acc_t* grad_values, const in_t* x, const Fea
   if (grad_x != nullptr) grad_rows = at::from_blob(grad_x, {batch, size}, acc);
   if (grad_prototypes != nullptr) grad_protos = at::from_blob(grad_prototypes, {num, size}, acc);
   if (metric == Metric::kSqEuclidean) {
-    if (grad_rows.defined())
+    if (grad_rows.defined()) {
       at::sub_out(grad_rows, grad.sum(1, true) * rows, at::mm(grad, protos)).mul_(2);
-    if (grad_protos.defined())
+      resum_cancelled_rows<acc_t>(grad_rows, grad, rows, protos);
+    }
+    if (grad_protos.defined()) {
       at::sub_out(grad_protos, grad.sum(0).unsqueeze(1) * protos, at::mm(grad.t(), rows))
           .mul_(2);
+      resum_cancelled_rows<acc_t>(grad_protos, grad.t(), protos, rows);
+    }
     return;
   }
   if (metric == Metric::kDot) {
