@@ -127,11 +127,22 @@ def check(problem: Problem) -> None:
     assert ((values.double() - want_values).abs() <= tol * scale).all()
     chosen = d[known].gather(-1, indices)
     assert ((values.double() - chosen).abs() <= tol * scale).all()
-    if full and problem.special in ("none", "ties") and problem.dtype == torch.float64:
+    # (cosine's ties on integer data, and between same-signed one-element windows, where it
+    # is piecewise constant, are ties in exact arithmetic only: 1 - 2/sqrt(8) and
+    # 1 - 3/sqrt(18) differ by an ulp in IEEE double and are equal in torch's vectorised
+    # float64 on the AVX-512 host, so the order of such a tie is the library's rounding; the
+    # chosen values are checked above)
+    one_element = p[0].numel() == 1
+    exact_ties = metric != "cosine" or (problem.special == "none" and not one_element)
+    if full and problem.special in ("none", "ties") and problem.dtype == torch.float64 \
+            and exact_ties:
         assert torch.equal(indices, want_indices[known])
     mean_scale = want_mean[known].abs().max().clamp_min(1.0) if known.any() else 1.0
     assert ((mean[known].double() - want_mean[known]).abs() <= tol * mean_scale).all()
-    if problem.gradients and full and problem.special != "nan":
+    # (cosine of one-element windows is piecewise constant: its gradient is rounding noise, as
+    # in tests/test_fuzz.py)
+    if problem.gradients and full and problem.special != "nan" and not (
+            metric == "cosine" and one_element):
         weights = torch.randn(topk.values.shape, dtype=x.dtype, device=x.device)
         mean_weights = torch.randn(mean.shape, dtype=x.dtype, device=x.device)
         ((topk.values * weights).sum() + (mean * mean_weights).sum()).backward()
