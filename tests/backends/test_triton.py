@@ -247,7 +247,7 @@ def test_nearest_search_with_fewer_prototypes_per_tile_than_k(monkeypatch, metri
     search offered column 0 again as an infinite distance once a tile's 16 were taken; the
     copies then took several slots at once, and the rows came back with repeated indices.)"""
     _use_config(monkeypatch, nearest_module._nearest_kernel, SMALL_TILE)
-    monkeypatch.setattr(nearest_module, "SEARCH", SMALL_TILE)
+    monkeypatch.setattr(nearest_module, "SEARCH", dict.fromkeys(nearest_module.SEARCH, SMALL_TILE))
     p = torch.randn(1, 8, device=DEVICE).expand(40, 8).contiguous()
     p[[5, 33]] = torch.randn(2, 8, device=DEVICE)
     x = torch.randn(5, 8, device=DEVICE)

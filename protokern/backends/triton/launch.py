@@ -73,6 +73,14 @@ class Tuned:
         return self.autotuner[grid]
 
 
+def config_lists(table: dict, make) -> dict:
+    """``table``'s lists of configuration tuples as lists of ``make(*tuple)``, one Config object
+    per distinct tuple, shared between the lists (the autotuner's candidates are the distinct
+    objects; a pruning keeps those of the call's list by identity)."""
+    made = {}
+    return {key: [made.setdefault(c, make(*c)) for c in configs] for key, configs in table.items()}
+
+
 def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config,
           prune=None):
     """Decorator: autotune over ``configs`` keyed on the arguments named in ``key`` (`Tuned`:

@@ -81,13 +81,7 @@ _TABLE = {
 }
 
 
-def _configs(table: dict) -> dict:
-    made = {}  # one Config object per distinct configuration, shared between the lists
-    return {key: [made.setdefault(c, _config(*c)) for c in configs]
-            for key, configs in table.items()}
-
-
-DEFAULTS = _configs(_TABLE)
+DEFAULTS = launch.config_lists(_TABLE, _config)
 """Per (target, dot, L = 1): the configurations `_choose_kernel` may run with, the first the
 one deterministic runs take (`launch.Tuned.first`). Sized from the offline compile
 (benchmarks/results/triton-compile-report.md, `protokern.backends.triton.offline`): on sm_90

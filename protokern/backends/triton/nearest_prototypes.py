@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from protokern.backends.triton import launch, selection, tiles
-from protokern.backends.triton.min_distance import rounding_bound
+from protokern.backends.triton.min_distance import dot_kind, rounding_bound, target_of
 
 
 def _config(rows, block_m, block_k, warps, stages):
@@ -34,20 +34,93 @@ def _config(rows, block_m, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-CONFIGS = [_config(*c) for c in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                 (128, 128, 32, 8, 3), (64, 64, 64, 4, 3)]]
-"""Autotuned on a GPU, keyed on the problem's shape, metric, precision and k."""
+BANDS = (2, 16, 128)
+"""The kinds of ``k`` the defaults are sized for, by the most slots a row keeps
+(`selection.slots_for`): ``k = 1``; ``k`` up to 15; up to 64 (`MAX_K`)."""
+
+_TABLE = {
+    # (target, dot, band): [(rows, prototypes, entries, warps, stages)], each commented with
+    # the most registers (of 255; none spills) at the band's largest k, vq, both metrics. A
+    # row keeps 4 words per slot (two bounds, a 64-bit index) beside its tile's bounds: larger
+    # k, fewer rows per warp.
+    ("sm_90", "half", 2): [(64, 64, 64, 4, 3), (64, 128, 32, 8, 3)],
+    ("sm_90", "tf32", 2): [(64, 64, 64, 4, 3), (128, 64, 32, 8, 3)],
+    ("sm_90", "ieee", 2): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
+    ("sm_80", "half", 2): [(64, 64, 64, 4, 3), (128, 64, 32, 8, 3)],
+    ("sm_80", "tf32", 2): [(64, 64, 64, 4, 3), (128, 64, 32, 8, 3)],
+    ("sm_80", "ieee", 2): [(32, 64, 32, 8, 3)],
+    ("sm_90", "half", 16): [(64, 64, 32, 8, 3)],
+    ("sm_90", "tf32", 16): [(64, 64, 32, 8, 3)],
+    ("sm_90", "ieee", 16): [(32, 64, 32, 4, 3)],
+    ("sm_80", "half", 16): [(64, 64, 32, 8, 3)],
+    ("sm_80", "tf32", 16): [(64, 64, 32, 8, 3)],
+    ("sm_80", "ieee", 16): [(32, 64, 32, 4, 3)],
+    # clean at k = 64; not yet at k = 31 and 63 (8-72 bytes, ptxas holding 128 registers;
+    # 16 x 64 x 32 on 4 warps spilled 8-24 there and at k = 64 in float32 cosine)
+    **{(target, dot, 128): [(32, 64, 32, 8, 3)] for target in ("sm_90", "sm_80")
+       for dot in ("half", "tf32", "ieee")},
+}
+
+DEFAULTS = launch.config_lists(_TABLE, _config)
+"""Per (target, dot, band): the configurations `_nearest_kernel` may run with, the first the
+one deterministic runs take (`launch.Tuned.first`). Sized from the offline compile
+(`protokern.backends.triton.offline.nearest_kernel_report`; benchmarks/NOTES.md): none spills
+registers on sm_90 or sm_80 (tests/backends/test_triton_offline.py compiles each once). Before,
+one list for every target, dot and k spilled at 128-wide tiles for k = 1 and everywhere for
+k = 9 (up to 1760 bytes in bfloat16 on sm_90)."""
+
+CONFIGS = list({id(c): c for configs in DEFAULTS.values() for c in configs}.values())
+"""Every default configuration, autotuned on a GPU among those `configs_for` the call
+(`prune_configs`), keyed on the problem's shape, metric, precision and k."""
+
+
+def band_of(k: int) -> int:
+    """`BANDS`' band of ``k``: the smallest that holds its slots."""
+    slots = selection.slots_for(k)
+    return next(band for band in BANDS if slots <= band)
+
+
+def configs_for(k: int, dot: str, target: str) -> list[triton.Config]:
+    """The configurations `_nearest_kernel` may run with for ``k``, a ``dot``
+    (`min_distance.dot_kind`: ``half``, ``ieee`` or ``tf32``) and a GPU of ``target``
+    (`min_distance.target_of`)."""
+    return DEFAULTS[target, dot, band_of(k)]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs
+                  ) -> list[triton.Config]:
+    """The autotuner's candidates for a launch: `configs_for` its k, dot and GPU (all of
+    ``configs`` where a test narrowed them to none of those)."""
+    x = named_args["x_ptr"]
+    allowed = {id(c) for c in configs_for(
+        kwargs["K_NEAREST"], dot_kind(x.element_size() * 8, kwargs["PRECISION"]),
+        target_of(torch.cuda.get_device_capability(x.device)))}
+    return [c for c in configs if id(c) in allowed] or configs
+
 
 INTERPRETED = _config(64, 128, 128, 4, 1)
 """The interpreter's one configuration: large tiles, few programs (its cost is per operation)."""
 
-SEARCH = launch.fixed_config({"BLOCK_ROWS": 16, "BLOCK_M": 16, "BLOCK_K": 32},
-                             {"BLOCK_ROWS": 16, "BLOCK_M": 64, "BLOCK_K": 128})
-"""`_search_kernel`: direct distances of (rows x prototypes) pairs, rare, untuned."""
+def _search(rows, block_m, block_k, warps):
+    return launch.fixed_config({"BLOCK_ROWS": rows, "BLOCK_M": block_m, "BLOCK_K": block_k},
+                               {"BLOCK_ROWS": 16, "BLOCK_M": 64, "BLOCK_K": 128}, warps)
+
+
+SEARCH = {("sm_90", 2): _search(16, 16, 16, 4), ("sm_80", 2): _search(16, 16, 16, 8),
+          ("sm_90", 16): _search(16, 16, 16, 4), ("sm_80", 16): _search(16, 16, 16, 4),
+          ("sm_90", 128): _search(16, 16, 8, 4), ("sm_80", 128): _search(16, 16, 8, 4)}
+"""`_search_kernel`'s configuration per (target, band of k): direct distances of (rows x
+prototypes) pairs, rare, untuned. Cosine's scaled pass keeps two ``(pairs, BLOCK_K)`` tiles:
+entries 16 at a time (32 spilled 104-432 bytes at every k, 720 at k = 64 on 4 warps)."""
+
+
+def search_config(k: int, target: str) -> triton.Config:
+    """`SEARCH`'s configuration for ``k`` on a GPU of ``target``."""
+    return SEARCH[target, band_of(k)]
 
 
 @launch.tuned(CONFIGS, key=["M", "K", "METRIC", "PRECISION", "K_NEAREST"],
-              interpreted=INTERPRETED)
+              interpreted=INTERPRETED, prune=prune_configs)
 @triton.jit
 def _nearest_kernel(
     x_ptr, p_ptr, values_ptr, indices_ptr, searched_ptr,
@@ -90,15 +163,19 @@ def _nearest_kernel(
             uppers, lowers, lowers_at, low, high, bounded, tl.cast(first, tl.int64), K_NEAREST,
             SLOTS)
     certified, candidate = selection.shortlist(uppers, lowers, (undecided == 0) & row_ok)
-    # the candidates' exact distances, one flat block of (row, slot) pairs
-    pair_x = tl.reshape(x_rows[:, None] + tl.zeros((BLOCK_ROWS, SLOTS), tl.int64),
-                        (BLOCK_ROWS * SLOTS,))
-    pair_p = tl.reshape(lowers_at * spm, (BLOCK_ROWS * SLOTS,))
-    exact = tiles.direct_distances(
-        x_ptr, pair_x, p_ptr, pair_p, tl.reshape(candidate, (BLOCK_ROWS * SLOTS,)), K, PH, PW,
-        sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, METRIC, False, ACC, BLOCK_ROWS * SLOTS,
-        BLOCK_K)
-    exact = tl.reshape(exact, (BLOCK_ROWS, SLOTS))
+    # the candidates' exact distances, one slot at a time (as topk_distance does): a flat
+    # (BLOCK_ROWS x SLOTS) block of pairs loaded SLOTS times the tile at once, which spilled
+    # registers for every k > 1; slots no row holds a candidate in load nothing
+    exact = tl.zeros((BLOCK_ROWS, SLOTS), ACC)
+    for j in range(0, SLOTS):
+        picked = slot == j
+        ok = tl.max(tl.where(picked & candidate, 1, 0), axis=1) > 0
+        if tl.max(ok.to(tl.int32), axis=0) > 0:
+            at = tl.sum(tl.where(picked, lowers_at, 0), axis=1)
+            dist = tiles.direct_distances(
+                x_ptr, x_rows, p_ptr, tl.where(ok, at, 0) * spm, ok, K, PH, PW, sxd, sxh, sxw,
+                spd, sph, spw, CONTIGUOUS, METRIC, False, ACC, BLOCK_ROWS, BLOCK_K)
+            exact = tl.where(picked, dist[:, None], exact)
     key = tl.where(candidate, tl.where(exact != exact, float("-inf"), exact),  # x != x: NaN
                    float("inf"))
     selection.store_first_k(key, exact, lowers_at, values_ptr, indices_ptr, row, certified,
@@ -146,7 +223,7 @@ def _search_kernel(
             column = tl.arange(0, BLOCK_M)[None, :]
             value = tl.full((BLOCK_ROWS,), float("-inf"), ACC)
             at = tl.full((BLOCK_ROWS,), -1, tl.int32)
-            for _ in tl.static_range(K_NEAREST):
+            for _ in range(0, K_NEAREST):
                 value, at = selection.smallest_in_tile(key, pair_ok, value, at)
                 exact = tl.sum(tl.where(column == at[:, None], dist, 0.0), axis=1)
                 keys, keys_at, taken = selection.offer_pair(
@@ -178,13 +255,15 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
     shape = (rows, num, length, size, out_w, ph, pw, *x.stride(), *prototypes.stride())
     growth, floor = rounding_bound(x, size, metric)
     slots = selection.slots_for(k)
+    # (the interpreter runs one configuration whatever the target)
+    target = target_of(torch.cuda.get_device_capability(x.device)) if x.is_cuda else "sm_90"
     with launch.on_device(x):
         _nearest_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](
             x, prototypes, values, indices, searched, *shape, growth, floor,
             CONTIGUOUS=contiguous, METRIC=metric,
             PRECISION=launch.dot_precision(x), ACC=acc, HUGE=launch.huge(x.dtype), K_NEAREST=k,
             SLOTS=slots)
-        launch.Fixed(_search_kernel, SEARCH)[
+        launch.Fixed(_search_kernel, search_config(k, target))[
             lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)
         ](x, prototypes, values, indices, searched, *shape, CONTIGUOUS=contiguous,
           METRIC=metric, ACC=acc,

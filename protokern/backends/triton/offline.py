@@ -252,6 +252,73 @@ def topk_kernel_report(shape: Shape, specialization: tuple, metric: str, config,
                     compiled, _label(config), target)
 
 
+NEAREST_SHAPES = [Shape("vq", 32, 256, 1024, 1, 16384), Shape("patchcore", 8, 1024, 28, 28, 16384)]
+"""`protokern.bench.shapes`' GPU shapes of `nearest_prototypes` (a VQ codebook over 32 x 1024
+tokens, D = 256; a PatchCore bank over 8 images' 28 x 28 patches, D = 1024)."""
+
+NEAREST_K = (1, 9, 64)
+"""The ``k`` the report compiles `nearest_prototypes`' kernels for: the benchmarks' and the
+largest the backend takes (`protokern.backends.triton.MAX_K`)."""
+
+
+def nearest_kernel_report(shape: Shape, specialization: tuple, metric: str, config, k: int,
+                          target: str) -> Compiled:
+    """`nearest_prototypes._nearest_kernel` with ``config`` on ``shape`` for ``k``, as
+    `nearest_prototypes.nearest_prototypes` launches it (its rows: every window of every
+    image); ``config`` None: its direct `_search_kernel` (one fixed configuration per band of
+    k, `search_config`)."""
+    import triton.language as tl
+
+    from protokern.backends.triton import nearest_prototypes as module
+    from protokern.backends.triton import selection
+
+    name, element, precision, _ = specialization
+    arguments = shape.arguments()
+    arguments = {"N": arguments.pop("B") * arguments["L"], **arguments}
+    constants = {"CONTIGUOUS": True, "METRIC": metric, "ACC": tl.float32, "K_NEAREST": k,
+                 "SLOTS": selection.slots_for(k)}
+    pointers = {"x_ptr": f"*{element}", "p_ptr": f"*{element}", "values_ptr": f"*{element}",
+                "indices_ptr": "*i64", "searched_ptr": "*i8"}
+    if config is None:
+        kernel, config, label = module._search_kernel, module.search_config(k, target), "search"
+    else:
+        kernel, label = module._nearest_kernel.kernel, "nearest"
+        constants.update(PRECISION=precision, HUGE=3.4028234663852886e38 / 8)
+        arguments.update(GROWTH=1e-5, FLOOR=1e-35)
+    compiled = compile_kernel(kernel, {**arguments, **pointers},
+                              {**constants, **config.kwargs}, config.num_warps,
+                              config.num_stages, target)
+    return describe(f"nearest_prototypes._{label}_kernel",
+                    f"{shape.name} N={arguments['N']} {name} ({precision}) {metric} k={k}",
+                    compiled, _label(config), target)
+
+
+def nearest_configs(specialization: tuple, k: int, target: str) -> list:
+    """The configurations `_nearest_kernel` may run with for ``k`` in ``specialization`` on a
+    GPU of ``target`` (`nearest_prototypes.configs_for`; no ``tf32x3`` there)."""
+    from protokern.backends.triton import min_distance
+    from protokern.backends.triton import nearest_prototypes as module
+
+    _, element, precision, _ = specialization
+    dot = min_distance.dot_kind(16 if element in ("bf16", "fp16") else 32, precision)
+    return module.configs_for(k, dot, target)
+
+
+def nearest_reports(targets: list[str], shapes: list[Shape] = NEAREST_SHAPES,
+                    ks: tuple[int, ...] = NEAREST_K,
+                    specializations: list[tuple] = SPECIALIZATIONS,
+                    metrics: tuple[str, ...] = METRICS) -> list[Compiled]:
+    """`nearest_kernel_report` of every configuration `_nearest_kernel` may run with
+    (`nearest_configs`), and of `_search_kernel`, for every target, shape, k, specialization
+    and metric asked for."""
+    plan = [(t, s, spec, metric, config, k) for t in targets for s in shapes for k in ks
+            for spec in specializations for metric in metrics
+            for config in nearest_configs(spec, k, t) + [None]]
+    return [nearest_kernel_report(shape, spec, metric, config, k, target)
+            for target, shape, spec, metric, config, k
+            in tqdm(plan, desc="compile nearest", unit="kernel")]
+
+
 def reports(targets: list[str], shapes: list[Shape] = SHAPES,
             specializations: list[tuple] = SPECIALIZATIONS,
             metrics: tuple[str, ...] = METRICS, exact: bool = True) -> list[Compiled]:
@@ -285,6 +352,29 @@ def each_config_once(targets: list[str]) -> list[tuple]:
                 for i, config in enumerate(default_configs(shapes[0], spec, target)):
                     plan.append((target, shapes[i % len(shapes)], spec,
                                  METRICS[(i + n) % len(METRICS)], config))
+    return plan
+
+
+def nearest_each_config_once(targets: list[str]) -> list[tuple]:
+    """``(target, specialization, config, k)``: every distinct default configuration of
+    `_nearest_kernel` per target and band of k (`nearest_prototypes.configs_for`), with the
+    first specialization whose list holds it, and `_search_kernel`'s (config None) per target
+    and band, each at the band's largest k (the most slots and selection rounds): the subset
+    CI compiles, on `NEAREST_SHAPES`' first (tests/backends/test_triton_offline.py)."""
+    from protokern.backends import triton as backend
+    from protokern.backends.triton import nearest_prototypes as module
+
+    plan = []
+    for target in targets:
+        for band in module.BANDS:
+            k = max(k for k in range(1, backend.MAX_K + 1) if module.band_of(k) == band)
+            seen = set()
+            for spec in SPECIALIZATIONS:
+                for config in nearest_configs(spec, k, target):
+                    if id(config) not in seen:
+                        seen.add(id(config))
+                        plan.append((target, spec, config, k))
+            plan.append((target, SPECIALIZATIONS[0], None, k))
     return plan
 
 

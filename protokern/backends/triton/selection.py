@@ -159,7 +159,7 @@ def store_first_k(key, exact, at, values_ptr, indices_ptr, row, store, COUNT: tl
     # taken again where the key already was inf)
     smallest = tl.full((key.shape[0],), float("-inf"), key.dtype)
     index = tl.full((key.shape[0],), _BELOW_EVERY_INDEX, tl.int64)
-    for j in tl.static_range(COUNT):
+    for j in range(0, COUNT):
         smallest, index = smallest_after(key, at.to(tl.int64), at == at, smallest, index,
                                          0x7FFFFFFFFFFFFFFF)
         chosen = (key == smallest[:, None]) & (at == index[:, None])
