@@ -11,9 +11,10 @@ the target.)
 
 The committed report (benchmarks/results/triton-compile-report.md: every shape, dtype, metric
 and configuration on both targets) is the full table; this is the subset that keeps CI near a
-minute (36 kernels: 73 s on a 2-core host with a cold Triton cache). In a subprocess without
-TRITON_INTERPRET (which the test session sets without a GPU). Skips where triton or its
-bundled ptxas/cuobjdump are missing.
+minute (36 kernels: 73 s on a 2-core host with a cold Triton cache; with `nearest_prototypes`'
+18, each default configuration at its band's largest k, and the other tests here, 94 s). In a
+subprocess without TRITON_INTERPRET (which the test session sets without a GPU). Skips where
+triton or its bundled ptxas/cuobjdump are missing.
 """
 
 import json

@@ -11,8 +11,10 @@ every default configuration of `_choose_kernel` (`min_distance.configs_for` each
 dot kind and target), and the fixed one of `_exact_kernel`, on the GPU benchmarks' shapes
 (`SHAPES`), specialised as the launcher would for those arguments (the channels_last rows
 `launch.contiguous_entries` makes, 16-aligned pointers, ``tt.divisibility`` 16 on every integer
-that is a multiple of 16). tests/backends/test_triton_offline.py compiles a subset in CI
-(every distinct default configuration once) and fails on a spill.
+that is a multiple of 16). Then `nearest_prototypes`' `_nearest_kernel` in every default
+configuration (`nearest_prototypes.configs_for` each k, dot and target) and its `_search_kernel`,
+on `NEAREST_SHAPES` for `NEAREST_K`. tests/backends/test_triton_offline.py compiles a subset in
+CI (every distinct default configuration once) and fails on a spill.
 """
 
 import argparse
@@ -405,7 +407,8 @@ def main() -> None:
         parser.error(missing)
     import triton
 
-    text = markdown(reports(args.targets.split(",")), triton.__version__)
+    targets = args.targets.split(",")
+    text = markdown(reports(targets) + nearest_reports(targets), triton.__version__)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
