@@ -485,3 +485,30 @@ def test_more_than_two_to_the_31_elements():
     assert torch.equal(values[-3:], tail_values) and torch.equal(indices[-3:], tail_indices)
     dmap = pk.distance_map(x, p)
     assert torch.equal(dmap[-3:], pk.distance_map(x[-3:].clone(), p))
+
+
+def test_the_autotuners_pruning_keeps_the_defaults_of_the_launchs_gpu_dot_and_size(monkeypatch):
+    """`launch.pruning` (both kernels' ``prune_configs``) keeps, of every default, the list of
+    the launch's target, dot kind and size: L for min_distance, k for nearest_prototypes."""
+    from protokern.backends.triton import min_distance, nearest_prototypes
+
+    for capability, target in (((9, 0), "sm_90"), ((8, 6), "sm_80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None,
+                            capability=capability: capability)
+        for x, precision, dot in ((torch.empty(1, dtype=torch.bfloat16), "tf32", "half"),
+                                  (torch.empty(1), "ieee", "ieee"),
+                                  (torch.empty(1), "tf32", "tf32")):
+            kept = min_distance.prune_configs(min_distance.CONFIGS, {"x_ptr": x, "L": 49},
+                                              PRECISION=precision)
+            assert kept == min_distance.configs_for(49, dot, target)
+            for k in (1, 9, 64):
+                kept = nearest_prototypes.prune_configs(
+                    nearest_prototypes.CONFIGS, {"x_ptr": x}, PRECISION=precision, K_NEAREST=k)
+                assert kept == nearest_prototypes.configs_for(k, dot, target)
+        single = min_distance.prune_configs(min_distance.CONFIGS, {"x_ptr": torch.empty(1),
+                                                                   "L": 1}, PRECISION="tf32x3")
+        assert single == min_distance.configs_for(1, "tf32x3", target)
+    # a list narrowed (by a test) to none of the defaults is kept whole
+    other = [triton.Config({"BLOCK_ROWS": 16, "BLOCK_M": 16, "BLOCK_K": 16})]
+    assert min_distance.prune_configs(other, {"x_ptr": torch.empty(1), "L": 49},
+                                      PRECISION="ieee") == other

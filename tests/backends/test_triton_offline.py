@@ -63,11 +63,11 @@ def compiled() -> dict[str, list[dict]]:
 
 
 def test_every_default_config_compiles_without_spills(compiled):
-    from protokern.backends.triton import min_distance
+    from protokern.backends.triton import launch, min_distance
 
     # the dots each kind of L runs: float32 IEEE, TF32 (tf32x3 at L = 1), bfloat16
     dots = {49: ("ieee", "tf32", "half"), 1: ("ieee", "tf32x3", "half")}
-    distinct = {(target, dot, length, id(c)) for target in min_distance.TARGETS
+    distinct = {(target, dot, length, id(c)) for target in launch.TARGETS
                 for length in dots for dot in dots[length]
                 for c in min_distance.configs_for(length, dot, target)}
     assert len(compiled["min"]) == len(distinct)

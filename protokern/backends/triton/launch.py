@@ -73,6 +73,48 @@ class Tuned:
         return self.autotuner[grid]
 
 
+TARGETS = ("sm_90", "sm_80")
+"""The GPU families the default configurations are sized for: Hopper (wgmma, its operands in
+shared memory) and Ampere with the rest (mma.sync, operands in registers)."""
+
+DOTS = ("half", "ieee", "tf32", "tf32x3")
+"""What ``tl.dot`` runs on, which sets a tile's registers (`dot_kind`): 16-bit operands on
+tensor cores; float32 (or float64) products by FMA, no tensor cores; TF32 tensor cores; three
+TF32 products (`min_distance.gemm_precision`)."""
+
+
+def dot_kind(element_bits: int, precision: str) -> str:
+    """`DOTS`' name of a ``tl.dot`` of ``element_bits``-bit operands at ``precision`` (the
+    kernel's ``PRECISION``): 16-bit operands ignore the precision."""
+    return "half" if element_bits == 16 else precision
+
+
+def target_of(capability: tuple[int, int]) -> str:
+    """`TARGETS`' name for a GPU of compute ``capability``: Hopper's or Ampere's, the smaller
+    tiles, for every other (Ampere, Ada, Blackwell: not compiled for here)."""
+    return "sm_90" if capability[0] == 9 else "sm_80"
+
+
+def pruning(configs_for, size: str):
+    """An autotuner's ``early_config_prune`` (`tuned`'s ``prune``): of a launch's candidate
+    configurations, those ``configs_for(size, dot, target)`` gives for the launch's argument
+    named ``size`` (a shape argument or a constexpr), the `dot_kind` of its ``x_ptr`` and
+    ``PRECISION``, and the `target_of` its GPU, in that list's order (so that `Tuned.first`
+    is the list's first, whatever order the autotuner holds its candidates in); all of them
+    where a test narrowed the candidates to none of those."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        x = named_args["x_ptr"]
+        value = named_args[size] if size in named_args else kwargs[size]
+        candidates = {id(c) for c in configs}
+        kept = [c for c in configs_for(value, dot_kind(x.element_size() * 8, kwargs["PRECISION"]),
+                                       target_of(torch.cuda.get_device_capability(x.device)))
+                if id(c) in candidates]
+        return kept or configs
+
+    return prune
+
+
 def config_lists(table: dict, make) -> dict:
     """``table``'s lists of configuration tuples as lists of ``make(*tuple)``, one Config object
     per distinct tuple, shared between the lists (the autotuner's candidates are the distinct

@@ -41,15 +41,6 @@ def _config(rows, block_m, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-TARGETS = ("sm_90", "sm_80")
-"""The GPU families the default configurations are sized for: Hopper (wgmma, its operands in
-shared memory) and Ampere with the rest (mma.sync, operands in registers)."""
-
-DOTS = ("half", "ieee", "tf32", "tf32x3")
-"""What ``tl.dot`` runs on, which sets a tile's registers (`dot_kind`): 16-bit operands on
-tensor cores; float32 (or float64) products by FMA, no tensor cores; TF32 tensor cores; three
-TF32 products (`gemm_precision`)."""
-
 _TABLE = {
     # (target, dot, L = 1): [(rows, prototypes, entries, warps, stages)], each commented with
     # the most registers any benchmark shape and metric needs (of 255; none spills). FMA dots
@@ -97,34 +88,15 @@ dot kind and GPU: `prune_configs`), keyed on the problem's shape, metric, dot pr
 dtype."""
 
 
-def dot_kind(element_bits: int, precision: str) -> str:
-    """`DOTS`' name of a ``tl.dot`` of ``element_bits``-bit operands at ``precision`` (the
-    kernel's ``PRECISION``): 16-bit operands ignore the precision."""
-    return "half" if element_bits == 16 else precision
-
-
-def target_of(capability: tuple[int, int]) -> str:
-    """`TARGETS`' name for a GPU of compute ``capability``: Hopper's or Ampere's, the smaller
-    tiles, for every other (Ampere, Ada, Blackwell: not compiled for here)."""
-    return "sm_90" if capability[0] == 9 else "sm_80"
-
-
 def configs_for(length: int, dot: str, target: str) -> list[triton.Config]:
     """The configurations `_choose_kernel` may run with ``length`` positions per image, a
-    ``dot`` (`dot_kind`; ``tf32`` has L > 1 only, ``tf32x3`` L = 1: `gemm_precision`) and a
-    GPU of ``target`` (`target_of`)."""
+    ``dot`` (`launch.dot_kind`; ``tf32`` has L > 1 only, ``tf32x3`` L = 1: `gemm_precision`) and a
+    GPU of ``target`` (`launch.target_of`)."""
     return DEFAULTS[target, dot, length == 1]
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs
-                  ) -> list[triton.Config]:
-    """The autotuner's candidates for a launch: `configs_for` its L, dot and GPU (all of
-    ``configs`` where a test narrowed them to none of those)."""
-    x = named_args["x_ptr"]
-    allowed = {id(c) for c in configs_for(
-        named_args["L"], dot_kind(x.element_size() * 8, kwargs["PRECISION"]),
-        target_of(torch.cuda.get_device_capability(x.device)))}
-    return [c for c in configs if id(c) in allowed] or configs
+prune_configs = launch.pruning(configs_for, "L")
+"""The autotuner's candidates for a launch: `configs_for` its L, dot and GPU."""
 
 
 INTERPRETED = _config(128, 128, 128, 4, 1)

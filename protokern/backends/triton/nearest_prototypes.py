@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from protokern.backends.triton import launch, selection, tiles
-from protokern.backends.triton.min_distance import dot_kind, rounding_bound, target_of
+from protokern.backends.triton.min_distance import rounding_bound
 
 
 def _config(rows, block_m, block_k, warps, stages):
@@ -82,20 +82,13 @@ def band_of(k: int) -> int:
 
 def configs_for(k: int, dot: str, target: str) -> list[triton.Config]:
     """The configurations `_nearest_kernel` may run with for ``k``, a ``dot``
-    (`min_distance.dot_kind`: ``half``, ``ieee`` or ``tf32``) and a GPU of ``target``
-    (`min_distance.target_of`)."""
+    (`launch.dot_kind`: ``half``, ``ieee`` or ``tf32``) and a GPU of ``target``
+    (`launch.target_of`)."""
     return DEFAULTS[target, dot, band_of(k)]
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs
-                  ) -> list[triton.Config]:
-    """The autotuner's candidates for a launch: `configs_for` its k, dot and GPU (all of
-    ``configs`` where a test narrowed them to none of those)."""
-    x = named_args["x_ptr"]
-    allowed = {id(c) for c in configs_for(
-        kwargs["K_NEAREST"], dot_kind(x.element_size() * 8, kwargs["PRECISION"]),
-        target_of(torch.cuda.get_device_capability(x.device)))}
-    return [c for c in configs if id(c) in allowed] or configs
+prune_configs = launch.pruning(configs_for, "K_NEAREST")
+"""The autotuner's candidates for a launch: `configs_for` its k, dot and GPU."""
 
 
 INTERPRETED = _config(64, 128, 128, 4, 1)
@@ -256,7 +249,7 @@ def nearest_prototypes(x: Tensor, prototypes: Tensor, metric: str, k: int
     growth, floor = rounding_bound(x, size, metric)
     slots = selection.slots_for(k)
     # (the interpreter runs one configuration whatever the target)
-    target = target_of(torch.cuda.get_device_capability(x.device)) if x.is_cuda else "sm_90"
+    target = launch.target_of(torch.cuda.get_device_capability(x.device)) if x.is_cuda else "sm_90"
     with launch.on_device(x):
         _nearest_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](
             x, prototypes, values, indices, searched, *shape, growth, floor,

@@ -161,12 +161,12 @@ def _label(config) -> str:
 
 
 def dot_of(shape: Shape, specialization: tuple) -> str:
-    """`min_distance.dot_kind` of ``specialization`` on ``shape`` (its L picks the precision)."""
-    from protokern.backends.triton import min_distance as module
+    """`launch.dot_kind` of ``specialization`` on ``shape`` (its L picks the precision)."""
+    from protokern.backends.triton import launch
 
     _, element, precision, single = specialization
     length = shape.arguments()["L"]
-    return module.dot_kind(16 if element in ("bf16", "fp16") else 32,
+    return launch.dot_kind(16 if element in ("bf16", "fp16") else 32,
                            single if length == 1 else precision)
 
 
@@ -298,11 +298,11 @@ def nearest_kernel_report(shape: Shape, specialization: tuple, metric: str, conf
 def nearest_configs(specialization: tuple, k: int, target: str) -> list:
     """The configurations `_nearest_kernel` may run with for ``k`` in ``specialization`` on a
     GPU of ``target`` (`nearest_prototypes.configs_for`; no ``tf32x3`` there)."""
-    from protokern.backends.triton import min_distance
+    from protokern.backends.triton import launch
     from protokern.backends.triton import nearest_prototypes as module
 
     _, element, precision, _ = specialization
-    dot = min_distance.dot_kind(16 if element in ("bf16", "fp16") else 32, precision)
+    dot = launch.dot_kind(16 if element in ("bf16", "fp16") else 32, precision)
     return module.configs_for(k, dot, target)
 
 
