@@ -220,6 +220,24 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_family_model() -> str | None:
+    """``"family F model M"`` of this CPU from /proc/cpuinfo: under a hypervisor the model name
+    can be as bare as "AMD EPYC", which does not tell a Zen 3 (AVX2) from a Zen 4 (AVX-512)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor's fields only
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+    except OSError:
+        return None
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def cpu_isa() -> list[str]:
     """The vector instruction sets of this CPU that matter to the kernels and to BLAS, from
     /proc/cpuinfo: AMX, AVX-512, AVX2 (the host differs between sessions: see NOTES.md)."""
@@ -251,6 +269,7 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "device": config.device,
         "device_name": device_name(config.device),
         "cpu_name": device_name("cpu"),
+        "cpu_family_model": cpu_family_model(),
         "cpu_isa": cpu_isa(),
         "cpu_count": _cpu_count(),
         # other processes' load makes CPU numbers noisy: say how busy the machine was

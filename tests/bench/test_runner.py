@@ -49,3 +49,22 @@ def test_load_runs_every_case_quiet_then_loaded_side_by_side():
     comparison = format_load_comparison(results)
     assert "protokern:reference" in comparison and "slowdown" in comparison
     assert format_load_comparison(results[:2]) == ""
+
+
+def test_the_host_is_recorded_by_family_and_model(tmp_path, monkeypatch):
+    """A bare hypervisor model name ("AMD EPYC") is told apart by the CPU's family and model."""
+    import builtins
+
+    from protokern.bench import runner
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                       "model\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+                       "cpu family\t: 99\nmodel\t\t: 1\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    assert runner.cpu_family_model() == "family 25 model 17"
+    assert runner.device_name("cpu") == "AMD EPYC"
+    environment = runner.environment(BenchConfig(shapes=parse_shapes("tiny")), ["protokern"])
+    assert environment["cpu_family_model"] == "family 25 model 17"
