@@ -136,4 +136,12 @@ PK_INLINE double exact_distance(const acc_t* a, const acc_t* p, int64_t size, Me
   return cosine_from(dot, a_squared, p_squared);
 }
 
+// exact_dot and exact_distance compiled per ISA and called out of line (exact_distance.cpp), for
+// callers that are not vector clones: the same bits, in the host's vector width.
+template <typename acc_t>
+double dispatched_exact_dot(const acc_t* a, const acc_t* p, int64_t size, double* a_squared);
+template <typename acc_t>
+double dispatched_exact_distance(const acc_t* a, const acc_t* p, int64_t size, Metric metric,
+                                 double p_squared, bool trusted);
+
 }  // namespace protokern::cpu

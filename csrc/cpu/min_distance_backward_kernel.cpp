@@ -230,7 +230,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
     p_squared.resize(num);
     at::parallel_for(0, num, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
-        exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
+        dispatched_exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
     parallel_tasks(batch, [&](auto&& take) {
       AlignedBuffer<acc_t> rows(image_elements);
@@ -238,7 +238,8 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
         pack_rows(x, map, b, 1, rows.data());
         for (int64_t m = 0; m < num; ++m) {
           const acc_t* a = rows.data() + indices[b * num + m] * size;
-          dots[b * num + m] = exact_dot(a, prototypes + m * size, size, &a_squared[b * num + m]);
+          dots[b * num + m] = dispatched_exact_dot(a, prototypes + m * size, size,
+                                                   &a_squared[b * num + m]);
         }
       }
     });

@@ -110,7 +110,7 @@ void nearest_prototypes_backward(const acc_t* grad, const in_t* x, const Feature
     std::vector<double> p_squared(num);
     at::parallel_for(0, num, 64, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
-        exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
+        dispatched_exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
     at::parallel_for(0, batch * positions, 64, [&](int64_t begin, int64_t end) {
       AlignedBuffer<acc_t> window(size);
@@ -119,7 +119,8 @@ void nearest_prototypes_backward(const acc_t* grad, const in_t* x, const Feature
         for (int64_t j = 0; j < k; ++j) {
           const int64_t pair = row * k + j, m = indices[pair];
           double a_squared;
-          const double dot = exact_dot(window.data(), prototypes + m * size, size, &a_squared);
+          const double dot =
+              dispatched_exact_dot(window.data(), prototypes + m * size, size, &a_squared);
           cosine[pair] = cosine_gradient(grad[pair], dot, a_squared, p_squared[m]);
         }
       }

@@ -152,7 +152,8 @@ Columns<acc_t> describe_columns(const acc_t* prototypes, int64_t num, int64_t si
         cols.upper_base[m] = 1 + g;
         cols.scale[m] = inverse[m];
         cols.spread[m] = 2 * g;
-        exact_dot(prototypes + m * size, prototypes + m * size, size, &cols.squared_exact[m]);
+        dispatched_exact_dot(prototypes + m * size, prototypes + m * size, size,
+                             &cols.squared_exact[m]);
       }
       if (!cols.trusted[m]) cols.upper_base[m] = std::numeric_limits<acc_t>::infinity();
     }
@@ -221,9 +222,10 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
         const acc_t* row = rows.data() + r * size;
         found.clear();
         auto exact = [&](int64_t m) {
-          found.emplace_back(exact_distance(row, prototypes + m * size, size, metric,
-                                            cols.squared_exact[m],
-                                            trusted[r] && cols.trusted[m]), m);
+          found.emplace_back(dispatched_exact_distance(row, prototypes + m * size, size,
+                                                       metric, cols.squared_exact[m],
+                                                       trusted[r] && cols.trusted[m]),
+                             m);
         };
         if (!trusted[r]) {
           for (int64_t m = 0; m < num; ++m) exact(m);
