@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 import protokern as pk
 from protokern.bench.measure import fix_malloc_threshold, reset_rss_peak, rss_bytes
-from protokern.bench.runner import command_line, cpu_isa, device_name, git_commit
+from protokern.bench.runner import (
+    command_line,
+    cpu_family_model,
+    cpu_isa,
+    device_name,
+    git_commit,
+)
 from protokern.bench.shapes import SHAPES
 from protokern.commands.anomaly import cdist_k_center, cdist_scores
 from protokern.nn.coreset import k_center_greedy
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "device": "cpu", "cpu_name": device_name("cpu"),
-        "cpu_isa": cpu_isa(), "cpu_count": len(os.sched_getaffinity(0)),
+        "cpu_family_model": cpu_family_model(), "cpu_isa": cpu_isa(),
+        "cpu_count": len(os.sched_getaffinity(0)),
         "load_average_1_5_15min": list(os.getloadavg()), "threads": args.threads,
         "dtype": "float32", "torch": torch.__version__, "repeats": args.repeats,
         "warmup": args.warmup, "protokern_backends": pk.available_backends("cpu"),

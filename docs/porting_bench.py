@@ -27,7 +27,7 @@ import originals  # noqa: E402
 from porting_doc import recipes  # noqa: E402
 
 from protokern.bench.measure import fix_malloc_threshold, peak_of_next_call  # noqa: E402
-from protokern.bench.runner import cpu_isa, device_name  # noqa: E402
+from protokern.bench.runner import cpu_family_model, cpu_isa, device_name  # noqa: E402
 
 
 def cases(batch: int, device: str) -> list[tuple[str, str, object, object, list]]:
@@ -119,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         fix_malloc_threshold()
-    print(f"device: {device_name(args.device)}; ISA: {' '.join(cpu_isa())}; "
+    print(f"device: {device_name(args.device)} ({cpu_family_model()}); "
+          f"ISA: {' '.join(cpu_isa())}; "
           f"threads: {torch.get_num_threads()}; torch {torch.__version__}; float32")
     print(f"command: PYTHONPATH=$PWD python docs/porting_bench.py --device {args.device} "
           f"--repeats {args.repeats} --batch {args.batch}")
