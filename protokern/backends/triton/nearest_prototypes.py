@@ -34,9 +34,10 @@ def _config(rows, block_m, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-BANDS = (2, 16, 128)
+BANDS = (2, 16, 32, 64, 128)
 """The kinds of ``k`` the defaults are sized for, by the most slots a row keeps
-(`selection.slots_for`): ``k = 1``; ``k`` up to 15; up to 64 (`MAX_K`)."""
+(`selection.slots_for`): ``k = 1``; ``k`` up to 15; 16-31; 32-63; 64 (`MAX_K`). One band for
+16-64, sized at k = 64, spilled 16-72 bytes at k = 31 and 63."""
 
 _TABLE = {
     # (target, dot, band): [(rows, prototypes, entries, warps, stages)], each commented with
@@ -55,8 +56,17 @@ _TABLE = {
     ("sm_80", "half", 16): [(64, 64, 32, 8, 3)],
     ("sm_80", "tf32", 16): [(64, 64, 32, 8, 3)],
     ("sm_80", "ieee", 16): [(32, 64, 32, 4, 3)],
-    # clean at k = 64; not yet at k = 31 and 63 (8-72 bytes, ptxas holding 128 registers;
-    # 16 x 64 x 32 on 4 warps spilled 8-24 there and at k = 64 in float32 cosine)
+    # k = 31: 140-168 registers (32 x 64 x 32 on 8 warps spilled 16-72 bytes: float32 on
+    # sm_90, TF32 and bfloat16 on sm_80; 16 x 32 x 32 on 4 warps was clean too, 80-118)
+    **{(target, dot, 32): [(32, 32, 32, 4, 3)] for target in ("sm_90", "sm_80")
+       for dot in ("half", "tf32", "ieee")},
+    # k = 63: 128-167 registers; float32 on sm_90 spilled 16-40 bytes at 32 rows (8 or 4 warps,
+    # 32 or 64 prototypes) and 8 at 32 x 64 x 16: 16 rows, 104
+    **{(target, dot, 64): [(32, 64, 32, 8, 3)] for target, dot in
+       (("sm_90", "half"), ("sm_90", "tf32"), ("sm_80", "half"), ("sm_80", "tf32"),
+        ("sm_80", "ieee"))},
+    ("sm_90", "ieee", 64): [(16, 64, 32, 8, 3)],
+    # k = 64
     **{(target, dot, 128): [(32, 64, 32, 8, 3)] for target in ("sm_90", "sm_80")
        for dot in ("half", "tf32", "ieee")},
 }
@@ -101,6 +111,10 @@ def _search(rows, block_m, block_k, warps):
 
 SEARCH = {("sm_90", 2): _search(16, 16, 16, 4), ("sm_80", 2): _search(16, 16, 16, 8),
           ("sm_90", 16): _search(16, 16, 16, 4), ("sm_80", 16): _search(16, 16, 16, 4),
+          # k = 31: on 4 warps 8 bytes spilled (float32 on sm_90, bfloat16 on sm_80)
+          ("sm_90", 32): _search(16, 16, 8, 8), ("sm_80", 32): _search(16, 16, 8, 8),
+          # k = 63: on 8 warps 8-16 bytes spilled
+          ("sm_90", 64): _search(16, 16, 8, 4), ("sm_80", 64): _search(16, 16, 8, 4),
           ("sm_90", 128): _search(16, 16, 8, 4), ("sm_80", 128): _search(16, 16, 8, 4)}
 """`_search_kernel`'s configuration per (target, band of k): direct distances of (rows x
 prototypes) pairs, rare, untuned. Cosine's scaled pass keeps two ``(pairs, BLOCK_K)`` tiles:
