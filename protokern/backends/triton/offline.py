@@ -258,9 +258,10 @@ NEAREST_SHAPES = [Shape("vq", 32, 256, 1024, 1, 16384), Shape("patchcore", 8, 10
 """`protokern.bench.shapes`' GPU shapes of `nearest_prototypes` (a VQ codebook over 32 x 1024
 tokens, D = 256; a PatchCore bank over 8 images' 28 x 28 patches, D = 1024)."""
 
-NEAREST_K = (1, 9, 64)
-"""The ``k`` the report compiles `nearest_prototypes`' kernels for: the benchmarks' and the
-largest the backend takes (`protokern.backends.triton.MAX_K`)."""
+NEAREST_K = (1, 9, 31, 63, 64)
+"""The ``k`` the report compiles `nearest_prototypes`' kernels for: the benchmarks', the
+largest of each band of k below the top (`nearest_prototypes.BANDS`: the most slots and
+selection rounds) and the largest the backend takes (`protokern.backends.triton.MAX_K`)."""
 
 
 def nearest_kernel_report(shape: Shape, specialization: tuple, metric: str, config, k: int,
