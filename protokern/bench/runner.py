@@ -207,22 +207,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_family_model() -> str | None:
-    """``"family F model M"`` of this CPU from /proc/cpuinfo: under a hypervisor the model name
-    can be as bare as "AMD EPYC", which does not tell a Zen 3 (AVX2) from a Zen 4 (AVX-512)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where it cannot be read)."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -232,7 +218,20 @@ def cpu_family_model() -> str | None:
                 name, _, value = line.partition(":")
                 fields[name.strip()] = value.strip()
     except OSError:
-        return None
+        pass
+    return fields
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str | None:
+    """``"family F model M"`` of this CPU from /proc/cpuinfo: under a hypervisor the model name
+    can be as bare as "AMD EPYC", which does not tell a Zen 3 (AVX2) from a Zen 4 (AVX-512)."""
+    fields = _cpuinfo()
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']} model {fields['model']}"
@@ -241,12 +240,7 @@ def cpu_family_model() -> str | None:
 def cpu_isa() -> list[str]:
     """The vector instruction sets of this CPU that matter to the kernels and to BLAS, from
     /proc/cpuinfo: AMX, AVX-512, AVX2 (the host differs between sessions: see NOTES.md)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
-                          if line.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = _cpuinfo().get("flags", "").split()
     names = {"amx_tile": "AMX", "avx512f": "AVX-512", "avx2": "AVX2"}
     return [name for flag, name in names.items() if flag in flags]
 

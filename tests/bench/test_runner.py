@@ -59,12 +59,13 @@ def test_the_host_is_recorded_by_family_and_model(tmp_path, monkeypatch):
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
-                       "model\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
-                       "cpu family\t: 99\nmodel\t\t: 1\n")
+                       "model\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n\n"
+                       "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nflags\t\t: fpu\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
         cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
     assert runner.cpu_family_model() == "family 25 model 17"
     assert runner.device_name("cpu") == "AMD EPYC"
+    assert runner.cpu_isa() == ["AVX-512", "AVX2"]
     environment = runner.environment(BenchConfig(shapes=parse_shapes("tiny")), ["protokern"])
     assert environment["cpu_family_model"] == "family 25 model 17"
