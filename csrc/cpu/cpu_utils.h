@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/min_distance_kernels.h"
 
@@ -49,6 +50,21 @@ struct VectorOf<double> {
   typedef int64_t Indices __attribute__((vector_size(32)));
 };
 
+
+// Calls fn(c) for each c in 0 .. count - 1 with flags[c] != 0, in order, reading the flags
+// eight at a time: where few are set (the shortlists of the forward kernels) most words are zero
+// and cost one test, where a test and branch per flag was a third of the reduction.
+template <typename Fn>
+PK_INLINE void for_each_flagged(const uint8_t* flags, int64_t count, Fn&& fn) {
+  for (int64_t c8 = 0; c8 < count; c8 += 8) {
+    const int64_t end = std::min(c8 + 8, count);
+    uint64_t word = 0;
+    std::memcpy(&word, flags + c8, static_cast<size_t>(end - c8));
+    if (word == 0) continue;
+    for (int64_t c = c8; c < end; ++c)
+      if (flags[c]) fn(c);
+  }
+}
 
 // Runs worker(take) once on each of at::parallel_for's threads; take(task) claims the next of
 // tasks 0 .. count - 1 from a shared counter and returns false when none is left. Unlike

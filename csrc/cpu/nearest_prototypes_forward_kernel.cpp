@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -69,7 +68,7 @@ struct Columns {
 // One vectorised pass turns the products into upper scores u = upper_base - row_scale * scale *
 // dot (kept in `scores`, their minimum taken on the way) and flags the columns whose lower bound
 // u - spread is within the row's limit (T + gap) as it stood before this tile. Only flagged
-// columns reach the scalar code, the flags scanned eight at a time: first the running k smallest
+// columns reach the scalar code (for_each_flagged): first the running k smallest
 // (k = 1: the minimum), then the shortlist push against the limit of the lowered T. Every column
 // that can lower T is flagged (u < T implies u - spread <= T + gap: spread and gap are >= 0),
 // and T only falls, so this is the shortlist the scalar loops built. (They compared and pushed
@@ -89,23 +88,13 @@ PK_VECTOR_CLONES void offer_row(const acc_t* dots, int64_t columns, int64_t c0,
     least = std::min(least, u);
     flags[c] = static_cast<uint8_t>(u - spread[c] <= before);
   }
-  // calls fn(c) for every flagged column, in order
-  auto each_flagged = [&](auto&& fn) PK_LAMBDA_INLINE {
-    for (int64_t c8 = 0; c8 < columns; c8 += 8) {
-      uint64_t word = 0;
-      std::memcpy(&word, flags + c8, static_cast<size_t>(std::min<int64_t>(8, columns - c8)));
-      if (word == 0) continue;
-      for (int64_t c = c8; c < std::min(c8 + 8, columns); ++c)
-        if (flags[c]) fn(c);
-    }
-  };
   acc_t* uppers = state.uppers.data();
   if (!(least < uppers[k - 1])) {
     // T stays: the flags are the shortlist
   } else if (k == 1) {
     uppers[0] = least;
   } else {
-    each_flagged([&](int64_t c) {
+    for_each_flagged(flags, columns, [&](int64_t c) PK_LAMBDA_INLINE {
       const acc_t u = scores[c];
       if (!(u < uppers[k - 1])) return;
       int64_t at = k - 1;
@@ -114,7 +103,7 @@ PK_VECTOR_CLONES void offer_row(const acc_t* dots, int64_t columns, int64_t c0,
     });
   }
   const acc_t limit = state.threshold() + gap;
-  each_flagged([&](int64_t c) {
+  for_each_flagged(flags, columns, [&](int64_t c) PK_LAMBDA_INLINE {
     const acc_t lower = scores[c] - spread[c];
     if (lower <= limit) state.shortlist.push_back({lower, c0 + c});
   });

@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -182,7 +181,7 @@ PK_VECTOR_CLONES void reduce_image_topk_rows(
   const acc_t* threshold = s + (k - 1) * columns;
   found.clear();
   // Per row, which columns shortlist it, as flags in one vectorised pass, then the flags scanned
-  // eight at a time (the compare and the push in one scalar loop were a third of the reduction).
+  // eight at a time (for_each_flagged).
   uint8_t* keep = reinterpret_cast<uint8_t*>(carried);  // pass 1 is done with the carried row
   for (int64_t r = 0; r < positions; ++r) {
     const acc_t* dots = tile + r * columns;
@@ -193,13 +192,9 @@ PK_VECTOR_CLONES void reduce_image_topk_rows(
       keep[c] = static_cast<uint8_t>(!(row_ok && proto_finite[c]) |
                                      (e.distance - e.bound <= threshold[c]));
     }
-    for (int64_t c0 = 0; c0 < columns; c0 += 8) {
-      uint64_t word = 0;
-      std::memcpy(&word, keep + c0, static_cast<size_t>(std::min<int64_t>(8, columns - c0)));
-      if (word == 0) continue;
-      for (int64_t c = c0; c < std::min(c0 + 8, columns); ++c)
-        if (keep[c]) found.emplace_back(static_cast<int32_t>(c), static_cast<int32_t>(r));
-    }
+    for_each_flagged(keep, columns, [&](int64_t c) PK_LAMBDA_INLINE {
+      found.emplace_back(static_cast<int32_t>(c), static_cast<int32_t>(r));
+    });
   }
   // grouped by column by a counting sort (stable: positions stay ascending); a comparison
   // sort of the pairs cost as much as the rest of the reduction
