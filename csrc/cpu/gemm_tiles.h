@@ -1,8 +1,8 @@
 // What the forward CPU kernels share (min_distance_, topk_distance_ and
 // nearest_prototypes_forward_kernel.cpp): GEMM tiles of packed rows against a block of
 // prototypes and what the bounds need about each row (its squared norm, whether the expansion
-// can be trusted there). Raw pointers; the GEMM is PyTorch's BLAS through ATen (why: see
-// min_distance_kernels.h).
+// can be trusted there). Raw pointers; the GEMM is protokern's packed one or PyTorch's BLAS
+// through ATen (RowsGemm below).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,9 +12,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/exact_distance.h"
+#include "cpu/packed_gemm.h"
 #include "metric.h"
 
 namespace protokern::cpu {
@@ -73,17 +75,47 @@ inline PrototypeNorms<acc_t> prototype_norms(const acc_t* prototypes, int64_t co
   return norms;
 }
 
-// tile (row_count x columns, row-major) = rows (row_count x K) . prototypes (columns x K)^T.
-// Through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (why ATen in a kernel: see
-// min_distance_kernels.h); inside at::parallel_for it runs on the calling thread only.
+// A task's rows as the left side of its GEMM tiles: load() them once (after pack_rows), then
+// multiply() them with block after block of prototypes. float32 goes through the packed GEMM
+// where this host prefers it (packed_gemm.h, which repacks the rows once per load), otherwise,
+// and always for float64, through at::mm_out on borrowed memory, i.e. PyTorch's BLAS (why ATen
+// in a kernel: see min_distance_kernels.h). Either runs on the calling thread only.
 template <typename acc_t>
-inline void gemm_rows_by_prototypes(acc_t* rows, int64_t row_count, const acc_t* prototypes,
-                             int64_t columns, int64_t size, acc_t* tile) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor lhs = at::from_blob(rows, {row_count, size}, options);
-  at::Tensor rhs = at::from_blob(const_cast<acc_t*>(prototypes), {columns, size}, options);
-  at::Tensor out = at::from_blob(tile, {row_count, columns}, options);
-  at::mm_out(out, lhs, rhs.t());
-}
+class RowsGemm {
+ public:
+  void load(const acc_t* rows, int64_t count, int64_t size) {
+    rows_ = rows;
+    count_ = count;
+    size_ = size;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      packed_ = use_packed_gemm();
+      if (packed_) {
+        panels_.resize(packed_panels_size(count, size));
+        pack_row_panels(rows, count, size, panels_.data());
+      }
+    }
+  }
+
+  // tile (count x columns, row-major) = rows . prototypes (columns x size, row-major)^T.
+  void multiply(const acc_t* prototypes, int64_t columns, acc_t* tile) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (packed_) {
+        packed_gemm(panels_.data(), count_, prototypes, columns, size_, tile);
+        return;
+      }
+    }
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor lhs = at::from_blob(const_cast<acc_t*>(rows_), {count_, size_}, options);
+    at::Tensor rhs = at::from_blob(const_cast<acc_t*>(prototypes), {columns, size_}, options);
+    at::Tensor out = at::from_blob(tile, {count_, columns}, options);
+    at::mm_out(out, lhs, rhs.t());
+  }
+
+ private:
+  const acc_t* rows_ = nullptr;
+  int64_t count_ = 0, size_ = 0;
+  bool packed_ = false;
+  std::vector<float> panels_;
+};
 
 }  // namespace protokern::cpu

@@ -298,6 +298,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
 
   parallel_tasks(image_blocks * groups, [&](auto&& take) {
     Workspace<acc_t> work(images_per_block * positions, size, kPrototypeBlock);
+    RowsGemm<acc_t> gemm;
     for (int64_t task; take(task);) {
       const int64_t first_image = (task / groups) * images_per_block;
       const int64_t images = std::min(images_per_block, batch - first_image);
@@ -305,6 +306,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
       pack_rows(x, map, first_image, images, work.rows.data());
       squared_norms(work.rows.data(), row_count, size, work.squared.data());
       describe_rows(work.squared.data(), row_count, work.inverse.data(), work.finite.data());
+      gemm.load(work.rows.data(), row_count, size);
 
       const int64_t first_block = (task % groups) * blocks_per_group;
       const int64_t last_block = std::min(first_block + blocks_per_group, proto_blocks);
@@ -313,8 +315,7 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
         const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
         const TileSide<acc_t> col_side{norms.squared.data() + c0, norms.inverse.data() + c0,
                                        norms.finite.data() + c0};
-        gemm_rows_by_prototypes(work.rows.data(), row_count, prototypes + c0 * size, columns,
-                                size, work.tile.data());
+        gemm.multiply(prototypes + c0 * size, columns, work.tile.data());
         if (positions == 1) {  // the only position is the answer: no shortlist
           const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
                                          work.finite.data()};

@@ -196,6 +196,7 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
     std::vector<uint8_t> trusted(capacity), flags(kPrototypeBlock);
     std::vector<RowState<acc_t>> states(capacity);
     std::vector<std::pair<double, int64_t>> found;
+    RowsGemm<acc_t> gemm;
     // A row's factor on the inner products and its own gap (see the top of this file).
     auto row_scale = [&](int64_t r) { return sq ? acc_t(1) : inverse[r]; };
     auto row_gap = [&](int64_t r) {
@@ -208,14 +209,14 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
       pack_rows(x, map, first_image, count / positions, rows.data());
       squared_norms(rows.data(), count, size, squared.data());
       describe_rows(squared.data(), count, inverse.data(), trusted.data());
+      gemm.load(rows.data(), count, size);
       for (int64_t r = 0; r < count; ++r) {
         states[r].uppers.assign(k, std::numeric_limits<acc_t>::infinity());
         states[r].shortlist.clear();
       }
       for (int64_t c0 = 0; c0 < num; c0 += kPrototypeBlock) {
         const int64_t columns = std::min(kPrototypeBlock, num - c0);
-        gemm_rows_by_prototypes(rows.data(), count, prototypes + c0 * size, columns, size,
-                                tile.data());
+        gemm.multiply(prototypes + c0 * size, columns, tile.data());
         for (int64_t r = 0; r < count; ++r) {
           if (!trusted[r]) continue;  // compared with every prototype below
           offer_row(tile.data() + r * columns, columns, c0, cols.upper_base.data() + c0,

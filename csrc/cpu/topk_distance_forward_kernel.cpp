@@ -259,6 +259,7 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
     std::vector<std::pair<int32_t, int32_t>> found;  // (column, position)
     std::vector<int64_t> starts;
     std::vector<int32_t> shortlist;
+    RowsGemm<acc_t> gemm;
     for (int64_t task; take(task);) {
       const int64_t first_image = task * images_per_block;
       const int64_t images = std::min(images_per_block, batch - first_image);
@@ -266,10 +267,10 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
       pack_rows(x, map, first_image, images, rows.data());
       squared_norms(rows.data(), row_count, size, squared.data());
       describe_rows(squared.data(), row_count, inverse.data(), finite.data());
+      gemm.load(rows.data(), row_count, size);
       for (int64_t c0 = 0; c0 < num_prototypes; c0 += kPrototypeBlock) {
         const int64_t columns = std::min(kPrototypeBlock, num_prototypes - c0);
-        gemm_rows_by_prototypes(rows.data(), row_count, prototypes + c0 * size, columns, size,
-                                tile.data());
+        gemm.multiply(prototypes + c0 * size, columns, tile.data());
         for (int64_t image = 0; image < images; ++image) {
           const int64_t r0 = image * positions;
           const int64_t out = ((first_image + image) * num_prototypes + c0) * k;

@@ -1,14 +1,14 @@
 """The ``cpu`` backend: protokern's fused C++ kernels (``csrc/cpu/``) for CPU tensors.
 
 `min_distance` never holds more than a tile of distances: per task (tasks handed to the threads
-from a shared counter), the windows of a few images against a block of prototypes, one BLAS
-GEMM per tile, the min over positions reduced right after it, and the chosen value recomputed
-exactly; with one position per image, where every pair is an output, the tile's value where
-the expansion's bound certifies it and the rest recomputed directly (see ``csrc/cpu/``). Its
-backward reads only the saved indices, computes only the gradients asked for, and is
+from a shared counter), the windows of a few images against a block of prototypes, one GEMM per
+tile (see `gemm` for which), the min over positions reduced right after it, and the chosen value
+recomputed exactly; with one position per image, where every pair is an output, the tile's value
+where the expansion's bound certifies it and the rest recomputed directly (see ``csrc/cpu/``).
+Its backward reads only the saved indices, computes only the gradients asked for, and is
 deterministic whatever the thread count (with one position per image, where every pair is
-selected, it is two BLAS products instead: deterministic for a given thread count). Parallel over
-``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
+selected, it is two BLAS products instead: deterministic for a given thread count). Parallel
+over ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
 upcast to float32 while packing.
 
 `nearest_prototypes` (the reduction over prototypes) streams GEMM tiles of rows against the
@@ -26,9 +26,18 @@ map to fuse). Every kernel runs the three kernel metrics: ``"dot"`` (TesNet's ``
 shortlists with its own bound, ``g |x| |p| + tau`` (Cauchy-Schwarz on the GEMM's K-term sums, as
 `reference.expansion_bound`), and recomputes the shortlisted products directly in double.
 
+The float32 tiles of the three forward kernels run protokern's own register-blocked AVX-512
+GEMM (``csrc/cpu/packed_gemm.h``) on AMD CPUs with AVX-512, where torch's MKL runs at a third of
+its speed, and PyTorch's BLAS elsewhere (and always for float64); `gemm` overrides the choice.
+Results do not depend on it beyond the expansion's rounding, which the bounds cover: indices,
+and every value recomputed exactly, are the same either way.
+
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
 the default for CPU tensors.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -38,6 +47,42 @@ from protokern.backends.registry import Backend, native_ops_error, register_back
 
 _LOAD_ERROR = native_ops_error("protokern_cpu", "min_distance",
                                "where a C++ compiler is available")
+
+
+GEMM_CHOICES = ("auto", "blas", "packed")
+
+
+@contextmanager
+def gemm(choice: str) -> Iterator[None]:
+    """Inside the block the cpu kernels' float32 GEMM tiles run on ``choice``: ``"packed"``
+    (protokern's AVX-512 kernel; ValueError on a CPU without AVX-512F), ``"blas"`` (PyTorch's
+    BLAS) or ``"auto"`` (the default: packed on AMD CPUs with AVX-512, BLAS elsewhere). The
+    choice is process-wide, not per thread, and the previous one comes back on exit."""
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"gemm: choice must be one of {GEMM_CHOICES}, got {choice!r}")
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    previous = torch.ops.protokern_cpu.set_gemm(choice)
+    try:
+        yield
+    finally:
+        torch.ops.protokern_cpu.set_gemm(previous)
+
+
+def gemm_in_use() -> str | None:
+    """``"packed"`` or ``"blas"``: what the float32 tiles run now; None without the extension."""
+    return None if _LOAD_ERROR is not None else torch.ops.protokern_cpu.gemm_in_use()
+
+
+def packed_gemm_supported() -> bool:
+    """Whether this CPU runs the packed GEMM (AVX-512F) and the extension is built."""
+    if _LOAD_ERROR is not None:
+        return False
+    try:
+        with gemm("packed"):
+            return True
+    except ValueError:
+        return False
 
 
 def _gemm_rounding(x: Tensor) -> float:

@@ -6,7 +6,10 @@ return ``values`` and ``indices`` differentiable in ``values`` with respect to b
 ``nearest_prototypes`` (`NamedShape.op`). For ``min_distance``:
 
 - ``protokern:<backend>``: every backend `protokern.available_backends(device)` lists when the
-  bench runs, so a backend added later is benchmarked without editing this file;
+  bench runs, so a backend added later is benchmarked without editing this file; where this
+  CPU runs the cpu backend's packed GEMM, ``protokern:cpu+blas`` and ``protokern:cpu+packed``
+  too (`protokern.backends.cpu.gemm`: each GEMM forced, ``protokern:cpu`` being the automatic
+  choice);
 - ``naive_conv``, ``naive_cdist``, ``naive_loop``: `protokern.baselines` (ProtoPNet's
   convolutions and min-pool, ``torch.cdist`` then ``min``, a per-image ``torch.mm`` loop);
 - ``keops``: a pykeops ``LazyTensor`` ``min_argmin`` reduction, when pykeops is importable (its
@@ -26,6 +29,7 @@ checked against measurements in benchmarks/NOTES.md), so a case that cannot fit 
 with the reason rather than run out of memory.
 """
 
+import contextlib
 import importlib.util
 import math
 from collections.abc import Callable
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 
 import protokern as pk
+from protokern.backends import cpu as cpu_backend
 from protokern.backends.reference import CHUNK_ELEMENTS, patches
 from protokern.baselines import (
     cdist_min,
@@ -76,22 +81,27 @@ def keops_min(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     return (chosen - protos).square().sum(-1), indices
 
 
-def _protokern_backend(name: str) -> MinDistanceFn:
+def _gemm_scope(gemm: str | None):
+    """The cpu backend's GEMM choice for a ``protokern:cpu+<gemm>`` contender, else nothing."""
+    return cpu_backend.gemm(gemm) if gemm is not None else contextlib.nullcontext()
+
+
+def _protokern_backend(name: str, gemm: str | None = None) -> MinDistanceFn:
     def run(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-        with pk.use_backend(name):
+        with pk.use_backend(name), _gemm_scope(gemm):
             return tuple(pk.min_distance(x, prototypes))
 
-    run.__name__ = f"protokern_{name}"
+    run.__name__ = f"protokern_{name}" + (f"_{gemm}" if gemm else "")
     return run
 
 
-def _protokern_nearest(name: str, k: int) -> MinDistanceFn:
+def _protokern_nearest(name: str, k: int, gemm: str | None = None) -> MinDistanceFn:
     def run(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-        with pk.use_backend(name):
+        with pk.use_backend(name), _gemm_scope(gemm):
             values, indices = pk.nearest_prototypes(x, prototypes, k)
         return values.flatten(1, -2), indices.flatten(1, -2)  # (B, L', k)
 
-    run.__name__ = f"protokern_{name}_nearest"
+    run.__name__ = f"protokern_{name}_nearest" + (f"_{gemm}" if gemm else "")
     return run
 
 
@@ -353,21 +363,34 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def protokern_contender(backend: str, op: str = "min_distance", k: int = 1) -> Contender:
+def protokern_contender(backend: str, op: str = "min_distance", k: int = 1,
+                        gemm: str | None = None) -> Contender:
     """The contender running ``op`` (``pk.min_distance``, ``pk.nearest_prototypes`` with ``k``)
-    on ``backend``."""
+    on ``backend``; ``gemm`` forces the cpu backend's GEMM (`protokern.backends.cpu.gemm`), as
+    ``protokern:cpu+blas`` and ``protokern:cpu+packed``."""
+    name = f"protokern:{backend}" + (f"+{gemm}" if gemm else "")
+    on_gemm = f", {gemm} GEMM" if gemm else ""
     if op == NEAREST:
-        return Contender(f"protokern:{backend}", "protokern",
-                         f"pk.nearest_prototypes, backend {backend}",
-                         _protokern_nearest(backend, k), _protokern_estimate, backend, op=NEAREST)
-    return Contender(f"protokern:{backend}", "protokern", f"pk.min_distance, backend {backend}",
-                     _protokern_backend(backend), _protokern_estimate, backend)
+        return Contender(name, "protokern", f"pk.nearest_prototypes, backend {backend}{on_gemm}",
+                         _protokern_nearest(backend, k, gemm), _protokern_estimate, backend,
+                         op=NEAREST)
+    return Contender(name, "protokern", f"pk.min_distance, backend {backend}{on_gemm}",
+                     _protokern_backend(backend, gemm), _protokern_estimate, backend)
+
+
+def _gemm_variants(device: str) -> list[str]:
+    """Both GEMMs of the cpu backend where this host runs the packed one, so that one run
+    times them side by side (``protokern:cpu`` is the automatic choice)."""
+    if device != "cpu" or "cpu" not in pk.available_backends(device):
+        return []
+    return ["blas", "packed"] if cpu_backend.packed_gemm_supported() else []
 
 
 def all_contenders(device: str, op: str = "min_distance", k: int = 1) -> list[Contender]:
     """Every contender of ``op`` (``k``: how many nearest prototypes) that can run on
     ``device`` in this install, discovered now."""
     found = [protokern_contender(b, op, k) for b in pk.available_backends(device)]
+    found += [protokern_contender("cpu", op, k, gemm) for gemm in _gemm_variants(device)]
     if op == NEAREST:
         found += [make(k) for make in NEAREST_NAIVE]
         if faiss_available() and device == "cpu":

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import protokern
+from protokern.backends import cpu as cpu_backend
 from protokern.bench.contenders import (
     PASSES,
     Contender,
@@ -278,6 +279,8 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "faiss": _version("faiss-cpu"),
         "protokern": protokern.__version__,
         "protokern_backends": protokern.available_backends(config.device),
+        # the cpu backend's float32 GEMM (packed or blas): the speed of its rows depends on it
+        "cpu_gemm": cpu_backend.gemm_in_use(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "repeats": config.repeats,

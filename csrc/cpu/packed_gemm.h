@@ -1,0 +1,51 @@
+// protokern's own float32 GEMM for the forward kernels' tiles, where PyTorch's BLAS is slow.
+//
+// Why: on AMD EPYC hosts torch's MKL runs its sgemm at 66 GFLOP/s per core on a Zen 5 (AVX-512,
+// two 512-bit FMA pipes), where the register-blocked AVX-512 kernel below runs at 150-190 and
+// OpenBLAS (faiss-cpu's) at 97: the forward kernels, which are GEMM-bound, lost to faiss there
+// for want of a GEMM, not of a reduction (benchmarks/NOTES.md, "An own GEMM for AMD hosts").
+// On Intel hosts MKL is the faster one, so the choice is per host (gemm_choice below).
+//
+// Layout: a task's rows (count x size, row-major, as pack_rows writes them) are repacked once
+// into panels of kPanelRows rows, k-major (panel p holds rows 48p .. 48p + 47, element (r, k) at
+// k * 48 + r, zero rows past count), and then multiplied with block after block of prototypes
+// straight from the bank (M x size row-major: a prototype's k-th value is broadcast, so the bank
+// needs no packing). A micro-tile is 48 rows (three 16-float vectors) x 8 prototypes: 24
+// accumulators over the whole depth, written once into the row-major tile the reductions read.
+// Each product is a sum of `size` float32 terms in some order, so the expansion's rounding bound
+// (gemm_tiles.h's callers: g = (size + 12) eps ...) holds for it as for any BLAS.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace protokern::cpu {
+
+inline constexpr int64_t kPanelRows = 48;
+
+// Which GEMM the float tiles use. kAuto: the packed kernel where the CPU has AVX-512F and is an
+// AMD one (where it was measured faster than torch's BLAS), torch's BLAS elsewhere.
+enum class GemmChoice : int { kAuto = 0, kBlas = 1, kPacked = 2 };
+
+// Sets the choice for the whole process and returns the previous one. kPacked on a CPU without
+// AVX-512F raises ValueError.
+GemmChoice set_gemm_choice(GemmChoice choice);
+GemmChoice gemm_choice();
+bool packed_gemm_supported();  // this CPU runs the packed kernel (AVX-512F)
+bool use_packed_gemm();        // what the float tiles do now (kAuto resolved)
+
+// Floats the panels of `count` rows of length `size` take.
+inline int64_t packed_panels_size(int64_t count, int64_t size) {
+  return (count + kPanelRows - 1) / kPanelRows * kPanelRows * size;
+}
+
+// rows (count x size, row-major) -> panels (packed_panels_size floats).
+void pack_row_panels(const float* rows, int64_t count, int64_t size, float* panels);
+
+// tile (count x columns, row-major) = rows . prototypes^T, the rows given as their panels and
+// prototypes (columns x size) row-major. Runs on the calling thread. Needs the AVX-512F CPU.
+void packed_gemm(const float* panels, int64_t count, const float* prototypes, int64_t columns,
+                 int64_t size, float* tile);
+
+}  // namespace protokern::cpu
