@@ -1,6 +1,7 @@
 // The packed float32 GEMM of packed_gemm.h: its AVX-512 micro-kernel and the per-host choice.
 #include "cpu/packed_gemm.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -62,6 +63,44 @@ PK_AVX512 void micro_tile(const float* panel, const float* b, int64_t size, floa
 #pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) tile[r * ld + j] = out[j][r];
 }
+
+// out rows [0, R) x columns [0, 48) (+)= A rows . B's chunk: R rows of A broadcast (strided),
+// three vectors of each B row, masked to the block's columns; `accumulate` adds to out.
+template <int R>
+PK_AVX512 void row_tile(const float* a, int64_t a_row, int64_t a_depth, const float* b,
+                        int64_t b_row, int64_t depth, float* out, int64_t ld,
+                        const __mmask16* masks, bool accumulate) {
+  __m512 acc[R][kPanelVectors];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < kPanelVectors; ++v)
+      acc[i][v] = accumulate ? _mm512_maskz_loadu_ps(masks[v], out + i * ld + 16 * v)
+                             : _mm512_setzero_ps();
+  for (int64_t d = 0; d < depth; ++d) {
+    __m512 bv[kPanelVectors];
+#pragma GCC unroll 3
+    for (int v = 0; v < kPanelVectors; ++v)
+      bv[v] = _mm512_maskz_loadu_ps(masks[v], b + d * b_row + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * a_row + d * a_depth]);
+#pragma GCC unroll 3
+      for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < kPanelVectors; ++v)
+      _mm512_mask_storeu_ps(out + i * ld + 16 * v, masks[v], acc[i][v]);
+}
+
+using RowTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                         int64_t, const __mmask16*, bool);
+inline constexpr int64_t kTileRows = 8;
+constexpr RowTile kRowTiles[kTileRows] = {row_tile<1>, row_tile<2>, row_tile<3>, row_tile<4>,
+                                          row_tile<5>, row_tile<6>, row_tile<7>, row_tile<8>};
 
 using MicroTile = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t);
 // By the micro-tile's column count, 1 .. kTileColumns (the last block's remainder).
@@ -134,6 +173,48 @@ void packed_gemm(const float* panels, int64_t count, const float* prototypes, in
 #else
   (void)panels, (void)count, (void)prototypes, (void)columns, (void)size, (void)tile;
   TORCH_CHECK(false, "packed_gemm: not built for this CPU");
+#endif
+}
+
+void packed_matmul(const float* a, int64_t a_row, int64_t a_depth, const float* b, int64_t b_row,
+                   int64_t rows, int64_t depth, int64_t columns, float* out) {
+#if PK_HAVE_PACKED_GEMM
+  TORCH_CHECK(packed_gemm_supported(), "packed_matmul: this CPU lacks AVX-512F");
+  if (rows == 0 || columns == 0) return;
+  if (depth == 0) {
+    std::fill_n(out, rows * columns, 0.0f);
+    return;
+  }
+  constexpr int64_t kBlockColumns = 16 * kPanelVectors;  // 48
+  constexpr int64_t kBlockRows = 256, kDepthChunk = 128;
+  const int64_t column_blocks = (columns + kBlockColumns - 1) / kBlockColumns;
+  const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows;
+  // Each task one (row block, column block) of out, all of the depth: no two tasks write the
+  // same element, so the result does not depend on the thread count.
+  at::parallel_for(0, column_blocks * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c0 = (task % column_blocks) * kBlockColumns;
+      const int64_t r_begin = (task / column_blocks) * kBlockRows;
+      const int64_t r_end = std::min(rows, r_begin + kBlockRows);
+      __mmask16 masks[kPanelVectors];
+      for (int v = 0; v < kPanelVectors; ++v) {
+        const int64_t left = std::clamp<int64_t>(columns - c0 - 16 * v, 0, 16);
+        masks[v] = static_cast<__mmask16>((1u << left) - 1u);
+      }
+      for (int64_t d0 = 0; d0 < depth; d0 += kDepthChunk) {
+        const int64_t chunk = std::min(kDepthChunk, depth - d0);
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
+          const int64_t count = std::min(kTileRows, r_end - r0);
+          kRowTiles[count - 1](a + r0 * a_row + d0 * a_depth, a_row, a_depth, b + d0 * b_row + c0,
+                               b_row, chunk, out + r0 * columns + c0, columns, masks, d0 > 0);
+        }
+      }
+    }
+  });
+#else
+  (void)a, (void)a_row, (void)a_depth, (void)b, (void)b_row, (void)rows, (void)depth,
+      (void)columns, (void)out;
+  TORCH_CHECK(false, "packed_matmul: not built for this CPU");
 #endif
 }
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from brute_force import distances
 from cases import METRICS
-from helpers import assert_matches_brute_force, assert_nearest
+from helpers import assert_matches_brute_force, assert_nearest, brute_force_grads
 
 import protokern as pk
 from protokern.backends import cpu
+from protokern.testing import TOLERANCE, relative_error
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in pk.available_backends("cpu"),
@@ -142,3 +143,44 @@ def test_packed_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.values, many.values) and torch.equal(one.indices, many.indices)
+
+
+def _gradients(gemm: str, x, prototypes, metric, weights):
+    x = x.detach().clone().requires_grad_()
+    prototypes = prototypes.detach().clone().requires_grad_()
+    with pk.use_backend("cpu"), cpu.gemm(gemm):
+        values, _ = pk.min_distance(x, prototypes, metric)
+        (values * weights).sum().backward()
+    return x.grad, prototypes.grad
+
+
+@needs_packed
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", ["vectors-47-rows-9-prototypes", "vectors-49-rows-7-prototypes",
+                                  "vectors-400-rows"])
+def test_single_position_backward_same_on_both(case, metric):
+    """With one position the backward is two dense products (packed_matmul where the packed
+    GEMM is chosen): rows and columns past its 8 x 48 tiles and depth chunks of 128."""
+    x, prototypes = _inputs(case)
+    weights = torch.randn(x.shape[0], prototypes.shape[0])
+    packed = _gradients("packed", x, prototypes, metric, weights)
+    blas = _gradients("blas", x, prototypes, metric, weights)
+    want = brute_force_grads(x, prototypes, metric, weights)
+    for got, other, expected in zip(packed, blas, want, strict=True):
+        assert relative_error(got, expected) <= TOLERANCE[torch.float32]
+        assert relative_error(got, other) <= TOLERANCE[torch.float32]
+
+
+@needs_packed
+def test_packed_matmul_depth_and_edges():
+    """The product itself through the one-position backward: depth 1 and 600 (five chunks),
+    one prototype, against float64."""
+    torch.manual_seed(5)
+    for rows, depth, num in [(5, 1, 3), (17, 600, 53), (300, 70, 1)]:
+        x = torch.randn(rows, 1, depth)  # (B, L = 1, D) tokens
+        prototypes = torch.randn(num, depth)
+        weights = torch.randn(rows, num)
+        grad_x, grad_p = _gradients("packed", x, prototypes, "sqeuclidean", weights)
+        want_x, want_p = brute_force_grads(x, prototypes, "sqeuclidean", weights)
+        assert relative_error(grad_x, want_x) <= TOLERANCE[torch.float32]
+        assert relative_error(grad_p, want_p) <= TOLERANCE[torch.float32]
