@@ -11,6 +11,7 @@
 #include <string>
 
 #if defined(__GNUC__) && defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define PK_HAVE_PACKED_GEMM 1
 #define PK_AVX512 __attribute__((target("avx512f")))
@@ -109,6 +110,17 @@ constexpr MicroTile kMicroTiles[kTileColumns] = {micro_tile<1>, micro_tile<2>, m
                                                  micro_tile<7>, micro_tile<8>};
 #endif
 
+#if PK_HAVE_PACKED_GEMM
+// The x86 family of this CPU from CPUID leaf 1 (base family, plus the extended family where the
+// base is 15: AMD's Zen 3 and 4 are family 25, Zen 5 family 26).
+int cpu_family() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const int base = static_cast<int>((eax >> 8) & 0xf);
+  return base == 0xf ? base + static_cast<int>((eax >> 20) & 0xff) : base;
+}
+#endif
+
 }  // namespace
 
 bool packed_gemm_supported() {
@@ -138,8 +150,8 @@ bool use_packed_gemm() {
       break;
   }
 #if PK_HAVE_PACKED_GEMM
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd && packed_gemm_supported();
+  static const bool measured_faster = __builtin_cpu_is("amd") && cpu_family() >= 26;
+  return measured_faster && packed_gemm_supported();
 #else
   return false;
 #endif

@@ -4,7 +4,7 @@
 // two 512-bit FMA pipes), where the register-blocked AVX-512 kernel below runs at 150-190 and
 // OpenBLAS (faiss-cpu's) at 97: the forward kernels, which are GEMM-bound, lost to faiss there
 // for want of a GEMM, not of a reduction (benchmarks/NOTES.md, "An own GEMM for AMD hosts").
-// On Intel hosts MKL is the faster one, so the choice is per host (gemm_choice below).
+// On Intel hosts MKL is the faster one, so the choice is per host (GemmChoice below).
 //
 // Layout: a task's rows (count x size, row-major, as pack_rows writes them) are repacked once
 // into panels of kPanelRows rows, k-major (panel p holds rows 48p .. 48p + 47, element (r, k) at
@@ -24,8 +24,10 @@ namespace protokern::cpu {
 
 inline constexpr int64_t kPanelRows = 48;
 
-// Which GEMM the float tiles use. kAuto: the packed kernel where the CPU has AVX-512F and is an
-// AMD one (where it was measured faster than torch's BLAS), torch's BLAS elsewhere.
+// Which GEMM the float tiles use. kAuto: the packed kernel where it was measured faster than
+// torch's BLAS, an AMD CPU of family 26 (Zen 5) or later with AVX-512F; torch's BLAS elsewhere
+// (Intel, where MKL is the faster; Zen 4, AVX-512 too but not yet measured; AVX2-only CPUs,
+// which cannot run it).
 enum class GemmChoice : int { kAuto = 0, kBlas = 1, kPacked = 2 };
 
 // Sets the choice for the whole process and returns the previous one. kPacked on a CPU without

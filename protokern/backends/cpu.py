@@ -26,11 +26,12 @@ map to fuse). Every kernel runs the three kernel metrics: ``"dot"`` (TesNet's ``
 shortlists with its own bound, ``g |x| |p| + tau`` (Cauchy-Schwarz on the GEMM's K-term sums, as
 `reference.expansion_bound`), and recomputes the shortlisted products directly in double.
 
-The float32 tiles of the three forward kernels run protokern's own register-blocked AVX-512
-GEMM (``csrc/cpu/packed_gemm.h``) on AMD CPUs with AVX-512, where torch's MKL runs at a third of
-its speed, and PyTorch's BLAS elsewhere (and always for float64); `gemm` overrides the choice.
-Results do not depend on it beyond the expansion's rounding, which the bounds cover: indices,
-and every value recomputed exactly, are the same either way.
+The float32 tiles of the three forward kernels, and the two dense products of the one-position
+backward, run protokern's own register-blocked AVX-512 GEMM (``csrc/cpu/packed_gemm.h``) on AMD
+Zen 5 (family 26) and later, where torch's MKL runs at a third of its speed, and PyTorch's BLAS
+elsewhere (and always for float64); `gemm` overrides the choice. Results do not depend on it
+beyond the GEMM's rounding, which the bounds cover: indices, and every value recomputed exactly,
+are the same either way.
 
 Available when ``protokern._C`` was built (``pip install --no-build-isolation -e .``); it is then
 the default for CPU tensors.
@@ -56,7 +57,8 @@ GEMM_CHOICES = ("auto", "blas", "packed")
 def gemm(choice: str) -> Iterator[None]:
     """Inside the block the cpu kernels' float32 GEMM tiles run on ``choice``: ``"packed"``
     (protokern's AVX-512 kernel; ValueError on a CPU without AVX-512F), ``"blas"`` (PyTorch's
-    BLAS) or ``"auto"`` (the default: packed on AMD CPUs with AVX-512, BLAS elsewhere). The
+    BLAS) or ``"auto"`` (the default: packed on AMD CPUs of family 26, Zen 5, and later, where
+    it was measured faster, BLAS elsewhere). The
     choice is process-wide, not per thread, and the previous one comes back on exit."""
     if choice not in GEMM_CHOICES:
         raise ValueError(f"gemm: choice must be one of {GEMM_CHOICES}, got {choice!r}")

@@ -11,6 +11,7 @@ from helpers import assert_matches_brute_force, assert_nearest, brute_force_grad
 
 import protokern as pk
 from protokern.backends import cpu
+from protokern.bench.runner import _cpuinfo
 from protokern.testing import TOLERANCE, relative_error
 
 pytestmark = pytest.mark.skipif(
@@ -64,6 +65,15 @@ def test_packed_is_refused_without_avx512():
         with pytest.raises(ValueError, match="AVX-512F"):
             with cpu.gemm("packed"):
                 pass
+
+
+def test_auto_is_packed_exactly_on_amd_family_26_and_later():
+    """Where it was measured faster than torch's BLAS (a Zen 5) and nowhere else."""
+    info = _cpuinfo()
+    wanted = (info.get("vendor_id") == "AuthenticAMD" and int(info.get("cpu family", 0)) >= 26
+              and "avx512f" in info.get("flags", "").split())
+    with cpu.gemm("auto"):
+        assert cpu.gemm_in_use() == ("packed" if wanted else "blas")
 
 
 @needs_packed
