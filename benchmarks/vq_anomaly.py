@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import protokern as pk
+from protokern.backends import cpu as cpu_backend
 from protokern.bench.measure import fix_malloc_threshold, reset_rss_peak, rss_bytes
 from protokern.bench.runner import (
     command_line,
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "device": "cpu", "cpu_name": device_name("cpu"),
         "cpu_family_model": cpu_family_model(), "cpu_isa": cpu_isa(),
+        "cpu_gemm": cpu_backend.gemm_in_use(),
         "cpu_count": len(os.sched_getaffinity(0)),
         "load_average_1_5_15min": list(os.getloadavg()), "threads": args.threads,
         "dtype": "float32", "torch": torch.__version__, "repeats": args.repeats,
