@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from protokern import cli
+from protokern.backends import cpu as cpu_backend
 from protokern.bench.contenders import PASSES, all_contenders
 
 
@@ -42,7 +43,10 @@ def test_bench_command_end_to_end(tmp_path):
     # every backend the bench process could run is a contender, and so is every baseline
     backends = env["protokern_backends"]
     assert "reference" in backends
-    contenders = [f"protokern:{b}" for b in backends] + [
+    # (plus protokern:cpu+blas / +packed where this CPU runs the cpu backend's packed GEMM)
+    gemms = ["protokern:cpu+blas", "protokern:cpu+packed"] if "cpu" in backends and \
+        cpu_backend.packed_gemm_supported() else []
+    contenders = [f"protokern:{b}" for b in backends] + gemms + [
         c.name for c in all_contenders("cpu") if c.kind != "protokern"]
     for header in ("median ms", "min-max ms", "vs naive", "/ GEMM", "TFLOP/s", "peak MiB"):
         assert header in done.stdout
