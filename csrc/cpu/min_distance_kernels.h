@@ -6,8 +6,8 @@
 // Where the kernels call ATen: PyTorch's BLAS is reachable only through ATen (libtorch_cpu does
 // not export cpublas::gemm's float overloads), so two kernels wrap their own memory in tensors
 // (at::from_blob) and call ATen ops on it: the forward's GEMM tiles where the host keeps
-// PyTorch's BLAS (RowsGemm in gemm_tiles.h, at::mm_out), and the backward with one position per image (single_position_backward), where
-// every pair is selected and the whole gradient is two dense products plus a few whole-matrix
+// PyTorch's BLAS (RowsGemm in gemm_tiles.h, at::mm_out), and the backward with one position per
+// image (single_position_backward), where every pair is selected and the whole gradient is two dense products plus a few whole-matrix
 // sums. That ATen BLAS is also the one that honours torch's thread count and float32 matmul
 // precision. This is the one place that says so; those functions refer here.
 //

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <string>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -108,9 +107,7 @@ using MicroTile = void (*)(const float*, const float*, int64_t, float*, int64_t,
 constexpr MicroTile kMicroTiles[kTileColumns] = {micro_tile<1>, micro_tile<2>, micro_tile<3>,
                                                  micro_tile<4>, micro_tile<5>, micro_tile<6>,
                                                  micro_tile<7>, micro_tile<8>};
-#endif
 
-#if PK_HAVE_PACKED_GEMM
 // The x86 family of this CPU from CPUID leaf 1 (base family, plus the extended family where the
 // base is 15: AMD's Zen 3 and 4 are family 25, Zen 5 family 26).
 int cpu_family() {
@@ -256,11 +253,15 @@ std::string set_gemm_op(const std::string& name) {
 // What the float32 tiles run now: "packed" or "blas".
 std::string gemm_in_use_op() { return use_packed_gemm() ? "packed" : "blas"; }
 
+// Whether this CPU can run the packed GEMM at all (AVX-512F), whatever the choice.
+bool packed_gemm_supported_op() { return packed_gemm_supported(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(protokern_cpu, m) {
   m.def("set_gemm(str choice) -> str", &set_gemm_op);
   m.def("gemm_in_use() -> str", &gemm_in_use_op);
+  m.def("packed_gemm_supported() -> bool", &packed_gemm_supported_op);
 }
 
 }  // namespace protokern::cpu

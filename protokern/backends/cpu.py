@@ -7,7 +7,7 @@ recomputed exactly; with one position per image, where every pair is an output, 
 where the expansion's bound certifies it and the rest recomputed directly (see ``csrc/cpu/``).
 Its backward reads only the saved indices, computes only the gradients asked for, and is
 deterministic whatever the thread count (with one position per image, where every pair is
-selected, it is two BLAS products instead: deterministic for a given thread count). Parallel
+selected, it is two dense products instead: deterministic for a given thread count). Parallel
 over ``torch.get_num_threads()`` threads. float32 and float64 natively; float16 and bfloat16 are
 upcast to float32 while packing.
 
@@ -58,8 +58,8 @@ def gemm(choice: str) -> Iterator[None]:
     """Inside the block the cpu kernels' float32 GEMM tiles run on ``choice``: ``"packed"``
     (protokern's AVX-512 kernel; ValueError on a CPU without AVX-512F), ``"blas"`` (PyTorch's
     BLAS) or ``"auto"`` (the default: packed on AMD CPUs of family 26, Zen 5, and later, where
-    it was measured faster, BLAS elsewhere). The
-    choice is process-wide, not per thread, and the previous one comes back on exit."""
+    it was measured faster, BLAS elsewhere). The choice is process-wide, not per thread, and the
+    previous one comes back on exit."""
     if choice not in GEMM_CHOICES:
         raise ValueError(f"gemm: choice must be one of {GEMM_CHOICES}, got {choice!r}")
     if _LOAD_ERROR is not None:
@@ -78,13 +78,7 @@ def gemm_in_use() -> str | None:
 
 def packed_gemm_supported() -> bool:
     """Whether this CPU runs the packed GEMM (AVX-512F) and the extension is built."""
-    if _LOAD_ERROR is not None:
-        return False
-    try:
-        with gemm("packed"):
-            return True
-    except ValueError:
-        return False
+    return _LOAD_ERROR is None and torch.ops.protokern_cpu.packed_gemm_supported()
 
 
 def _gemm_rounding(x: Tensor) -> float:
