@@ -1,17 +1,22 @@
 // The packed float32 GEMM of packed_gemm.h: its AVX-512 micro-kernel and the per-host choice.
 #include "cpu/packed_gemm.h"
 
+#include "cpu/cpu_utils.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <memory>
 #include <string>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <unistd.h>
 #define PK_HAVE_PACKED_GEMM 1
 #define PK_AVX512 __attribute__((target("avx512f")))
 #else
@@ -108,6 +113,31 @@ constexpr MicroTile kMicroTiles[kTileColumns] = {micro_tile<1>, micro_tile<2>, m
                                                  micro_tile<4>, micro_tile<5>, micro_tile<6>,
                                                  micro_tile<7>, micro_tile<8>};
 
+// rows x 48 of B (rows b_row apart, masked to the block's columns) -> packed (rows x 48,
+// contiguous, zeros past the mask).
+PK_AVX512 void pack_column_block(const float* b, int64_t b_row, int64_t rows,
+                                 const __mmask16* masks, float* packed) {
+  for (int64_t d = 0; d < rows; ++d)
+#pragma GCC unroll 3
+    for (int v = 0; v < kPanelVectors; ++v)
+      _mm512_store_ps(packed + d * 16 * kPanelVectors + 16 * v,
+                      _mm512_maskz_loadu_ps(masks[v], b + d * b_row + 16 * v));
+}
+
+// The depth of packed_matmul's chunks, from this CPU's L1 data cache: B's chunk (depth x 48
+// floats) takes three quarters of it and the 8 rows of A streaming past it the rest. 192 on a
+// 48 KiB L1 (Zen 5, recent Intel), 128 on 32 KiB (Zen 3 and 4); measured on the Zen 5: 128 and 192
+// within noise of each other, 64 and 256 slower (benchmarks/NOTES.md).
+int64_t depth_chunk() {
+  static const int64_t chunk = [] {
+    long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (l1 <= 0) l1 = 32 << 10;  // unknown (some VMs): the smaller of the usual sizes
+    const int64_t fit = static_cast<int64_t>(l1) * 3 / 4 / (16 * kPanelVectors * sizeof(float));
+    return std::clamp<int64_t>(fit / 16 * 16, 32, 512);
+  }();
+  return chunk;
+}
+
 // The x86 family of this CPU from CPUID leaf 1 (base family, plus the extended family where the
 // base is 15: AMD's Zen 3 and 4 are family 25, Zen 5 family 26).
 int cpu_family() {
@@ -195,13 +225,24 @@ void packed_matmul(const float* a, int64_t a_row, int64_t a_depth, const float* 
     return;
   }
   constexpr int64_t kBlockColumns = 16 * kPanelVectors;  // 48
-  constexpr int64_t kBlockRows = 256, kDepthChunk = 128;
+  constexpr int64_t kBlockRows = 256;
+  const int64_t chunk_depth = depth_chunk();
   const int64_t column_blocks = (columns + kBlockColumns - 1) / kBlockColumns;
   const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows;
   // Each task one (row block, column block) of out, all of the depth: no two tasks write the
-  // same element, so the result does not depend on the thread count.
-  at::parallel_for(0, column_blocks * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  // same element, so the result does not depend on the thread count. Tasks from a shared
+  // counter: a descheduled thread takes fewer (with at::parallel_for's static split the cil_vectors
+  // products' medians doubled on a busy host).
+  parallel_tasks(column_blocks * row_blocks, [&](auto&& take) {
+    // B's chunk for this task, chunk_depth x 48, contiguous: read in place, B's rows (a
+    // multiple of 4 KiB apart at the cil_vectors shape's 768 columns) fell into a few of L1's
+    // sets and were evicted before their reuse (benchmarks/NOTES.md: 58 -> 45 ms for G P there).
+    const size_t bytes = chunk_depth * kBlockColumns * sizeof(float);  // a multiple of 64
+    const std::unique_ptr<float, decltype(&std::free)> buffer(
+        static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+    TORCH_CHECK(buffer != nullptr, "packed_matmul: out of memory for ", bytes, " bytes");
+    float* packed = buffer.get();
+    for (int64_t task; take(task);) {
       const int64_t c0 = (task % column_blocks) * kBlockColumns;
       const int64_t r_begin = (task / column_blocks) * kBlockRows;
       const int64_t r_end = std::min(rows, r_begin + kBlockRows);
@@ -210,12 +251,14 @@ void packed_matmul(const float* a, int64_t a_row, int64_t a_depth, const float* 
         const int64_t left = std::clamp<int64_t>(columns - c0 - 16 * v, 0, 16);
         masks[v] = static_cast<__mmask16>((1u << left) - 1u);
       }
-      for (int64_t d0 = 0; d0 < depth; d0 += kDepthChunk) {
-        const int64_t chunk = std::min(kDepthChunk, depth - d0);
+      for (int64_t d0 = 0; d0 < depth; d0 += chunk_depth) {
+        const int64_t chunk = std::min(chunk_depth, depth - d0);
+        pack_column_block(b + d0 * b_row + c0, b_row, chunk, masks, packed);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
           const int64_t count = std::min(kTileRows, r_end - r0);
-          kRowTiles[count - 1](a + r0 * a_row + d0 * a_depth, a_row, a_depth, b + d0 * b_row + c0,
-                               b_row, chunk, out + r0 * columns + c0, columns, masks, d0 > 0);
+          kRowTiles[count - 1](a + r0 * a_row + d0 * a_depth, a_row, a_depth, packed,
+                               kBlockColumns, chunk, out + r0 * columns + c0, columns, masks,
+                               d0 > 0);
         }
       }
     }

@@ -53,10 +53,10 @@ void packed_gemm(const float* panels, int64_t count, const float* prototypes, in
 // out (rows x columns, row-major) = A . B, with A(i, d) = a[i * a_row + d * a_depth] (any
 // strides: A may be a transpose) and B (depth x columns) row-major with rows b_row apart. The
 // other orientation of the same micro-kernel idea: 8 rows of A broadcast against 48 columns of B
-// (three vectors, masked at the edge), so neither side needs packing; the depth goes in chunks
-// of 128 (B's chunk of 48 columns, 24 KiB, stays in L1: 128 gave the cil_vectors backward's
-// products 150 ms, 256 and 64 gave 210-250). Parallel over torch's threads, each writing its
-// own blocks of out. For the one-position backward's dense products. Needs the AVX-512F CPU.
+// (three vectors, masked at the edge), so A needs no packing; the depth goes in chunks sized to
+// the L1 data cache (B's chunk of 48 columns copied contiguous, then read from L1 by every row
+// tile). Parallel over torch's threads, each writing its own blocks of out. For the
+// one-position backward's dense products. Needs the AVX-512F CPU.
 void packed_matmul(const float* a, int64_t a_row, int64_t a_depth, const float* b, int64_t b_row,
                    int64_t rows, int64_t depth, int64_t columns, float* out);
 
