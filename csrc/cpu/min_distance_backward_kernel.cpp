@@ -6,7 +6,7 @@
 // the windows are folded back into the image. grad_prototypes: per range of prototypes, the terms
 // of the images in image order. So every sum has one order whatever the thread count. With one
 // position per image (tokens, or a window as large as the map) every pair is selected and the
-// gradient is two dense BLAS products instead (single_position_backward).
+// gradient is two dense products instead (single_position_backward.cpp).
 #include "cpu/min_distance_kernels.h"
 
 #include <ATen/ATen.h>
@@ -27,7 +27,6 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/gradient_terms.h"
 #include "cpu/exact_distance.h"
-#include "cpu/packed_gemm.h"
 #include "metric.h"
 
 namespace protokern::cpu {
@@ -108,113 +107,6 @@ PK_VECTOR_CLONES void add_image_to_prototype_gradients(const BackwardInputs<acc_
       p_coef[m - begin] += cg.p_term;
       add_scaled(out, -cg.scale, a, in.size);
     }
-  }
-}
-
-// out (n, K) = 2 sum_j W_ij (u_i - v_j), computed by BLAS as 2 (rowsum(W) u - W V): that form
-// cancels where a pair's u_i and v_j nearly coincide and its weight dwarfs the others' (the
-// euclidean metric's chain factor 1 / (2 sqrt(d + eps)) is 5e6 at a copy: grad_x was 66% off in
-// float32). A row whose products' magnitude, 2 sum_j |W_ij| (|u_i| + |v_j|), is more than
-// 1 / (4096 eps) times its result's norm (2048 in float32) is summed again from the differences,
-// 2 W_i (u_i - V), which cannot cancel; usually no row is.
-// `magnitude_weights` is |W| (taken once by the caller for both gradients: 20% of the
-// cil_vectors backward went to taking it four times).
-template <typename acc_t>
-void resum_cancelled_rows(at::Tensor& out, const at::Tensor& weights,
-                          const at::Tensor& magnitude_weights, const at::Tensor& u,
-                          const at::Tensor& v) {
-  const at::Tensor magnitude = 2 * (magnitude_weights.sum(1) * u.norm(2, 1) +
-                                    at::mv(magnitude_weights, v.norm(2, 1)));
-  const double limit = 1.0 / (4096 * std::numeric_limits<acc_t>::epsilon());
-  const at::Tensor cancelled = (magnitude > limit * out.norm(2, 1)).nonzero().flatten();
-  const auto rows = cancelled.accessor<int64_t, 1>();
-  for (int64_t j = 0; j < rows.size(0); ++j) {
-    const int64_t i = rows[j];
-    out[i].copy_(at::mv((u[i].unsqueeze(0) - v).t(), weights[i]).mul_(2));
-  }
-}
-
-// a (n, d) @ b (d, c), float32 through the packed GEMM's product where the float32 tiles use it
-// (packed_gemm.h) and b's rows are contiguous, through BLAS otherwise.
-at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || b.stride(1) != 1 ||
-      !use_packed_gemm())
-    return at::mm(a, b);
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  packed_matmul(a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-                b.stride(0), a.size(0), a.size(1), b.size(1), out.mutable_data_ptr<float>());
-  return out;
-}
-
-// One position per image: every (image, prototype) pair is selected, so the gather/scatter of the
-// general backward is a pair of dense products, which BLAS runs far faster (why through ATen:
-// see min_distance_kernels.h). With rows A (B, K), prototypes P (M, K) and G = grad_values:
-//   sqeuclidean: grad_a = 2 (rowsum(G) a - G P),  grad_p = 2 (colsum(G) p - G^T A) (the rows
-//                that cancel summed again: resum_cancelled_rows);
-//   cosine: with C = A P^T, S = G / (|a| |p|) (norms floored) and the floor's zero gradient,
-//           grad_a = rowsum(S C / |a|^2) a - S P,  grad_p = colsum(S C / |p|^2) p - S^T A;
-//   dot:    grad_a = -G P,  grad_p = -G^T A.
-// The products through `product`. Deterministic for a given thread count (BLAS splits its output,
-// not its sums, across threads; the packed product whatever the count).
-template <typename in_t, typename acc_t>
-void single_position_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
-                              const acc_t* prototypes, int64_t num, Metric metric,
-                              acc_t* grad_x, acc_t* grad_prototypes) {
-  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t batch = map.batch, size = map.row_size();
-  const at::Tensor grad = at::from_blob(const_cast<acc_t*>(grad_values), {batch, num}, acc);
-  const at::Tensor protos = at::from_blob(const_cast<acc_t*>(prototypes), {num, size}, acc);
-  const at::Tensor rows =
-      at::from_blob(const_cast<in_t*>(x), {batch, map.channels, map.height, map.width},
-                    {map.stride_b, map.stride_c, map.stride_h, map.stride_w},
-                    at::TensorOptions().dtype(c10::CppTypeToScalarType<in_t>::value))
-          .reshape({batch, size})
-          .to(acc.dtype());
-  at::Tensor grad_rows, grad_protos;  // undefined where not needed
-  if (grad_x != nullptr) grad_rows = at::from_blob(grad_x, {batch, size}, acc);
-  if (grad_prototypes != nullptr) grad_protos = at::from_blob(grad_prototypes, {num, size}, acc);
-  if (metric == Metric::kSqEuclidean) {
-    const at::Tensor magnitude_grad = grad.abs();
-    if (grad_rows.defined()) {
-      at::sub_out(grad_rows, grad.sum(1, true) * rows, product(grad, protos)).mul_(2);
-      resum_cancelled_rows<acc_t>(grad_rows, grad, magnitude_grad, rows, protos);
-    }
-    if (grad_protos.defined()) {
-      at::sub_out(grad_protos, grad.sum(0).unsqueeze(1) * protos, product(grad.t(), rows))
-          .mul_(2);
-      resum_cancelled_rows<acc_t>(grad_protos, grad.t(), magnitude_grad.t(), protos, rows);
-    }
-    return;
-  }
-  if (metric == Metric::kDot) {
-    if (grad_rows.defined()) grad_rows.copy_(product(grad, protos)).neg_();
-    if (grad_protos.defined()) grad_protos.copy_(product(grad.t(), rows)).neg_();
-    return;
-  }
-  // float32 norms of entries past ~1e18 overflow when squared (NaN gradients): take such
-  // inputs in double, as the scatter path takes its coefficients.
-  const double largest = std::max(rows.numel() ? rows.abs().max().item<double>() : 0.0,
-                                  protos.numel() ? protos.abs().max().item<double>() : 0.0);
-  const bool wide = std::is_same_v<acc_t, float> && largest * std::sqrt(double(size)) > 1e18;
-  const at::Tensor r = wide ? rows.to(at::kDouble) : rows;
-  const at::Tensor p = wide ? protos.to(at::kDouble) : protos;
-  const at::Tensor g = wide ? grad.to(at::kDouble) : grad;
-  const at::Tensor row_norm = r.norm(2, 1, true);          // (B, 1)
-  const at::Tensor proto_norm = p.norm(2, 1, true).t();  // (1, M)
-  const at::Tensor row_bound = row_norm.clamp_min(kNormFloor);
-  const at::Tensor proto_bound = proto_norm.clamp_min(kNormFloor);
-  const at::Tensor scale = g / (row_bound * proto_bound);  // (B, M)
-  const at::Tensor scaled_dots = scale * at::mm(r, p.t());
-  if (grad_rows.defined()) {
-    const at::Tensor row_coef =
-        at::where(row_norm >= kNormFloor, (scaled_dots / row_bound.square()).sum(1, true), 0);
-    grad_rows.copy_(row_coef * r - product(scale, p));
-  }
-  if (grad_protos.defined()) {
-    const at::Tensor proto_coef =
-        at::where(proto_norm.t() >= kNormFloor,
-                  (scaled_dots / proto_bound.square()).sum(0).unsqueeze(1), 0);
-    grad_protos.copy_(proto_coef * p - product(scale.t(), r));
   }
 }
 

@@ -7,9 +7,9 @@
 // not export cpublas::gemm's float overloads), so two kernels wrap their own memory in tensors
 // (at::from_blob) and call ATen ops on it: the forward's GEMM tiles where the host keeps
 // PyTorch's BLAS (RowsGemm in gemm_tiles.h, at::mm_out), and the backward with one position per
-// image (single_position_backward), where every pair is selected and the whole gradient is two dense products plus a few whole-matrix
-// sums. That ATen BLAS is also the one that honours torch's thread count and float32 matmul
-// precision. This is the one place that says so; those functions refer here.
+// image (single_position_backward.cpp), where every pair is selected and the whole gradient is
+// two dense products. That ATen BLAS is also the one that honours torch's thread count and
+// float32 matmul precision. This is the one place that says so; those functions refer here.
 //
 // Shapes follow the canonical forms of protokern/backends/reference.py:
 //   x           (B, D, H, W) with arbitrary element strides
@@ -63,5 +63,12 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
                            const acc_t* prototypes, int64_t num_prototypes,
                            const int64_t* indices, Metric metric, acc_t* grad_x,
                            acc_t* grad_prototypes);
+
+// min_distance_backward's case of one position per image (single_position_backward.cpp): every
+// pair is selected, and the gradients are two dense products. Same arguments, less the indices.
+template <typename in_t, typename acc_t>
+void single_position_backward(const acc_t* grad_values, const in_t* x, const FeatureMap& map,
+                              const acc_t* prototypes, int64_t num, Metric metric,
+                              acc_t* grad_x, acc_t* grad_prototypes);
 
 }  // namespace protokern::cpu
