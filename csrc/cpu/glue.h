@@ -77,7 +77,8 @@ inline at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& li
 // a kernel, so it is refused before one runs.
 inline void check_indices(const char* op, const at::Tensor& index, int64_t limit) {
   if (index.numel() == 0) return;
-  const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
+  const auto [min, max] = at::aminmax(index);  // one pass (the (B, M) indices are the size of G)
+  const int64_t low = min.item<int64_t>(), high = max.item<int64_t>();
   TORCH_CHECK_VALUE(low >= 0 && high < limit, op, ": indices must lie in [0, ", limit,
                     "), got values in [", low, ", ", high, "]");
 }

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "cpu/glue.h"
+#include "cpu/huge_pages.h"
 #include "cpu/min_distance_kernels.h"
 #include "metric.h"
 
@@ -36,8 +37,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   const FeatureMap map = describe(op, x, prototypes);
   const at::Tensor protos = flat_prototypes(prototypes);
   const int64_t num = prototypes.size(0);
-  at::Tensor values = at::empty({map.batch, num}, x.options().dtype(protos.scalar_type()));
-  at::Tensor indices = at::empty({map.batch, num}, x.options().dtype(at::kLong));
+  at::Tensor values = empty_huge({map.batch, num}, x.options().dtype(protos.scalar_type()));
+  at::Tensor indices = empty_huge({map.batch, num}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
@@ -60,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor> topk_distance_op(const at::Tensor& x,
                     " must be between 1 and the number of positions ", map.positions());
   const at::Tensor protos = flat_prototypes(prototypes);
   const int64_t num = prototypes.size(0);
-  at::Tensor values = at::empty({map.batch, num, k}, x.options().dtype(protos.scalar_type()));
-  at::Tensor indices = at::empty({map.batch, num, k}, x.options().dtype(at::kLong));
+  at::Tensor values = empty_huge({map.batch, num, k}, x.options().dtype(protos.scalar_type()));
+  at::Tensor indices = empty_huge({map.batch, num, k}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     topk_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
@@ -97,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> min_distance_backward_op(
   }
   at::Tensor grad_x, grad_protos;
   if (needs_x)
-    grad_x = at::empty({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
-  if (needs_prototypes) grad_protos = at::empty_like(protos);
+    grad_x = empty_huge({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
+  if (needs_prototypes) grad_protos = empty_huge(protos.sizes(), protos.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     min_distance_backward<scalar_t, acc_t>(

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "cpu/glue.h"
+#include "cpu/huge_pages.h"
 #include "cpu/nearest_prototypes_kernels.h"
 #include "metric.h"
 
@@ -35,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_op(const at::Tensor& x,
                     "prototypes M=", num);
   const at::Tensor protos = flat_prototypes(prototypes);
   at::Tensor values =
-      at::empty({map.batch, map.positions(), k}, x.options().dtype(protos.scalar_type()));
-  at::Tensor indices = at::empty({map.batch, map.positions(), k}, x.options().dtype(at::kLong));
+      empty_huge({map.batch, map.positions(), k}, x.options().dtype(protos.scalar_type()));
+  at::Tensor indices = empty_huge({map.batch, map.positions(), k}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     nearest_prototypes_forward<scalar_t, acc_t>(
@@ -70,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototypes_backward_op(
   const at::Tensor grad = grad_values.to(acc).contiguous();
   at::Tensor grad_x, grad_protos;
   if (needs_x)
-    grad_x = at::empty({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
-  if (needs_prototypes) grad_protos = at::empty_like(protos);
+    grad_x = empty_huge({map.batch, map.channels, map.height, map.width}, x.options().dtype(acc));
+  if (needs_prototypes) grad_protos = empty_huge(protos.sizes(), protos.options());
   if (needs_x || needs_prototypes) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -204,3 +204,44 @@ def test_single_position_values_survive_cancellation(metric):
     if metric == "sqeuclidean":
         assert (values[torch.arange(5), torch.arange(5)] == 0).all()
     assert relative_error(values, ref_values) <= TOLERANCE[torch.float32]
+
+
+def _vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(end, 16) for end in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not _transparent_huge_pages() or "[never]" in _transparent_huge_pages(),
+                    reason="needs Linux with transparent huge pages not set to 'never'")
+def test_large_outputs_ask_for_huge_pages():
+    """Outputs of 8 MB and more are advised MADV_HUGEPAGE before the kernel writes them (fresh
+    4 KiB pages cost 11-14 ms per 41 MB on first touch on the 2-core hosts: benchmarks/NOTES.md,
+    "Page faults at one position"), forward and backward; the values are the same either way."""
+    x = torch.randn(300, 4, 1, 1, requires_grad=True)
+    p = torch.randn(10000, 250, 1, 1)[:, :4].contiguous().requires_grad_()  # grad_p 160 KB
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(x, p)  # 12 MB and 24 MB
+        big = torch.randn(10000, 300, 1, 1, requires_grad=True)  # grad of 12 MB
+        near, _ = pk.nearest_prototypes(big, torch.randn(7, 300), k=1)
+        near.sum().backward()
+    for tensor in (values, indices, big.grad):
+        middle = tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2
+        assert "hg" in _vm_flags_at(middle), tensor.shape
+    assert_matches_brute_force(x.detach(), p.detach(), "sqeuclidean", values, indices)
