@@ -234,9 +234,10 @@ void packed_matmul(const float* a, int64_t a_row, int64_t a_depth, const float* 
   // counter: a descheduled thread takes fewer (with at::parallel_for's static split the cil_vectors
   // products' medians doubled on a busy host).
   parallel_tasks(column_blocks * row_blocks, [&](auto&& take) {
-    // B's chunk for this task, chunk_depth x 48, contiguous: read in place, B's rows (a
-    // multiple of 4 KiB apart at the cil_vectors shape's 768 columns) fell into a few of L1's
-    // sets and were evicted before their reuse (benchmarks/NOTES.md: 58 -> 45 ms for G P there).
+    // B's chunk for this task, chunk_depth x 48, contiguous: read in place, B's rows (3 KiB
+    // apart at the cil_vectors shape's 768 columns, so every fourth one maps to the same L1
+    // sets) fell into 12 of L1's 64 sets and were evicted before their reuse
+    // (benchmarks/NOTES.md: 52-64 -> 43-46 ms for G P there).
     const size_t bytes = chunk_depth * kBlockColumns * sizeof(float);  // a multiple of 64
     const std::unique_ptr<float, decltype(&std::free)> buffer(
         static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
