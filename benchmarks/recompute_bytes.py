@@ -7,9 +7,10 @@ bench's own seeded inputs (in float32 on the CPU, on the first images of the bat
 
 Before: every (b, m) pair read its chosen window and its prototype, ``2 K`` entries, plus
 ``L x 2 K`` for the pairs it searched. After: every pair's 8-byte code (position or mark), and
-``2 K`` entries only for the pairs whose value the tile could not give (TF32 GEMMs with L > 1:
-all of them; else those whose expansion cancelled more than one bit), ``L x 2 K`` for the
-searched ones. The replay: the expansion and its bounds exactly as `tiles.distance_bounds` and
+``2 K`` entries only for the pairs whose value the first kernel could not give (those whose
+expansion cancelled more than one bit), ``L x 2 K`` for the searched ones. With TF32 GEMMs and
+L > 1 the first kernel gives every certified value itself, computed directly in its epilogue
+(``epilogue_bytes``: read from rows it has just streamed, in L2, within the same kernel). The replay: the expansion and its bounds exactly as `tiles.distance_bounds` and
 `min_distance.rounding_bound` define them, with float32 dots of the (bfloat16-rounded) inputs:
 the GPU's rounding differs in the last bits, not in which pairs certify, except near-ties.
 """
@@ -50,10 +51,14 @@ def replay(x: torch.Tensor, p: torch.Tensor, metric: str, precision: str) -> dic
     certified = runner_up > upper
     exact_enough = (upper - lowest <= 4 * growth * lowest) if metric == "sqeuclidean" \
         else torch.ones_like(certified)
-    values = precision != "tf32" or rows.shape[1] == 1
-    from_tile = certified & exact_enough & values
+    tile_values = precision != "tf32" or rows.shape[1] == 1
+    from_tile = certified & exact_enough & tile_values
+    # TF32 with L > 1: no value from the tile; every certified one computed directly in
+    # _choose_kernel's epilogue (values_at_positions)
+    in_epilogue = certified & (not tile_values)
     return {"certified": certified.double().mean().item(),
-            "value_from_tile": from_tile.double().mean().item()}
+            "value_from_tile": from_tile.double().mean().item(),
+            "value_in_epilogue": in_epilogue.double().mean().item()}
 
 
 def shape_bytes(shape, dtype: str, metric: str, images: int) -> dict:
@@ -65,11 +70,13 @@ def shape_bytes(shape, dtype: str, metric: str, images: int) -> dict:
     entry = 2 * shape.dim * ELEMENT[dtype]  # a window and a prototype
     searched = 1 - fractions["certified"]
     before = pairs * (entry + searched * length * entry)
-    recompute = fractions["certified"] - fractions["value_from_tile"]
+    recompute = (fractions["certified"] - fractions["value_from_tile"]
+                 - fractions["value_in_epilogue"])
     after = pairs * (8 + recompute * entry + searched * length * entry)
     return {"shape": shape.name, "dtype": dtype, "metric": metric, "pairs": pairs,
             "images_replayed": min(images, shape.batch), **fractions,
-            "bytes_before": before, "bytes_after": after}
+            "bytes_before": before, "bytes_after": after,
+            "epilogue_bytes": pairs * fractions["value_in_epilogue"] * entry}
 
 
 def main() -> None:
@@ -88,8 +95,10 @@ def main() -> None:
                 records.append(record)
                 print(f"{record['shape']:12} {dtype:9} {metric:11} certified "
                       f"{record['certified']:.4f} value from tile {record['value_from_tile']:.4f}"
+                      f" in epilogue {record['value_in_epilogue']:.4f}"
                       f"  {record['bytes_before'] / 1e9:8.3f} GB -> "
-                      f"{record['bytes_after'] / 1e9:8.3f} GB", flush=True)
+                      f"{record['bytes_after'] / 1e9:8.3f} GB (epilogue reads "
+                      f"{record['epilogue_bytes'] / 1e9:.3f} GB)", flush=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"command": "PYTHONPATH=. python benchmarks/recompute_bytes.py --json "

@@ -211,6 +211,49 @@ def test_the_second_pass_gets_only_what_the_tile_cannot_give(monkeypatch):
     assert_matches_brute_force(x, p[1:], "sqeuclidean", values[:, 1:], codes[:, 1:])
 
 
+def _tf32_operands(monkeypatch) -> None:
+    """`_choose_kernel` launched as with TF32 operands (the interpreter's tensors are on the
+    CPU, where `launch.dot_precision` says IEEE): ``PRECISION="tf32"``, ``VALUES=False`` for
+    L > 1, ``tf32x3`` for L = 1, as `min_distance.gemm_precision` chooses on a GPU."""
+    monkeypatch.setattr(min_distance_module, "gemm_precision",
+                        lambda x, length: "tf32" if length > 1 else "tf32x3")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("map_size", [(5, 5), (7, 8)])  # several images a tile (L <= 32), one
+def test_tf32_values_come_from_the_first_kernel(monkeypatch, metric, map_size):
+    """With TF32 operands (L > 1) the tile's value is never kept, and each certified pair's
+    value is computed directly in `_choose_kernel`'s epilogue: with `_exact_kernel` stubbed
+    out, every pair holds its final position (no ``-2 - position`` mark left for a second
+    pass), a copied window's distance is exactly 0, and the rest match the float64 brute
+    force. (Before, every pair was marked and re-read 2 K entries in the second pass.)"""
+    x = torch.randn(3, 16, *map_size, device=DEVICE)
+    p = 4 + torch.randn(7, 16, device=DEVICE)
+    p[0] = x[1, :, 2, 3]
+    _tf32_operands(monkeypatch)
+    monkeypatch.setattr(min_distance_module, "_exact_kernel", _no_second_pass)
+    values, codes = pk.min_distance(x, p, metric)
+    assert (codes >= 0).all(), codes
+    assert codes[1, 0] == 2 * map_size[1] + 3 and values[1, 0] == 0
+    assert_matches_brute_force(x, p, metric, values, codes)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_tf32_second_pass_searches_only_the_undecided(monkeypatch, small_blocks, metric):
+    """TF32 operands with both kernels: an image whose norms overflow is searched by the
+    second pass, the ordinary images' values come from the first kernel's epilogue, and all
+    match the float64 brute force."""
+    x = torch.randn(4, 3, 5, 6, device=DEVICE)
+    p = torch.randn(20, 3, device=DEVICE)
+    x[2] = 1e20 * x[2]
+    _tf32_operands(monkeypatch)
+    values, indices = pk.min_distance(x, p, metric)
+    ordinary = torch.tensor([0, 1, 3])
+    assert_matches_brute_force(x[ordinary], p, metric, values[ordinary], indices[ordinary])
+    if metric == "cosine":  # scale-free: image 2 is found too
+        assert_matches_brute_force(x, p, metric, values, indices)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_undecided_pairs_are_searched_exactly_and_alone(small_blocks, metric):
     """Image 2's norms overflow float32 and it shares tiles with ordinary images: only pairs

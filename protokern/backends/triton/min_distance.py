@@ -10,7 +10,9 @@
    A certified pair's value is the expansion's where the tile's products are exact (IEEE
    float32, bfloat16/float16 operands, ``tf32x3``) and the expansion lost at most one bit to
    cancellation (its rounding bound within twice the direct float32 sum's own); else it is
-   marked for recomputation.
+   marked for recomputation. With TF32 operands (L > 1) no value comes from the tile: every
+   certified pair's value is computed directly at its position in this kernel's epilogue
+   (`values_at_positions`), while its windows and prototypes are in L2.
 2. `_exact_kernel`, per (image, block of prototypes), touches only the pairs the first did not
    finish: it recomputes the marked values directly at the chosen position (no expansion,
    accumulated in float32, float64 for float64), and for uncertified pairs searches every
@@ -49,8 +51,10 @@ _TABLE = {
                                (128, 128, 16, 8, 3)],  # 234 (K 64: 255, K 32: 255, spilled)
     ("sm_90", "half", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 183, 179
                               (128, 64, 64, 8, 3)],  # 158
-    ("sm_90", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 4, 3),  # 218, 250
-                               (128, 128, 16, 8, 3)],  # 245
+    ("sm_90", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 4, 3),  # 219, 255
+                               (128, 64, 64, 8, 3)],  # 221 (128 x 128 x 16 w8: 245 before the
+                                                      # epilogue's direct values, then 24 bytes
+                                                      # of spill at large_bank)
     ("sm_90", "tf32x3", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 239, 202
                                 (128, 64, 64, 8, 3)],  # 214
     ("sm_90", "ieee", False): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 214, 226
@@ -61,8 +65,8 @@ _TABLE = {
                                (128, 128, 32, 8, 3)],  # 255
     ("sm_80", "half", True): [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3),  # 152, 154
                               (128, 64, 64, 8, 3)],  # 158
-    ("sm_80", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 8, 3),  # 242, 214
-                               (128, 128, 16, 8, 3)],  # 254
+    ("sm_80", "tf32", False): [(64, 64, 64, 4, 3), (64, 128, 32, 8, 3),  # 244, 228
+                               (128, 128, 16, 8, 3)],  # 252
     ("sm_80", "tf32x3", True): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3),  # 183, 186
                                 (128, 64, 32, 8, 3)],  # 247
     ("sm_80", "ieee", False): [(64, 64, 16, 4, 3), (64, 128, 32, 8, 3),  # 255, 255
@@ -133,6 +137,27 @@ def window_bounds(p_ptr, p_rows, p_ok, p_sq, p_bad, x_ptr, x_rows, x_ok, K, PH, 
     low = tl.where(skip, float("inf"), low)
     high = low + tiles.bound_widths(p_sq, x_sq, GROWTH, FLOOR, METRIC)
     return low, high, x_bad
+
+
+@triton.jit
+def values_at_positions(x_ptr, p_ptr, p_rows, images, positions, ok, K, OUT_W, PH, PW,
+                        sxb, sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS: tl.constexpr,
+                        METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        IMAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Distances ``(BLOCK_M, IMAGES)`` between the prototypes at ``p_rows`` and the windows at
+    ``positions`` ``(BLOCK_M, IMAGES)`` of ``images``, where ``ok``, computed directly by
+    `tiles.direct_distances` as `_exact_kernel` recomputes them (the same bits). The pairs
+    take ``BLOCK_K / IMAGES`` entries a step (at least 8): as many as one slice of the GEMM."""
+    PAIRS: tl.constexpr = BLOCK_M * IMAGES
+    STEP: tl.constexpr = BLOCK_K // IMAGES if BLOCK_K // IMAGES >= 8 else 8
+    image_of = tl.reshape(tl.broadcast_to(images[None, :], (BLOCK_M, IMAGES)), (PAIRS,))
+    p_of = tl.reshape(tl.broadcast_to(p_rows[:, None], (BLOCK_M, IMAGES)), (PAIRS,))
+    x_rows = tiles.window_offsets(image_of, tl.reshape(positions, (PAIRS,)), OUT_W,
+                                  sxb, sxh, sxw)
+    flat = tiles.direct_distances(x_ptr, x_rows, p_ptr, p_of, tl.reshape(ok, (PAIRS,)), K, PH,
+                                  PW, sxd, sxh, sxw, spd, sph, spw, CONTIGUOUS, METRIC, False,
+                                  ACC, PAIRS, STEP)
+    return tl.reshape(flat, (BLOCK_M, IMAGES))
 
 
 @launch.tuned(CONFIGS, key=["L", "K", "M", "METRIC", "PRECISION"], interpreted=INTERPRETED,
@@ -231,16 +256,29 @@ def _choose_kernel(
         # exactly 0 only when recomputed (false for NaN too)
         exact_enough = lowest > 0
         value = tl.where(value < 0, 0.0, tl.where(value > 2, 2.0, value))
-    # VALUES: the tile's products are exact (IEEE float32, or bfloat16/float16 operands, or
-    # tf32x3's split); with TF32 operands every value is recomputed.
-    from_tile = certified & exact_enough & VALUES
     image = first_image + tl.arange(0, IMAGES)
     out = image.to(tl.int64)[None, :] * M + m[:, None]
     mask = (image < B)[None, :] & p_ok[:, None]
+    if VALUES:
+        # the tile's products are exact (IEEE float32, bfloat16/float16 operands, tf32x3's
+        # split): its value stands where the expansion cancelled at most one bit, and
+        # _exact_kernel recomputes the others
+        final = certified & exact_enough
+    else:
+        # TF32 operands (L > 1) round the inputs, so no value comes from the tile: each
+        # certified pair's value is computed directly here, at its position, while the
+        # program's windows and prototypes are still in L2 (a second pass read 2 K entries per
+        # pair again: 0.14-6.9 GB at the GPU shapes, benchmarks/NOTES.md)
+        direct = values_at_positions(x_ptr, p_ptr, p_rows, image, lowest_at,
+                                     certified & mask, K, OUT_W, PH, PW, sxb, sxd, sxh, sxw,
+                                     spd, sph, spw, CONTIGUOUS, METRIC, ACC, BLOCK_M, IMAGES,
+                                     BLOCK_K)
+        value = tl.where(certified, direct, value)
+        final = certified
     # the position; -2 - position: certified, its value to recompute; -1: to search
-    code = tl.where(certified, tl.where(from_tile, lowest_at, -2 - lowest_at), -1)
+    code = tl.where(certified, tl.where(final, lowest_at, -2 - lowest_at), -1)
     tl.store(indices_ptr + out, code.to(tl.int64), mask=mask)
-    tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=mask & from_tile)
+    tl.store(values_ptr + out, value.to(values_ptr.dtype.element_ty), mask=mask & final)
 
 
 @triton.jit
@@ -300,7 +338,7 @@ def rounding_bound(x: Tensor, size: int, metric: str, precision: str = "ieee"
     TF32's rounding of the inputs is left out on purpose: it is the same for identical windows,
     so exact ties are still caught, and the contract lets near-ties within TF32's tolerance
     move; counting it would send most pairs to the slow direct search. (So with TF32 the
-    values are recomputed: `_choose_kernel`'s ``VALUES``.)"""
+    values are computed directly, in `_choose_kernel`'s epilogue: its ``VALUES``.)"""
     finfo = torch.finfo(launch.accumulator(x.dtype)[0])
     split = 8 * finfo.eps if precision == "tf32x3" else 0.0
     if metric == "sqeuclidean":
@@ -312,8 +350,9 @@ def gemm_precision(x: Tensor, length: int) -> str:
     """``tl.dot``'s precision for `_choose_kernel`: `launch.dot_precision`, except that with
     one position per image (``length == 1``, e.g. token heads) TF32 becomes ``tf32x3``: every
     pair's value is then an output, and three TF32 products (about float32's precision) let
-    the tile give it, where TF32 alone would send every pair back to the direct recompute (at
-    cil_vectors 63 GB read from L2 against a 16 GFLOP GEMM)."""
+    the tile give it, where TF32 alone would compute every pair again directly (a second GEMM's
+    worth of float32 FMAs without tensor cores; as a second pass, 63 GB read from L2 at
+    cil_vectors against a 16 GFLOP GEMM)."""
     precision = launch.dot_precision(x)
     return "tf32x3" if precision == "tf32" and length == 1 else precision
 
