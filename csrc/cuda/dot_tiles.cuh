@@ -14,6 +14,8 @@
 #include <cuda_pipeline.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include "cuda/device_utils.cuh"
 
 namespace protokern::cuda {
@@ -131,9 +133,12 @@ __device__ __forceinline__ void stage_tile(T (*tile)[kLdTensorCore], const T* da
 
 // The GEMM is double-buffered: while the warps multiply stage s, the copies of stage s + 1 are
 // in flight (cp.async where the rows allow it). The two stages of both operands and, after the
-// loop, the dot tile share one buffer (static shared memory stops at 48 KB).
-template <typename T, bool kAsync>
+// loop, the dot tile share one buffer (static shared memory stops at 48 KB). kSplit (float32
+// only, GemmPath::kTensorCoreSplit): each TF32 fragment also keeps its tail, the TF32 rounding of
+// what the head left out, and every step adds the two small products before the large one.
+template <typename T, bool kAsync, bool kSplit = false>
 struct TensorCoreTile {
+  static_assert(!kSplit || std::is_same_v<T, float>, "the TF32 split is for float32 operands");
   using Stage = T[kTileM][kLdTensorCore];
   static constexpr size_t kStagesBytes = 4 * sizeof(Stage);  // 2 stages x (prototypes, rows)
   static constexpr size_t kDotsBytes = sizeof(float) * kTileM * kLdC;
@@ -183,22 +188,30 @@ struct TensorCoreTile {
       __pipeline_wait_prior(1);  // every group but the newest has landed: this stage
       __syncthreads();
       for (int kk = 0; kk < kTileK; kk += kK) {
-        FragmentA a[2];
-        FragmentB b[2];
+        FragmentA a[2], a_tail[kSplit ? 2 : 1];
+        FragmentB b[2], b_tail[kSplit ? 2 : 1];
         for (int i = 0; i < 2; ++i) {
           wmma::load_matrix_sync(a[i], &proto_tiles[stage][warp_m + 16 * i][kk], kLdTensorCore);
           wmma::load_matrix_sync(b[i], &row_tiles[stage][warp_n + 16 * i][kk], kLdTensorCore);
           if constexpr (kK == 8) {  // TF32: round the float32 operands as the MMA expects
             for (int t = 0; t < a[i].num_elements; ++t) {
-              a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
+              const float value = a[i].x[t];
+              a[i].x[t] = wmma::__float_to_tf32(value);
+              if constexpr (kSplit) a_tail[i].x[t] = wmma::__float_to_tf32(value - a[i].x[t]);
             }
             for (int t = 0; t < b[i].num_elements; ++t) {
-              b[i].x[t] = wmma::__float_to_tf32(b[i].x[t]);
+              const float value = b[i].x[t];
+              b[i].x[t] = wmma::__float_to_tf32(value);
+              if constexpr (kSplit) b_tail[i].x[t] = wmma::__float_to_tf32(value - b[i].x[t]);
             }
           }
         }
         for (int i = 0; i < 2; ++i) {
           for (int j = 0; j < 2; ++j) {
+            if constexpr (kSplit) {
+              wmma::mma_sync(acc[i][j], a_tail[i], b[j], acc[i][j]);
+              wmma::mma_sync(acc[i][j], a[i], b_tail[j], acc[i][j]);
+            }
             wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
           }
         }

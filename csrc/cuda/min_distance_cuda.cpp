@@ -48,18 +48,26 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   auto* best_data = reinterpret_cast<unsigned long long*>(best.data_ptr<int64_t>());
 
   const ScalarKind kind = scalar_kind_of(x);
-  const GemmPath path = gemm_path(x, allow_tf32, shapes);
+  // float32 on tensor cores (TF32 allowed): the split TF32 products, so that the search's values
+  // can stand and the recompute reads only the pairs whose expansion cancelled. TF32 alone
+  // rounds the operands and every pair was recomputed, reading 2 K entries again (63 GB at
+  // cil_vectors; at L > 1 a model of the H200 says the split's two extra MMAs cost less than that
+  // pass below L ~ 160: benchmarks/NOTES.md, "CUDA's TF32 search split in three").
+  GemmPath path = gemm_path(x, allow_tf32, shapes);
+  if (path == GemmPath::kTensorCore && kind == ScalarKind::kFloat32)
+    path = GemmPath::kTensorCoreSplit;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const SquaredNorms norms = squared_norms(kind, x_rows, proto_rows, stream, shapes);
   check_cuda(launch_min_distance_search(kind, path, metric, x_rows.view, proto_rows.view,
                                         norms.rows.data_ptr<float>(),
                                         norms.prototypes.data_ptr<float>(), best_data, stream),
-             path == GemmPath::kTensorCore ? "min_distance_search_kernel (tensor cores)"
-                                           : "min_distance_search_kernel (SIMT)",
+             path == GemmPath::kSimt ? "min_distance_search_kernel (SIMT)"
+                                     : "min_distance_search_kernel (tensor cores)",
              shapes);
-  // TF32 rounds the GEMM's operands: then every value is recomputed
-  const bool from_search = kind != ScalarKind::kFloat32 || path == GemmPath::kSimt;
+  // exact products (16-bit operands, float32 FMAs) or the split TF32 ones: the search's value
+  // stands where the expansion did not cancel (plain TF32 no longer reaches here)
+  const bool from_search = path != GemmPath::kTensorCore || kind != ScalarKind::kFloat32;
   check_cuda(launch_min_distance_recompute(kind, metric, x_rows.view, proto_rows.view, best_data,
                                            from_search, norms.rows.data_ptr<float>(),
                                            norms.prototypes.data_ptr<float>(), values.data_ptr(),

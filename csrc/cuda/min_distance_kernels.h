@@ -26,8 +26,12 @@ enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // How the search GEMM runs: kTensorCore is WMMA (float16/bfloat16 inputs, or TF32 for float32
 // inputs, which the glue picks only when PyTorch's float32 matmul precision allows TF32) and
-// needs sm_80 or newer; kSimt is exact float32 FMAs on any GPU.
-enum class GemmPath : int { kSimt = 0, kTensorCore = 1 };
+// needs sm_80 or newer; kTensorCoreSplit (float32 only) is WMMA on TF32 three times, each
+// operand split into a TF32 head and a TF32 tail (head x head + head x tail + tail x head), about
+// float32's precision: min_distance's search takes it where TF32 is allowed, so that its values
+// are as good as exact products' and the recompute touches only the pairs whose expansion
+// cancelled; kSimt is exact float32 FMAs on any GPU.
+enum class GemmPath : int { kSimt = 0, kTensorCore = 1, kTensorCoreSplit = 2 };
 
 // A batch of row matrices: row r of image b starts at data + b*image_stride + r*row_stride
 // (elements) and holds `dim` contiguous values.

@@ -1,11 +1,13 @@
 // The exact value at the chosen position: the search ranks positions by the GEMM expansion
-// (TF32/half-precision dots, cancellation between norms), so the returned distance is recomputed
-// directly, in float32, from the inputs at the position it chose -- unless the search's own
-// value is as good: with exact products (float16/bfloat16 operands, or float32 FMAs, not TF32:
+// (half-precision or split-TF32 dots, cancellation between norms), so the returned distance is
+// recomputed directly, in float32, from the inputs at the position it chose -- unless the
+// search's own value is as good: with exact products (float16/bfloat16 operands, float32 FMAs,
+// or float32 as split TF32 products, GemmPath::kTensorCoreSplit; not plain TF32:
 // `from_search`), a finite cosine (its error, like the direct sum's, is absolute: ~K eps), or a
 // sqeuclidean distance whose expansion cancelled at most one bit (|x|^2 + |p|^2 <= 2 d: its
 // rounding bound then within twice the direct float32 sum's own). Such pairs read 8 + 4 + 4
-// bytes here instead of their 2 K entries (at cil_vectors in bfloat16 most pairs: 31 GB less).
+// bytes here instead of their 2 K entries (at cil_vectors in bfloat16 most pairs: 31 GB less;
+// in float32 with TF32 allowed, 63 GB less since the split).
 #include "cuda/device_utils.cuh"
 
 namespace protokern::cuda {

@@ -122,7 +122,16 @@ cudaError_t launch_min_distance_search(ScalarKind kind, GemmPath path, Metric me
     if (path == GemmPath::kSimt) {
       return launch(min_distance_search_kernel<T, SimtTile<T>>);
     }
-    if (rows_load_in_chunks<T>(x) && rows_load_in_chunks<T>(protos)) {
+    const bool chunks = rows_load_in_chunks<T>(x) && rows_load_in_chunks<T>(protos);
+    if (path == GemmPath::kTensorCoreSplit) {
+      if constexpr (std::is_same_v<T, float>) {
+        return chunks ? launch(min_distance_search_kernel<T, TensorCoreTile<T, true, true>>)
+                      : launch(min_distance_search_kernel<T, TensorCoreTile<T, false, true>>);
+      } else {
+        return cudaErrorInvalidValue;  // the glue splits float32 only
+      }
+    }
+    if (chunks) {
       return launch(min_distance_search_kernel<T, TensorCoreTile<T, true>>);
     }
     return launch(min_distance_search_kernel<T, TensorCoreTile<T, false>>);
