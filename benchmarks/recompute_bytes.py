@@ -10,7 +10,8 @@ Before: every (b, m) pair read its chosen window and its prototype, ``2 K`` entr
 ``2 K`` entries only for the pairs whose value the first kernel could not give (those whose
 expansion cancelled more than one bit), ``L x 2 K`` for the searched ones. With TF32 GEMMs and
 L > 1 the first kernel gives every certified value itself, computed directly in its epilogue
-(``epilogue_bytes``: read from rows it has just streamed, in L2, within the same kernel). The replay: the expansion and its bounds exactly as `tiles.distance_bounds` and
+(``epilogue_bytes``: read from rows it has just streamed, in L2, within the same kernel).
+The replay: the expansion and its bounds exactly as `tiles.distance_bounds` and
 `min_distance.rounding_bound` define them, with float32 dots of the (bfloat16-rounded) inputs:
 the GPU's rounding differs in the last bits, not in which pairs certify, except near-ties.
 """
