@@ -126,8 +126,8 @@ PK_AVX512 void pack_column_block(const float* b, int64_t b_row, int64_t rows,
 
 // The depth of packed_matmul's chunks, from this CPU's L1 data cache: B's chunk (depth x 48
 // floats) takes three quarters of it and the 8 rows of A streaming past it the rest. 192 on a
-// 48 KiB L1 (Zen 5, recent Intel), 128 on 32 KiB (Zen 3 and 4); measured on the Zen 5: 128 and 192
-// within noise of each other, 64 and 256 slower (benchmarks/NOTES.md).
+// 48 KiB L1 (Zen 5, recent Intel), 128 on 32 KiB (Zen 3 and 4). Measured on the Zen 5 only: with
+// B packed, 128, 192 and 256 within noise of each other; before, in place, 64 and 256 slower.
 int64_t depth_chunk() {
   static const int64_t chunk = [] {
     long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
