@@ -70,7 +70,9 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    # out_dtype from the accumulator: Triton 3.6 (the device image's) defaults it to float32 and
+    # rejects a float64 accumulator without it; 3.9 infers it.
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
