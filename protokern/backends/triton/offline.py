@@ -385,8 +385,11 @@ HEADER = ("| kernel | specialization | config | target | registers | spill/stack
           "shared bytes | instructions |\n|---|---|---|---|---|---|---|---|")
 
 
-def markdown(rows: list[Compiled], triton_version: str,
-             out: str = "benchmarks/results/triton-compile-report.md") -> str:
+REPORT = "benchmarks/results/triton-compile-report.md"
+"""Where the committed report (CI's Triton) lives; the command line in its header."""
+
+
+def markdown(rows: list[Compiled], triton_version: str, out: str = REPORT) -> str:
     """The report: a title naming the Triton that compiled, the command that wrote it to
     ``out``, and one table row per compiled kernel."""
     spilling = [r for r in rows if r.spill_bytes]
@@ -413,7 +416,7 @@ def main() -> None:
 
     targets = args.targets.split(",")
     text = markdown(reports(targets) + nearest_reports(targets), triton.__version__,
-                    args.out or "benchmarks/results/triton-compile-report.md")
+                    args.out or REPORT)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
