@@ -8,8 +8,10 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/min_distance_kernels.h"
+#include "cpu/transpose.h"
 
 // Element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
 // so one build runs everywhere and still vectorises where it can (the GEMM is PyTorch's BLAS).
@@ -103,6 +105,18 @@ void pack_rows(const in_t* x, const FeatureMap& map, int64_t first, int64_t coun
               for (int64_t d = 0; d < map.channels; ++d)
                 dst[d * window] = static_cast<acc_t>(src[d * map.stride_c]);
             }
+    } else if (window == 1 && map.stride_w == 1 && std::is_same_v<in_t, float> &&
+               std::is_same_v<acc_t, float>) {
+      // 1x1 windows of a channels-first float map: the rows are its (D, H W) planes transposed,
+      // 8 x 8 blocks at a time (transpose.h), the whole plane at once where its rows are adjacent.
+      const float* src = reinterpret_cast<const float*>(image);
+      float* dst = reinterpret_cast<float*>(image_rows);
+      if (map.stride_h == out_w)
+        transpose(src, map.channels, out_h * out_w, map.stride_c, dst, size);
+      else
+        for (int64_t h = 0; h < out_h; ++h)
+          transpose(src + h * map.stride_h, map.channels, out_w, map.stride_c,
+                    dst + h * out_w * size, size);
     } else if (window == 1 && map.stride_w == 1) {
       // 1x1 windows of a channels-first map: the rows are the image's (D, H W) transposed,
       // taken 16 channels at a time, so that each row gets 16 consecutive values (a cache line)

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "cpu/cpu_utils.h"
 #include "cpu/min_distance_kernels.h"
@@ -82,6 +83,12 @@ template <typename acc_t>
 inline void fold_rows(const acc_t* grad_rows, const FeatureMap& map, acc_t* grad_image) {
   const int64_t out_w = map.out_w(), size = map.row_size();
   const int64_t plane = map.height * map.width;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (map.patch_h == 1 && map.patch_w == 1) {  // one window per pixel: the rows transposed
+      transpose(grad_rows, plane, map.channels, size, grad_image, plane);
+      return;
+    }
+  }
   std::fill(grad_image, grad_image + map.channels * plane, acc_t(0));
   for (int64_t d = 0; d < map.channels; ++d)
     for (int64_t i = 0; i < map.patch_h; ++i)

@@ -77,6 +77,39 @@ def test_gradients_match_the_reference(case, metric, dtype):
     assert relative_error(grad_p, ref_p) <= tol
 
 
+# (B, D, H, W) for the 8 x 8 block transpose that packs 1x1 windows of float32 channels-first
+# maps and folds their gradient back (csrc/cpu/transpose.cpp): whole blocks, remainders along
+# both axes, fewer than 8 of either (edges only), one row.
+TRANSPOSE_MAPS = [(3, 16, 8, 8), (2, 19, 5, 7), (2, 7, 3, 3), (2, 33, 1, 9), (1, 8, 2, 13)]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", TRANSPOSE_MAPS, ids=lambda s: "x".join(map(str, s)))
+def test_block_transposed_windows_match_the_element_walk(shape, metric):
+    """A contiguous map and one whose rows are padded (stride_h > W) take the block transpose;
+    the same values with every other column in memory (stride_w = 2) take the element-by-element
+    walk. Packing only moves values, so both give bit-identical results, and the gradients
+    match the reference's."""
+    batch, dim, height, width = shape
+    x = torch.randn(batch, dim, height, width)
+    padded = torch.zeros(batch, dim, height, width + 3)[..., :width]
+    padded.copy_(x)
+    strided = torch.zeros(batch, dim, height, 2 * width)[..., ::2]
+    strided.copy_(x)
+    assert padded.stride(2) == width + 3 and strided.stride(3) == 2
+    prototypes = torch.randn(37, dim, 1, 1)
+    weights = torch.randn(batch, 37)
+    walked = _grads("cpu", strided, prototypes, metric, weights)
+    for layout in (x, padded):
+        for got, want in zip(_grads("cpu", layout, prototypes, metric, weights), walked):
+            assert torch.equal(got, want)
+    _, indices, grad_x, grad_p = walked
+    x4, p4, _ = canonicalize(x.double(), prototypes.double(), metric, "test")
+    ref_x, ref_p = reference.min_distance_backward(weights.double(), x4, p4, indices, metric)
+    assert relative_error(grad_x, ref_x) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_p, ref_p) <= TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_tokens_and_channels_last_gradients(metric):
     tokens = torch.randn(5, 13, 24)
