@@ -68,6 +68,18 @@ PK_INLINE void for_each_flagged(const uint8_t* flags, int64_t count, Fn&& fn) {
   }
 }
 
+// Element-wise work below this many elements runs on the calling thread: opening a parallel
+// region wakes the other threads, and with another process competing for the cores a waking
+// thread waited about 2 ms on average before it ran (benchmarks/NOTES.md, "Small parallel regions
+// under load"), where streaming through 1M floats or indices takes about 0.1-0.3 ms.
+inline constexpr int64_t kMinParallelElements = int64_t{1} << 20;
+
+// at::parallel_for's grain for items of `item_size` elements each: at least `fewest` items and
+// kMinParallelElements elements per chunk, so that a small job runs on the calling thread.
+inline int64_t parallel_grain(int64_t fewest, int64_t item_size) {
+  return std::max(fewest, kMinParallelElements / std::max<int64_t>(item_size, 1));
+}
+
 // Runs worker(take) once on each of at::parallel_for's threads; take(task) claims the next of
 // tasks 0 .. count - 1 from a shared counter and returns false when none is left. Unlike
 // at::parallel_for's static split, a thread the OS deschedules (another process competing for

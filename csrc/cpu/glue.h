@@ -5,10 +5,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
 
+#include "cpu/cpu_utils.h"
 #include "cpu/min_distance_kernels.h"
 #include "metric.h"
 
@@ -76,9 +78,19 @@ inline at::Tensor gradient_or_empty(const at::Tensor& grad, const at::Tensor& li
 // indices (contiguous) must lie in [0, limit): a bad index would read or write out of bounds in
 // a kernel, so it is refused before one runs.
 inline void check_indices(const char* op, const at::Tensor& index, int64_t limit) {
-  if (index.numel() == 0) return;
-  const auto [min, max] = at::aminmax(index);  // one pass (the (B, M) indices are the size of G)
-  const int64_t low = min.item<int64_t>(), high = max.item<int64_t>();
+  const int64_t count = index.numel();
+  if (count == 0) return;
+  int64_t low = 0, high = 0;
+  if (count >= kMinParallelElements) {  // one parallel pass (the (B, M) indices are G's size)
+    const auto [min, max] = at::aminmax(index);
+    low = min.item<int64_t>();
+    high = max.item<int64_t>();
+  } else {  // on this thread: no parallel region for a pass of well under a millisecond
+    const int64_t* values = index.data_ptr<int64_t>();
+    const auto [min, max] = std::minmax_element(values, values + count);
+    low = *min;
+    high = *max;
+  }
   TORCH_CHECK_VALUE(low >= 0 && high < limit, op, ": indices must lie in [0, ", limit,
                     "), got values in [", low, ", ", high, "]");
 }

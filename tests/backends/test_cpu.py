@@ -172,10 +172,15 @@ def test_values_are_the_exact_distance_at_the_index():
     assert (indices.diagonal() == 2 * 6 + 3).all()  # each prototype near its own image's (2, 3)
 
 
-def test_kernel_refuses_out_of_range_indices():
-    x, prototypes = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
-    grad = torch.ones(2, 5)
-    bad = torch.full((2, 5), 9, dtype=torch.int64)
+@pytest.mark.parametrize("num", [5, 1 << 20], ids=["small", "million"])
+@pytest.mark.parametrize("bad_value", [9, -1])
+def test_kernel_refuses_out_of_range_indices(num, bad_value):
+    """Below a million indices they are checked on the calling thread, from there in a parallel
+    pass (csrc/cpu/glue.h): both find one bad index among good ones, at either end."""
+    x, prototypes = torch.randn(2, 1, 3, 3), torch.randn(num, 1, 1, 1)
+    grad = torch.ones(2, num)
+    bad = torch.randint(0, 9, (2, num))
+    bad[1, num // 2] = bad_value
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 9\)"):
         torch.ops.protokern_cpu.min_distance_backward(grad, x, prototypes, bad, "sqeuclidean",
                                                       True, True)
