@@ -3,9 +3,13 @@ single-threaded loop of 256 x 256 float32 matmuls, standing in for another job o
 
 A kernel that splits its work statically across threads is only as fast as its slowest thread;
 on a machine where another process takes a core, that thread runs at a fraction of its speed.
-The bench runs every case quiet, then again under this load, so the two ratios sit side by side.
+The bench runs each case quiet, with the load stopped (`paused`: SIGSTOP), and right after under
+it (SIGCONT), so the two ratios sit side by side and were measured seconds apart: quiet medians
+of one case moved by 20-40% between two runs of the whole plan minutes apart
+(benchmarks/NOTES.md, "The loaded clause, paired"), more than the effect being measured.
 """
 
+import signal
 import subprocess
 import sys
 import time
@@ -40,3 +44,17 @@ def competing_load(processes: int) -> Iterator[list[subprocess.Popen]]:
             process.kill()
         for process in started:
             process.wait()
+
+
+@contextmanager
+def paused(processes: list[subprocess.Popen]) -> Iterator[None]:
+    """Stop ``processes`` (SIGSTOP) for the ``with`` block and let them go on after it (SIGCONT),
+    also on an error: a stopped process takes no CPU time, and it resumes where it was, busy at
+    once, without starting again."""
+    for process in processes:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)

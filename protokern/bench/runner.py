@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -34,7 +35,7 @@ from protokern.bench.contenders import (
     exclude_contenders,
     select_contenders,
 )
-from protokern.bench.load import competing_load
+from protokern.bench.load import competing_load, paused
 from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case
 from protokern.bench.shapes import NamedShape
 
@@ -105,8 +106,9 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
               checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every (shape, dtype, pass, contender) case of ``config`` (or of the overrides),
     in that order, with a progress bar; every planned case gets a result. With
-    ``config.load``, every case runs quiet first, then again under that many competing
-    processes (records carry ``load``: 0 or the count). ``checkpoint`` is called with the
+    ``config.load``, that many competing processes run for the whole plan and each case runs
+    twice in a row, first with them stopped (quiet, `protokern.bench.load.paused`), then under
+    them (records carry ``load``: 0 or the count). ``checkpoint`` is called with the
     results so far after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
@@ -118,14 +120,15 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     levels = [0, config.load] if config.load else [0]
     progress = tqdm(total=len(plan) * len(levels), desc=description, unit="case",
                     dynamic_ncols=True)
-    for level in levels:
-        with competing_load(level):
-            for shape, dtype, pass_name, contender in plan:
+    with competing_load(config.load) as load:
+        for shape, dtype, pass_name, contender in plan:
+            for level in levels:
                 under = f" load {level}" if level else ""
                 progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}"
                                          f"{under}")
-                results.append(_run_one(config, runner, shape, dtype, pass_name, contender,
-                                        level))
+                with paused(load) if level == 0 else nullcontext():
+                    results.append(_run_one(config, runner, shape, dtype, pass_name, contender,
+                                            level))
                 progress.update()
                 if checkpoint is not None:
                     add_comparisons(results)

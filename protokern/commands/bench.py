@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 cpu, 3 cuda)")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
     parser.add_argument("--load", type=int, default=0, metavar="N",
-                        help="CPU: run every case quiet, then again while N single-threaded "
-                        "processes compete for the cores, and print both side by side")
+                        help="CPU: run each case quiet, then at once again while N "
+                        "single-threaded processes compete for the cores (stopped during the "
+                        "quiet runs), and print both side by side")
     parser.add_argument("--memory-cap-gb", type=float, help="skip cases estimated to need more "
                         "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")

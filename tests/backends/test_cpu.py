@@ -101,7 +101,8 @@ def test_block_transposed_windows_match_the_element_walk(shape, metric):
     weights = torch.randn(batch, 37)
     walked = _grads("cpu", strided, prototypes, metric, weights)
     for layout in (x, padded):
-        for got, want in zip(_grads("cpu", layout, prototypes, metric, weights), walked):
+        for got, want in zip(_grads("cpu", layout, prototypes, metric, weights), walked,
+                             strict=True):
             assert torch.equal(got, want)
     _, indices, grad_x, grad_p = walked
     x4, p4, _ = canonicalize(x.double(), prototypes.double(), metric, "test")
