@@ -36,7 +36,7 @@ from protokern.bench.contenders import (
     select_contenders,
 )
 from protokern.bench.load import competing_load, paused
-from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case
+from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case, summarize
 from protokern.bench.shapes import NamedShape
 
 
@@ -59,6 +59,9 @@ class BenchConfig:
     isolate: bool = True
     load: int = 0
     """CPU: also run every case under this many competing processes (`protokern.bench.load`)."""
+    load_rounds: int = 1
+    """With ``load``: quiet/loaded pairs per case, their times pooled into one record each (the
+    scheduler places the threads anew at every resume, and a loaded median moves with that)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -75,6 +78,8 @@ class BenchConfig:
             raise ValueError(f"load must be >= 0, got {self.load}")
         if self.load and self.device != "cpu":
             raise ValueError("load (competing processes) applies to the cpu device only")
+        if self.load_rounds < 1:
+            raise ValueError(f"load_rounds must be >= 1, got {self.load_rounds}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
                              f"{self.warmup}")
@@ -108,8 +113,9 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     in that order, with a progress bar; every planned case gets a result. With
     ``config.load``, that many competing processes run for the whole plan and each case runs
     twice in a row, first with them stopped (quiet, `protokern.bench.load.paused`), then under
-    them (records carry ``load``: 0 or the count). ``checkpoint`` is called with the
-    results so far after each case (so a run cut short still leaves them)."""
+    them (records carry ``load``: 0 or the count), ``config.load_rounds`` times, each state's
+    times pooled into one record (``rounds``; memory from the first). ``checkpoint`` is called
+    with the results so far after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
@@ -118,28 +124,47 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     results: list[dict] = []
     runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
     levels = [0, config.load] if config.load else [0]
-    progress = tqdm(total=len(plan) * len(levels), desc=description, unit="case",
+    rounds = config.load_rounds if config.load else 1
+    progress = tqdm(total=len(plan) * len(levels) * rounds, desc=description, unit="case",
                     dynamic_ncols=True)
     with competing_load(config.load) as load:
         for shape, dtype, pass_name, contender in plan:
-            for level in levels:
-                under = f" load {level}" if level else ""
-                progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} {contender.name}"
-                                         f"{under}")
-                with paused(load) if level == 0 else nullcontext():
-                    results.append(_run_one(config, runner, shape, dtype, pass_name, contender,
-                                            level))
-                progress.update()
-                if checkpoint is not None:
-                    add_comparisons(results)
-                    checkpoint(results)
+            runs: dict[int, list[dict]] = {level: [] for level in levels}
+            for round_index in range(rounds):
+                for level in levels:
+                    under = f" load {level}" if level else ""
+                    of = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
+                    progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} "
+                                             f"{contender.name}{under}{of}")
+                    part = "time" if round_index else None  # memory once, in the first round
+                    with paused(load) if level == 0 else nullcontext():
+                        runs[level].append(_run_one(config, runner, shape, dtype, pass_name,
+                                                    contender, level, part))
+                    progress.update()
+            results.extend(_pooled(runs[level]) for level in levels)
+            if checkpoint is not None:
+                add_comparisons(results)
+                checkpoint(results)
     progress.close()
     add_comparisons(results)
     return results
 
 
+def _pooled(records: list[dict]) -> dict:
+    """One record for several runs of a case: the first, with every run's times and their
+    summary (``rounds``: how many); the first failed run instead, if any failed."""
+    failed = [r for r in records if r["status"] != "ok"]
+    if len(records) == 1 or failed:
+        return failed[0] if failed else records[0]
+    times = [t for r in records for t in r["times_s"]]
+    pooled = {**records[0], "times_s": times, **summarize(times), "rounds": len(records)}
+    pooled["tflops"] = pooled["gemm_flops"] / pooled["median_s"] / 1e12
+    return pooled
+
+
 def _run_one(config: BenchConfig, runner: IsolatedRunner | None, shape: NamedShape,
-             dtype: str, pass_name: str, contender, load: int) -> dict:
+             dtype: str, pass_name: str, contender, load: int, part: str | None = None) -> dict:
+    """One case's record; ``part`` as `IsolatedRunner.run` (None: time and memory)."""
     record = case_record(shape, dtype, config.device, contender, pass_name)
     record["load"] = load
     estimate = contender.estimate_bytes(shape, DTYPES[dtype], pass_name)
@@ -152,7 +177,7 @@ def _run_one(config: BenchConfig, runner: IsolatedRunner | None, shape: NamedSha
     spec = CaseSpec(shape, dtype, config.device, contender.name, pass_name,
                     config.repeats, config.warmup, config.threads, config.tf32,
                     config.seed)
-    record.update(runner.run(spec) if runner else run_case(spec))
+    record.update(runner.run(spec, part) if runner else run_case(spec, part or "time and memory"))
     if record["status"] == "ok":
         record["tflops"] = shape.gemm_flops() / record["median_s"] / 1e12
     return record
@@ -292,6 +317,7 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "seed": config.seed,
         "isolated_processes": config.isolate and config.device == "cpu",
         "competing_load_processes": config.load,
+        "load_rounds": config.load_rounds if config.load else None,
     }
 
 

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: run each case quiet, then at once again while N "
                         "single-threaded processes compete for the cores (stopped during the "
                         "quiet runs), and print both side by side")
+    parser.add_argument("--load-rounds", type=int, default=1, metavar="R",
+                        help="with --load: R quiet/loaded pairs per case, each state's times "
+                        "pooled (a loaded median moves with where the scheduler puts the threads)")
     parser.add_argument("--memory-cap-gb", type=float, help="skip cases estimated to need more "
                         "(default 4 on cpu, 90%% of the GPU's memory on cuda)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -95,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeats=args.repeats if args.repeats is not None else (20 if on_cuda else 5),
         warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
         threads=args.threads, memory_cap_bytes=_memory_cap(args), tf32=args.tf32,
-        seed=args.seed, load=args.load,
+        seed=args.seed, load=args.load, load_rounds=args.load_rounds,
     )
 
 

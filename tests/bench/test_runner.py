@@ -3,6 +3,7 @@ passes and contenders are clear errors; ``load`` runs every case quiet and under
 processes, side by side."""
 
 import os
+import statistics
 import time
 
 import pytest
@@ -30,6 +31,8 @@ def test_bad_arguments_are_clear_errors():
         BenchConfig(shapes=parse_shapes("tiny"), contenders=["nope"]).selected_contenders()
     with pytest.raises(ValueError, match="load must be >= 0"):
         BenchConfig(shapes=parse_shapes("tiny"), load=-1)
+    with pytest.raises(ValueError, match="load_rounds must be >= 1"):
+        BenchConfig(shapes=parse_shapes("tiny"), load=1, load_rounds=0)
 
 
 def test_competing_load_runs_its_processes_and_kills_them():
@@ -73,6 +76,19 @@ def test_load_runs_every_case_quiet_then_loaded_side_by_side():
     comparison = format_load_comparison(results)
     assert "protokern:reference" in comparison and "slowdown" in comparison
     assert format_load_comparison([r for r in results if r["load"] == 0]) == ""
+
+
+def test_load_rounds_pool_each_state_times_into_one_record():
+    config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
+                         contenders=["floor_mm"], repeats=2, warmup=0, threads=1, load=1,
+                         load_rounds=3, isolate=False)
+    quiet, loaded = run_cases(config)
+    assert (quiet["load"], loaded["load"]) == (0, 1)
+    for record in (quiet, loaded):
+        assert record["status"] == "ok" and record["rounds"] == 3
+        assert len(record["times_s"]) == 6
+        assert record["median_s"] == pytest.approx(statistics.median(record["times_s"]))
+        assert "peak_bytes" in record  # from the first round
 
 
 def test_the_host_is_recorded_by_family_and_model(tmp_path, monkeypatch):
