@@ -70,8 +70,9 @@ PK_INLINE void for_each_flagged(const uint8_t* flags, int64_t count, Fn&& fn) {
 
 // Element-wise work below this many elements runs on the calling thread: opening a parallel
 // region wakes the other threads, and with another process competing for the cores a waking
-// thread waited about 2 ms on average before it ran (benchmarks/NOTES.md, "Small parallel regions
-// under load"), where streaming through 1M floats or indices takes about 0.1-0.3 ms.
+// thread waited about 2 ms on average before it ran (benchmarks/NOTES.md, "Packing 1x1 windows
+// as 8 x 8 blocks, small parallel regions under load, ..."), where streaming through 1M floats
+// or indices takes about 0.1-0.3 ms.
 inline constexpr int64_t kMinParallelElements = int64_t{1} << 20;
 
 // at::parallel_for's grain for items of `item_size` elements each: at least `fewest` items and

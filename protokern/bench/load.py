@@ -6,7 +6,8 @@ on a machine where another process takes a core, that thread runs at a fraction 
 The bench runs each case quiet, with the load stopped (`paused`: SIGSTOP), and right after under
 it (SIGCONT), so the two ratios sit side by side and were measured seconds apart: quiet medians
 of one case moved by 20-40% between two runs of the whole plan minutes apart
-(benchmarks/NOTES.md, "The loaded clause, paired"), more than the effect being measured.
+(benchmarks/NOTES.md, "Packing 1x1 windows as 8 x 8 blocks, ..., and the loaded clause
+paired"), more than the effect being measured. ``--load-rounds R`` repeats the pair R times.
 """
 
 import signal
