@@ -172,9 +172,10 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   // image once (x is read once per thread, which costs far less than the gather itself).
   if (grad_prototypes == nullptr) return;
   // Two tasks per thread, so that a descheduled thread's share can move. Not more: each task
-  // reads and packs all of x again, which at cub14 (12.8 MB) costs more than its gather; 1, 2,
-  // 4, 8 tasks per thread took 4.2, 5.7, 9.6, 17.8 ms quiet there, and 2 beat 4 loaded too
-  // (9.9 against 14.9 ms; benchmarks/NOTES.md, "Packing 1x1 windows as 8 x 8 blocks, ...").
+  // reads and packs all of x again, which at cub14 (12.8 MB) costs more than its gather: 1, 4,
+  // 8 tasks per thread took 4.2, 9.3, 17.8 ms quiet there, and in another run 2 against 4 took
+  // 5.7 against 9.6 ms quiet, 9.9 against 14.9 loaded (benchmarks/NOTES.md, "Packing 1x1
+  // windows as 8 x 8 blocks, ...").
   const int64_t tasks = 2 * static_cast<int64_t>(at::get_num_threads());
   const int64_t per_task = std::max<int64_t>(kBackwardBlock, (num + tasks - 1) / tasks);
   parallel_tasks((num + per_task - 1) / per_task, [&](auto&& take) {

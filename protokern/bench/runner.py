@@ -78,8 +78,9 @@ class BenchConfig:
             raise ValueError(f"load must be >= 0, got {self.load}")
         if self.load and self.device != "cpu":
             raise ValueError("load (competing processes) applies to the cpu device only")
-        if self.load_rounds < 1:
-            raise ValueError(f"load_rounds must be >= 1, got {self.load_rounds}")
+        if self.load_rounds < 1 or (self.load_rounds > 1 and not self.load):
+            raise ValueError(f"load_rounds must be >= 1, and 1 without a load, got "
+                             f"{self.load_rounds} with load {self.load}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
                              f"{self.warmup}")

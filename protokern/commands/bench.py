@@ -169,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         def save_sweep(partial: list[dict]) -> None:
             # JSON and plot after every size, so a run cut short still leaves both
             save(partial_scaling=partial)
-            size_done = len(partial) % len(scaling_config.selected_contenders()) == 0
+            # a case leaves its quiet and (with --load) its loaded record together
+            cases = len(partial) // (2 if scaling_config.load else 1)
+            size_done = cases % len(scaling_config.selected_contenders()) == 0
             if size_done and len({r["num_prototypes"] for r in partial}) > 1:
                 scaling_plot(partial, args.plot, scaling_config.memory_cap_bytes, title)
 

@@ -86,23 +86,33 @@ TRANSPOSE_MAPS = [(3, 16, 8, 8), (2, 19, 5, 7), (2, 7, 3, 3), (2, 33, 1, 9), (1,
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shape", TRANSPOSE_MAPS, ids=lambda s: "x".join(map(str, s)))
 def test_block_transposed_windows_match_the_element_walk(shape, metric):
-    """A contiguous map and one whose rows are padded (stride_h > W) take the block transpose;
-    the same values with every other column in memory (stride_w = 2) take the element-by-element
-    walk. Packing only moves values, so both give bit-identical results, and the gradients
-    match the reference's."""
+    """Packing: a contiguous map takes the block transpose over whole planes, one whose rows
+    are padded (stride_h > W) a block transpose per row, one with every other column in memory
+    (stride_w = 2) the element-by-element walk. Packing only moves values, so all three give
+    bit-identical values, indices and gradients. Folding (grad_x is contiguous whatever x's
+    layout, so all three fold by the block transpose): the gradients match the reference's."""
     batch, dim, height, width = shape
     x = torch.randn(batch, dim, height, width)
     padded = torch.zeros(batch, dim, height, width + 3)[..., :width]
     padded.copy_(x)
     strided = torch.zeros(batch, dim, height, 2 * width)[..., ::2]
     strided.copy_(x)
-    assert padded.stride(2) == width + 3 and strided.stride(3) == 2
     prototypes = torch.randn(37, dim, 1, 1)
     weights = torch.randn(batch, 37)
-    walked = _grads("cpu", strided, prototypes, metric, weights)
+
+    def run(layout):  # as _grads, but x's strides reach the kernel (clone() would drop them)
+        view = layout.detach().requires_grad_()
+        protos = prototypes.clone().requires_grad_()
+        assert view.stride() == layout.stride()
+        with pk.use_backend("cpu"):
+            values, indices = pk.min_distance(view, protos, metric)
+            (values * weights).sum().backward()
+        return values, indices, view.grad, protos.grad
+
+    assert padded.stride(2) == width + 3 and strided.stride(3) == 2
+    walked = run(strided)
     for layout in (x, padded):
-        for got, want in zip(_grads("cpu", layout, prototypes, metric, weights), walked,
-                             strict=True):
+        for got, want in zip(run(layout), walked, strict=True):
             assert torch.equal(got, want)
     _, indices, grad_x, grad_p = walked
     x4, p4, _ = canonicalize(x.double(), prototypes.double(), metric, "test")

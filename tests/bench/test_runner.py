@@ -33,6 +33,8 @@ def test_bad_arguments_are_clear_errors():
         BenchConfig(shapes=parse_shapes("tiny"), load=-1)
     with pytest.raises(ValueError, match="load_rounds must be >= 1"):
         BenchConfig(shapes=parse_shapes("tiny"), load=1, load_rounds=0)
+    with pytest.raises(ValueError, match="1 without a load"):
+        BenchConfig(shapes=parse_shapes("tiny"), load_rounds=2)
 
 
 def test_competing_load_runs_its_processes_and_kills_them():
