@@ -168,8 +168,8 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
       fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
     }
   });
-  // grad_prototypes, a range of prototypes per thread, images in order: each thread packs every
-  // image once (x is read once per thread, which costs far less than the gather itself).
+  // grad_prototypes, a range of prototypes per task, images in order: each task packs every
+  // image once (so x is read once per task: see the task count below).
   if (grad_prototypes == nullptr) return;
   // Two tasks per thread, so that a descheduled thread's share can move. Not more: each task
   // reads and packs all of x again, which at cub14 (12.8 MB) costs more than its gather: 1, 4,

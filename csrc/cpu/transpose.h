@@ -2,7 +2,7 @@
 //
 // Why: the rows of a (D, H, W) image's 1x1 windows are its (D, H W) planes transposed, and the
 // kernels pack them once per task; element by element that ran at about four cycles a value and
-// was 8-9% of the samples of a forward+backward at cub14 (benchmarks/NOTES.md, "Packing 1x1
+// was 9.5% of the samples of a forward+backward at cub14 (benchmarks/NOTES.md, "Packing 1x1
 // windows as 8 x 8 blocks").
 #pragma once
 

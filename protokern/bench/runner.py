@@ -125,7 +125,7 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     results: list[dict] = []
     runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
     levels = [0, config.load] if config.load else [0]
-    rounds = config.load_rounds if config.load else 1
+    rounds = config.load_rounds  # 1 without a load (BenchConfig)
     progress = tqdm(total=len(plan) * len(levels) * rounds, desc=description, unit="case",
                     dynamic_ncols=True)
     with competing_load(config.load) as load:
