@@ -36,15 +36,21 @@ def competing_load(processes: int) -> Iterator[list[subprocess.Popen]]:
                                 stderr=subprocess.DEVNULL) for _ in range(processes)]
     try:
         time.sleep(2.0 if started else 0.0)  # past their import of torch: busy from the start
-        for process in started:
-            if process.poll() is not None:
-                raise RuntimeError(f"a load process exited at once (status {process.returncode})")
+        ensure_running(started, "at once")
         yield started
     finally:
         for process in started:
             process.kill()
         for process in started:
             process.wait()
+
+
+def ensure_running(processes: list[subprocess.Popen], when: str = "mid-plan") -> None:
+    """RuntimeError if one of the load processes has exited: the loaded times after it would be
+    taken under less load than the record says."""
+    for process in processes:
+        if process.poll() is not None:
+            raise RuntimeError(f"a load process exited {when} (status {process.returncode})")
 
 
 @contextmanager

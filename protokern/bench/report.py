@@ -66,10 +66,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines[1:])
 
 
-def format_load_comparison(results: list[dict]) -> str:
+def format_load_comparison(results: list[dict], fair_share: float | None = None) -> str:
     """Per (shape, dtype, pass, contender) timed both quiet and under a competing load: the
-    median quiet and loaded, the slowdown (loaded / quiet) and both times over the bare GEMM's
-    (each against the GEMM timed under the same load). Empty if nothing ran under a load."""
+    median quiet and loaded, the slowdown (loaded / quiet), both times over the bare GEMM's (each
+    against the GEMM timed under the same load), and for contenders that are not naive, the
+    fastest naive contender's slowdown and ours over it with its 90% interval over the rounds
+    (`protokern.bench.slowdown`; below 1: degrades less). ``fair_share``, if given, is said in
+    the title: what a perfectly parallel call would lose. Empty if nothing ran under a load."""
     quiet = {(r["shape"], r["dtype"], r["pass"], r["contender"]): r for r in results
              if not r.get("load") and r["status"] == "ok"}
     loaded = [r for r in results if r.get("load") and r["status"] == "ok"]
@@ -81,14 +84,25 @@ def format_load_comparison(results: list[dict]) -> str:
     def ratio(r: dict) -> str:
         return "-" if r.get("ratio_to_floor") is None else f"{r['ratio_to_floor']:.2f}"
 
+    def against_naive(r: dict) -> str:
+        if r.get("slowdown_vs_naive") is None:
+            return f"{'-':>9} {'-':>20}"
+        low_high = r.get("slowdown_vs_naive_interval")
+        spread = f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else ""
+        return f"{r['naive_slowdown']:8.2f}x {r['slowdown_vs_naive']:.2f}{spread:>16}"
+
     header = (f"{'shape':<12} {'dtype':<9} {'pass':<17} {'contender':<22} {'quiet ms':>9} "
-              f"{'loaded ms':>10} {'slowdown':>9} {'/ GEMM quiet':>13} {'/ GEMM loaded':>14}")
-    lines = [f"quiet vs under load {pairs[0][1]['load']} competing process(es)", header,
-             "-" * len(header)]
+              f"{'loaded ms':>10} {'slowdown':>9} {'/ GEMM quiet':>13} {'/ GEMM loaded':>14} "
+              f"{'naive':>9} {'vs naive (90%)':>20}")
+    title = f"quiet vs under load {pairs[0][1]['load']} competing process(es)"
+    if fair_share is not None:
+        title += f"; a perfectly parallel call's fair-share slowdown: {fair_share:.2f}x"
+    lines = [title, header, "-" * len(header)]
     for q, r in pairs:
         lines.append(f"{r['shape']:<12} {r['dtype']:<9} {r['pass']:<17} {r['contender']:<22} "
                      f"{q['median_s'] * 1e3:9.2f} {r['median_s'] * 1e3:10.2f} "
-                     f"{r['median_s'] / q['median_s']:8.2f}x {ratio(q):>13} {ratio(r):>14}")
+                     f"{r['median_s'] / q['median_s']:8.2f}x {ratio(q):>13} {ratio(r):>14} "
+                     f"{against_naive(r)}")
     return "\n".join(lines)
 
 

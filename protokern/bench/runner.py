@@ -35,9 +35,10 @@ from protokern.bench.contenders import (
     exclude_contenders,
     select_contenders,
 )
-from protokern.bench.load import competing_load, paused
+from protokern.bench.load import competing_load, ensure_running, paused
 from protokern.bench.measure import DTYPES, CaseSpec, IsolatedRunner, run_case, summarize
 from protokern.bench.shapes import NamedShape
+from protokern.bench.slowdown import add_slowdowns, fair_share_slowdown
 
 
 @dataclass
@@ -115,8 +116,10 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     ``config.load``, that many competing processes run for the whole plan and each case runs
     twice in a row, first with them stopped (quiet, `protokern.bench.load.paused`), then under
     them (records carry ``load``: 0 or the count), ``config.load_rounds`` times, each state's
-    times pooled into one record (``rounds``; memory from the first). ``checkpoint`` is called
-    with the results so far after each case (so a run cut short still leaves them)."""
+    times pooled into one record (``rounds``; memory from the first), and at the end each loaded
+    record gets its slowdown and, against the fastest naive contender's, its relative slowdown
+    (`protokern.bench.slowdown.add_slowdowns`). ``checkpoint`` is called with the results so far
+    after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
@@ -138,6 +141,8 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
                     progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} "
                                              f"{contender.name}{under}{of}")
                     part = "time" if round_index else None  # memory once, in the first round
+                    if level:
+                        ensure_running(load)
                     with paused(load) if level == 0 else nullcontext():
                         runs[level].append(_run_one(config, runner, shape, dtype, pass_name,
                                                     contender, level, part))
@@ -148,6 +153,7 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
                 checkpoint(results)
     progress.close()
     add_comparisons(results)
+    add_slowdowns(results)  # once, at the end: it resamples every loaded pair's rounds
     return results
 
 
@@ -319,7 +325,16 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "isolated_processes": config.isolate and config.device == "cpu",
         "competing_load_processes": config.load,
         "load_rounds": config.load_rounds if config.load else None,
+        # what a perfectly parallel call would lose to the load (protokern.bench.slowdown)
+        "load_fair_share_slowdown": _fair_share(config),
     }
+
+
+def _fair_share(config: BenchConfig) -> float | None:
+    cores = _cpu_count()
+    if not config.load or config.device != "cpu" or not cores:
+        return None
+    return fair_share_slowdown(config.threads or torch.get_num_threads(), config.load, cores)
 
 
 def _cpu_count() -> int | None:

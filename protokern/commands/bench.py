@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_cases(config, checkpoint=save)
     print(format_table(results))
     if config.load:
-        print("\n" + format_load_comparison(results))
+        print("\n" + format_load_comparison(results, env["load_fair_share_slowdown"]))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(format_markdown(results) + "\n")

@@ -66,17 +66,24 @@ def test_a_paused_load_is_stopped_and_goes_on_after():
 
 def test_load_runs_every_case_quiet_then_loaded_side_by_side():
     config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
-                         contenders=["protokern:reference", "floor_mm"], repeats=2, warmup=0,
-                         threads=1, load=1, isolate=False)
+                         contenders=["protokern:reference", "naive_cdist", "floor_mm"],
+                         repeats=2, warmup=0, threads=1, load=1, isolate=False)
     results = run_cases(config)
     assert [(r["contender"], r["load"]) for r in results] == [
-        ("protokern:reference", 0), ("protokern:reference", 1), ("floor_mm", 0), ("floor_mm", 1)]
+        ("protokern:reference", 0), ("protokern:reference", 1), ("naive_cdist", 0),
+        ("naive_cdist", 1), ("floor_mm", 0), ("floor_mm", 1)]
     assert all(r["status"] == "ok" and r["ratio_to_floor"] > 0 for r in results)
     # each load level is compared with its own floor
-    assert results[3]["ratio_to_floor"] == pytest.approx(1.0)
+    assert results[5]["ratio_to_floor"] == pytest.approx(1.0)
     assert "under load 1" in format_table(results)
+    # the loaded records' slowdowns, ours against the naive contender's (one round: no interval)
+    ours, naive = results[1], results[3]
+    assert ours["slowdown"] == pytest.approx(ours["median_s"] / results[0]["median_s"])
+    assert ours["naive_slowdown"] == pytest.approx(naive["slowdown"])
+    assert ours["slowdown_vs_naive"] == pytest.approx(ours["slowdown"] / naive["slowdown"])
+    assert ours["slowdown_vs_naive_interval"] is None
     comparison = format_load_comparison(results)
-    assert "protokern:reference" in comparison and "slowdown" in comparison
+    assert "protokern:reference" in comparison and "vs naive" in comparison
     assert format_load_comparison([r for r in results if r["load"] == 0]) == ""
 
 
