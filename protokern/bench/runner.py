@@ -115,42 +115,49 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     in that order, with a progress bar; every planned case gets a result. With
     ``config.load``, that many competing processes run for the whole plan and each case runs
     twice in a row, first with them stopped (quiet, `protokern.bench.load.paused`), then under
-    them (records carry ``load``: 0 or the count), ``config.load_rounds`` times, each state's
-    times pooled into one record (``rounds``; memory from the first), and at the end each loaded
+    them (records carry ``load``: 0 or the count), ``config.load_rounds`` times (round by round
+    across the contenders of a (shape, dtype, pass)), each state's times pooled into one record
+    (``rounds``; memory from the first), and at the end each loaded
     record gets its slowdown and, against the fastest naive contender's, its relative slowdown
     (`protokern.bench.slowdown.add_slowdowns`). ``checkpoint`` is called with the results so far
     after each case (so a run cut short still leaves them)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
-    plan = [(s, d, p, c) for s in shapes for d in dtypes for p in passes
-            for c in config.selected_contenders(s)]
+    cases = [(s, d, p, config.selected_contenders(s)) for s in shapes for d in dtypes
+             for p in passes]
     results: list[dict] = []
     runner = IsolatedRunner() if config.isolate and config.device == "cpu" else None
     levels = [0, config.load] if config.load else [0]
     rounds = config.load_rounds  # 1 without a load (BenchConfig)
-    progress = tqdm(total=len(plan) * len(levels) * rounds, desc=description, unit="case",
-                    dynamic_ncols=True)
+    progress = tqdm(total=sum(len(c) for *_, c in cases) * len(levels) * rounds,
+                    desc=description, unit="case", dynamic_ncols=True)
     with competing_load(config.load) as load:
-        for shape, dtype, pass_name, contender in plan:
-            runs: dict[int, list[dict]] = {level: [] for level in levels}
+        for shape, dtype, pass_name, contenders in cases:
+            runs: dict[tuple[str, int], list[dict]] = {
+                (c.name, level): [] for c in contenders for level in levels}
+            # Round r of every contender before round r + 1 of any: contenders' rounds of one
+            # index ran seconds apart, so comparing their slowdowns round by round cancels the
+            # machine's drift over the minutes a case takes (protokern.bench.slowdown).
             for round_index in range(rounds):
-                for level in levels:
-                    under = f" load {level}" if level else ""
-                    of = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
-                    progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} "
-                                             f"{contender.name}{under}{of}")
-                    part = "time" if round_index else None  # memory once, in the first round
-                    if level:
-                        ensure_running(load)
-                    with paused(load) if level == 0 else nullcontext():
-                        runs[level].append(_run_one(config, runner, shape, dtype, pass_name,
-                                                    contender, level, part))
-                    progress.update()
-            results.extend(_pooled(runs[level]) for level in levels)
-            if checkpoint is not None:
-                add_comparisons(results)
-                checkpoint(results)
+                for contender in contenders:
+                    for level in levels:
+                        under = f" load {level}" if level else ""
+                        of = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
+                        progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} "
+                                                 f"{contender.name}{under}{of}")
+                        part = "time" if round_index else None  # memory once, in round 1
+                        if level:
+                            ensure_running(load)
+                        with paused(load) if level == 0 else nullcontext():
+                            runs[contender.name, level].append(_run_one(
+                                config, runner, shape, dtype, pass_name, contender, level, part))
+                        progress.update()
+                    if round_index == rounds - 1:  # this contender's case is complete
+                        results.extend(_pooled(runs[contender.name, level]) for level in levels)
+                        if checkpoint is not None:
+                            add_comparisons(results)
+                            checkpoint(results)
     progress.close()
     add_comparisons(results)
     add_slowdowns(results)  # once, at the end: it resamples every loaded pair's rounds

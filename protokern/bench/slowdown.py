@@ -5,8 +5,9 @@ Why an interval: one case's loaded median moves by about +-0.3 of its slowdown f
 with where the scheduler puts the threads when the load resumes, so a single reading of "our
 slowdown against the naive one" lands either side of 1 by chance (benchmarks/NOTES.md, "The
 loaded clause, measured three ways"). With ``--load-rounds R`` each state's times are R rounds of
-``repeats`` calls, a round's quiet and loaded calls seconds apart; resampling whole rounds keeps
-what a round shares (the threads' placement) and tells a systematic difference from that noise.
+``repeats`` calls, and round r of every contender of a case ran, quiet then loaded, within
+seconds; resampling whole rounds, the same ones for both contenders, keeps what a round shares
+(the threads' placement, the machine's state) and tells a systematic difference from that noise.
 
 Why a fair share: a call whose every thread is busy cannot lose less than the share of the cores
 the scheduler grants its threads. With T threads, N single-threaded competitors and C cores, each
@@ -52,9 +53,10 @@ def slowdown_against(quiet: dict, loaded: dict, naive_quiet: dict, naive_loaded:
                      seed: int = 0) -> dict:
     """A contender's slowdown (loaded median / quiet median), the naive contender's, their ratio
     (``relative``: below 1, the contender degrades less) and, with 2 or more rounds, a 90% interval
-    of that ratio over round resamples (``relative_interval``, else None). A contender's quiet
-    and loaded rounds are resampled together (the same round indices: they ran back to back),
-    the two contenders independently."""
+    of that ratio over round resamples (``relative_interval``, else None). The rounds are drawn
+    by index, one draw for all four records where both contenders ran the same number of rounds
+    (the runner runs round r of every contender of a case, quiet then loaded, before round
+    r + 1: what a round's machine state did to both cancels), else one draw per contender."""
     ours = rounds_of(quiet), rounds_of(loaded)
     theirs = rounds_of(naive_quiet), rounds_of(naive_loaded)
     if len(ours[0]) != len(ours[1]) or len(theirs[0]) != len(theirs[1]):
@@ -67,7 +69,8 @@ def slowdown_against(quiet: dict, loaded: dict, naive_quiet: dict, naive_loaded:
         ratios = []
         for _ in range(RESAMPLES):
             mine = generator.choices(range(len(ours[0])), k=len(ours[0]))
-            other = generator.choices(range(len(theirs[0])), k=len(theirs[0]))
+            other = (mine if len(theirs[0]) == len(ours[0]) else
+                     generator.choices(range(len(theirs[0])), k=len(theirs[0])))
             ratios.append((_pooled_median(ours[1], mine) / _pooled_median(ours[0], mine))
                           / (_pooled_median(theirs[1], other) / _pooled_median(theirs[0], other)))
         ratios.sort()

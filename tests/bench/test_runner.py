@@ -100,6 +100,37 @@ def test_load_rounds_pool_each_state_times_into_one_record():
         assert "peak_bytes" in record  # from the first round
 
 
+def test_load_rounds_go_round_by_round_across_the_contenders(monkeypatch):
+    """Round r of every contender before round r + 1 of any, each quiet then loaded, so that two
+    contenders' rounds of one index ran seconds apart; each contender's pooled records leave as
+    soon as its last round is done (a checkpoint per contender)."""
+    from protokern.bench import runner
+
+    calls = []
+
+    def fake_run(config, isolated, shape, dtype, pass_name, contender, load, part):
+        calls.append((contender.name, load))
+        record = runner.case_record(shape, dtype, config.device, contender, pass_name)
+        slow = 2.0 if load else 1.0
+        return {**record, "load": load, "status": "ok", "times_s": [slow, slow],
+                "median_s": slow, "peak_bytes": 0}
+
+    monkeypatch.setattr(runner, "_run_one", fake_run)
+    saved = []
+    config = BenchConfig(shapes=parse_shapes("tiny"), passes=["forward"],
+                         contenders=["protokern:reference", "naive_cdist"], repeats=2, warmup=0,
+                         threads=1, load=1, load_rounds=2, isolate=False)
+    results = run_cases(config, checkpoint=lambda partial: saved.append(len(partial)))
+    round_calls = [("protokern:reference", 0), ("protokern:reference", 1), ("naive_cdist", 0),
+                   ("naive_cdist", 1)]
+    assert calls == round_calls * 2
+    assert saved == [2, 4]
+    assert [(r["contender"], r["load"], r["rounds"]) for r in results] == [
+        (name, load, 2) for name, load in round_calls]
+    assert results[1]["slowdown_vs_naive"] == pytest.approx(1.0)
+    assert results[1]["slowdown_vs_naive_interval"] == pytest.approx([1.0, 1.0])
+
+
 def test_the_host_is_recorded_by_family_and_model(tmp_path, monkeypatch):
     """A bare hypervisor model name ("AMD EPYC") is told apart by the CPU's family and model."""
     import builtins

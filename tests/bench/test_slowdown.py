@@ -68,6 +68,16 @@ def test_the_relative_slowdown_and_its_interval_over_rounds():
     assert slowdown_against(quiet, noisy, naive_quiet, naive_loaded)["relative_interval"] == [
         low, high]
 
+    # a round that slowed both contenders alike (the machine, not the code) cancels: the rounds
+    # are drawn together for both
+    both_slow = slowdown_against(quiet, noisy, naive_quiet,
+                                 _record([[8.0, 8.0]] * 3 + [[8 * 3.5 / 1.5] * 2], load=1))
+    assert both_slow["relative_interval"][1] - both_slow["relative_interval"][0] < 0.1
+    # with unequal rounds the contenders are drawn apart
+    apart = slowdown_against(quiet, noisy, _record([[4.0, 4.0]] * 2, "naive_cdist", "naive"),
+                             _record([[8.0, 8.0]] * 2, "naive_cdist", "naive", load=1))
+    assert apart["relative_interval"][1] > 1.0
+
     single = slowdown_against(_record([[1.0]]), _record([[1.5]], load=1),
                               _record([[4.0]], "naive_cdist", "naive"),
                               _record([[8.0]], "naive_cdist", "naive", load=1))
