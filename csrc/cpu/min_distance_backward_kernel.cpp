@@ -157,32 +157,39 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   const BackwardInputs<acc_t> in{grad_values, prototypes, indices, dots.data(),
                                  a_squared.data(), p_squared.data(), num, positions, size,
                                  metric};
-  // grad_x, one image per step: its windows are packed, turned into their gradients in place
-  // and folded back into the image's (D, H, W) gradient.
-  if (grad_x != nullptr) parallel_tasks(batch, [&](auto&& take) {
-    AlignedBuffer<acc_t> rows(image_elements), sum(size);
-    std::vector<int64_t> order(num), starts(positions + 1);
-    for (int64_t b; take(b);) {
-      pack_rows(x, map, b, 1, rows.data());
-      image_row_gradients(in, b, rows.data(), order.data(), starts.data(), sum.data());
-      fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
-    }
-  });
-  // grad_prototypes, a range of prototypes per task, images in order: each task packs every
-  // image once (so x is read once per task: see the task count below).
-  if (grad_prototypes == nullptr) return;
-  // Two tasks per thread, so that a descheduled thread's share can move. Not more: each task
-  // reads and packs all of x again, which at cub14 (12.8 MB) costs more than its gather: 1, 4,
-  // 8 tasks per thread took 4.2, 9.3, 17.8 ms quiet there, and in another run 2 against 4 took
-  // 5.7 against 9.6 ms quiet, 9.9 against 14.9 loaded (benchmarks/NOTES.md, "Packing 1x1
-  // windows as 8 x 8 blocks, ...").
+  // One parallel region for both gradients, so that a thread finishing its share of one goes on
+  // with the other instead of waiting at a barrier in between; under a competing process each
+  // region costs a woken thread's wait at its start and, at its end, the last task of a thread
+  // the competitor holds (benchmarks/NOTES.md, "The loaded clause judged per row"). The long
+  // tasks first (a range of prototypes over every image), the short ones last (one image's
+  // grad_x), so that the region ends on short tasks. Each task writes its own outputs.
+  //
+  // grad_prototypes: a range of prototypes per task, images in order; each task packs every
+  // image once, so x is read once per task. Two tasks per thread, so that a descheduled thread's
+  // share can move. Not more: each task reads and packs all of x again, which at cub14 (12.8 MB)
+  // costs more than its gather: 1, 4, 8 tasks per thread took 4.2, 9.3, 17.8 ms quiet there, and
+  // in another run 2 against 4 took 5.7 against 9.6 ms quiet, 9.9 against 14.9 loaded
+  // (benchmarks/NOTES.md, "Packing 1x1 windows as 8 x 8 blocks, ...").
+  // grad_x: one image per task; its windows are packed, turned into their gradients in place and
+  // folded back into the image's (D, H, W) gradient.
   const int64_t tasks = 2 * static_cast<int64_t>(at::get_num_threads());
   const int64_t per_task = std::max<int64_t>(kBackwardBlock, (num + tasks - 1) / tasks);
-  parallel_tasks((num + per_task - 1) / per_task, [&](auto&& take) {
-    AlignedBuffer<acc_t> rows(image_elements);
+  const int64_t prototype_tasks =
+      grad_prototypes != nullptr ? (num + per_task - 1) / per_task : 0;
+  const int64_t image_tasks = grad_x != nullptr ? batch : 0;
+  parallel_tasks(prototype_tasks + image_tasks, [&](auto&& take) {
+    AlignedBuffer<acc_t> rows(image_elements), sum(size);
+    std::vector<int64_t> order(num), starts(positions + 1);
     std::vector<double> p_coef(per_task);
-    for (int64_t block; take(block);) {
-      const int64_t begin = block * per_task, end = std::min(begin + per_task, num);
+    for (int64_t task; take(task);) {
+      if (task >= prototype_tasks) {
+        const int64_t b = task - prototype_tasks;
+        pack_rows(x, map, b, 1, rows.data());
+        image_row_gradients(in, b, rows.data(), order.data(), starts.data(), sum.data());
+        fold_rows(rows.data(), map, grad_x + b * map.channels * map.height * map.width);
+        continue;
+      }
+      const int64_t begin = task * per_task, end = std::min(begin + per_task, num);
       std::fill(p_coef.begin(), p_coef.end(), 0.0);
       std::fill(grad_prototypes + begin * size, grad_prototypes + end * size, acc_t(0));
       for (int64_t b = 0; b < batch; ++b) {
