@@ -160,9 +160,10 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
   // One parallel region for both gradients, so that a thread finishing its share of one goes on
   // with the other instead of waiting at a barrier in between; under a competing process each
   // region costs a woken thread's wait at its start and, at its end, the last task of a thread
-  // the competitor holds (benchmarks/NOTES.md, "The loaded clause judged per row"). The long
-  // tasks first (a range of prototypes over every image), the short ones last (one image's
-  // grad_x), so that the region ends on short tasks. Each task writes its own outputs.
+  // the competitor holds (benchmarks/NOTES.md, "The loaded clause judged per row"). The
+  // prototype ranges first, one image's grad_x after: where the batch is larger than twice the
+  // thread count (every benchmark shape), a range over every image is the longer task, and the
+  // region ends on short ones. Each task writes its own outputs.
   //
   // grad_prototypes: a range of prototypes per task, images in order; each task packs every
   // image once, so x is read once per task. Two tasks per thread, so that a descheduled thread's

@@ -70,9 +70,10 @@ def format_load_comparison(results: list[dict], fair_share: float | None = None)
     """Per (shape, dtype, pass, contender) timed both quiet and under a competing load: the
     median quiet and loaded, the slowdown (loaded / quiet), both times over the bare GEMM's (each
     against the GEMM timed under the same load), and for contenders that are not naive, the
-    fastest naive contender's slowdown and ours over it with its 90% interval over the rounds
-    (`protokern.bench.slowdown`; below 1: degrades less). ``fair_share``, if given, is said in
-    the title: what a perfectly parallel call would lose. Empty if nothing ran under a load."""
+    slowdown of the naive contender fastest quiet, which one, and ours over it with its nominal
+    90% interval over the rounds (`protokern.bench.slowdown`; below 1: degrades less).
+    ``fair_share``, if given, is said in the title: what a perfectly parallel call would lose.
+    Empty if nothing ran under a load."""
     quiet = {(r["shape"], r["dtype"], r["pass"], r["contender"]): r for r in results
              if not r.get("load") and r["status"] == "ok"}
     loaded = [r for r in results if r.get("load") and r["status"] == "ok"]
@@ -86,14 +87,15 @@ def format_load_comparison(results: list[dict], fair_share: float | None = None)
 
     def against_naive(r: dict) -> str:
         if r.get("slowdown_vs_naive") is None:
-            return f"{'-':>9} {'-':>20}"
+            return f"{'-':>9} {'-':>20} {'-':<14}"
         low_high = r.get("slowdown_vs_naive_interval")
         spread = f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else ""
-        return f"{r['naive_slowdown']:8.2f}x {r['slowdown_vs_naive']:.2f}{spread:>16}"
+        return (f"{r['naive_slowdown']:8.2f}x {r['slowdown_vs_naive']:.2f}{spread:>16} "
+                f"{r.get('slowdown_naive', ''):<14}")
 
     header = (f"{'shape':<12} {'dtype':<9} {'pass':<17} {'contender':<22} {'quiet ms':>9} "
               f"{'loaded ms':>10} {'slowdown':>9} {'/ GEMM quiet':>13} {'/ GEMM loaded':>14} "
-              f"{'naive':>9} {'vs naive (90%)':>20}")
+              f"{'naive':>9} {'vs naive (90%)':>20} {'naive is':<14}")
     title = f"quiet vs under load {pairs[0][1]['load']} competing process(es)"
     if fair_share is not None:
         title += f"; a perfectly parallel call's fair-share slowdown: {fair_share:.2f}x"

@@ -120,7 +120,9 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
     (``rounds``; memory from the first), and at the end each loaded
     record gets its slowdown and, against the fastest naive contender's, its relative slowdown
     (`protokern.bench.slowdown.add_slowdowns`). ``checkpoint`` is called with the results so far
-    after each case (so a run cut short still leaves them)."""
+    after each contender's last round of a case (so a run cut short leaves every case finished
+    before it; with several rounds, a (shape, dtype, pass) cut short mid-rounds leaves
+    nothing)."""
     shapes = list(config.shapes if shapes is None else shapes)
     passes = list(config.passes if passes is None else passes)
     dtypes = list(config.dtypes if dtypes is None else dtypes)
@@ -137,8 +139,8 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
             runs: dict[tuple[str, int], list[dict]] = {
                 (c.name, level): [] for c in contenders for level in levels}
             # Round r of every contender before round r + 1 of any: contenders' rounds of one
-            # index ran seconds apart, so comparing their slowdowns round by round cancels the
-            # machine's drift over the minutes a case takes (protokern.bench.slowdown).
+            # index ran tens of seconds apart, so comparing their slowdowns round by round cancels
+            # the machine's drift over the minutes a case takes (protokern.bench.slowdown).
             for round_index in range(rounds):
                 for contender in contenders:
                     for level in levels:
@@ -150,8 +152,11 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
                         if level:
                             ensure_running(load)
                         with paused(load) if level == 0 else nullcontext():
-                            runs[contender.name, level].append(_run_one(
-                                config, runner, shape, dtype, pass_name, contender, level, part))
+                            record = _run_one(config, runner, shape, dtype, pass_name,
+                                              contender, level, part)
+                        if level:  # and after: a load that died during the run
+                            ensure_running(load)
+                        runs[contender.name, level].append(record)
                         progress.update()
                     if round_index == rounds - 1:  # this contender's case is complete
                         results.extend(_pooled(runs[contender.name, level]) for level in levels)

@@ -5,9 +5,13 @@ Why an interval: one case's loaded median moves by about +-0.3 of its slowdown f
 with where the scheduler puts the threads when the load resumes, so a single reading of "our
 slowdown against the naive one" lands either side of 1 by chance (benchmarks/NOTES.md, "The
 loaded clause, measured three ways"). With ``--load-rounds R`` each state's times are R rounds of
-``repeats`` calls, and round r of every contender of a case ran, quiet then loaded, within
-seconds; resampling whole rounds, the same ones for both contenders, keeps what a round shares
-(the threads' placement, the machine's state) and tells a systematic difference from that noise.
+``repeats`` calls, and round r of every contender of a case ran, quiet then loaded, within tens
+of seconds; resampling whole rounds, the same ones for both contenders, keeps what neighbouring
+rounds share (the machine's slow drift; the threads' placement is new at every resume of the
+load) and tells a systematic difference from the noise between rounds. The interval is a
+percentile bootstrap over 6-8 rounds: nominally 90%, and narrower than the spread between runs
+(cub14's forward read 0.81 (0.77-0.85) in one run, 0.89 (0.80-0.99) in another), so a row is
+told apart from parity only when its interval clears 1 by a margin.
 
 Why a fair share: a call whose every thread is busy cannot lose less than the share of the cores
 the scheduler grants its threads. With T threads, N single-threaded competitors and C cores, each
@@ -50,10 +54,11 @@ def _pooled_median(rounds: Sequence[Sequence[float]], picks: Sequence[int]) -> f
 
 
 def slowdown_against(quiet: dict, loaded: dict, naive_quiet: dict, naive_loaded: dict,
-                     seed: int = 0) -> dict:
+                     seed: int | str = 0) -> dict:
     """A contender's slowdown (loaded median / quiet median), the naive contender's, their ratio
     (``relative``: below 1, the contender degrades less) and, with 2 or more rounds, a 90% interval
-    of that ratio over round resamples (``relative_interval``, else None). The rounds are drawn
+    of that ratio over round resamples (``relative_interval``, else None; percentile bootstrap,
+    ``seed`` for its draws). The rounds are drawn
     by index, one draw for all four records where both contenders ran the same number of rounds
     (the runner runs round r of every contender of a case, quiet then loaded, before round
     r + 1: what a round's machine state did to both cancels), else one draw per contender."""
@@ -81,9 +86,11 @@ def slowdown_against(quiet: dict, loaded: dict, naive_quiet: dict, naive_loaded:
 
 def add_slowdowns(results: list[dict]) -> None:
     """In place, on each loaded record that has a quiet twin: ``slowdown`` (loaded / quiet); on
-    those not of kind ``naive``, also ``naive_slowdown``, ``slowdown_vs_naive`` and
-    ``slowdown_vs_naive_interval`` (`slowdown_against`), against the naive contender that was
-    fastest quiet in the same (shape, dtype, pass)."""
+    those not of kind ``naive``, also ``slowdown_naive`` (which contender), ``naive_slowdown``,
+    ``slowdown_vs_naive`` and ``slowdown_vs_naive_interval`` (`slowdown_against`, seeded by the
+    case), against the naive contender that was fastest quiet in the same (shape, dtype, pass):
+    the loaded record's own ``best_naive`` is the fastest under the load, which can be another
+    one. A naive contender whose loaded run failed leaves the row without a comparison."""
     def case(r: dict) -> tuple:
         return r["shape"], r["dtype"], r["pass"], r["contender"], r.get("load", 0)
 
@@ -98,7 +105,9 @@ def add_slowdowns(results: list[dict]) -> None:
         naive_loaded = by_case.get((shape, dtype, pass_name, naive, load))
         if r["kind"] == "naive" or naive_quiet is None or naive_loaded is None:
             continue
-        judged = slowdown_against(twin, r, naive_quiet, naive_loaded)
+        judged = slowdown_against(twin, r, naive_quiet, naive_loaded,
+                                  seed=f"{shape} {dtype} {pass_name} {contender} {load}")
+        r["slowdown_naive"] = naive
         r["naive_slowdown"] = judged["naive_slowdown"]
         r["slowdown_vs_naive"] = judged["relative"]
         r["slowdown_vs_naive_interval"] = judged["relative_interval"]
