@@ -149,12 +149,10 @@ def run_cases(config: BenchConfig, shapes: Iterable[NamedShape] | None = None,
                         progress.set_postfix_str(f"{shape.name} {dtype} {pass_name} "
                                                  f"{contender.name}{under}{of}")
                         part = "time" if round_index else None  # memory once, in round 1
-                        if level:
-                            ensure_running(load)
                         with paused(load) if level == 0 else nullcontext():
                             record = _run_one(config, runner, shape, dtype, pass_name,
                                               contender, level, part)
-                        if level:  # and after: a load that died during the run
+                        if level:  # a load that died before or during the run: not kept
                             ensure_running(load)
                         runs[contender.name, level].append(record)
                         progress.update()

@@ -56,12 +56,12 @@ def _pooled_median(rounds: Sequence[Sequence[float]], picks: Sequence[int]) -> f
 def slowdown_against(quiet: dict, loaded: dict, naive_quiet: dict, naive_loaded: dict,
                      seed: int | str = 0) -> dict:
     """A contender's slowdown (loaded median / quiet median), the naive contender's, their ratio
-    (``relative``: below 1, the contender degrades less) and, with 2 or more rounds, a 90% interval
-    of that ratio over round resamples (``relative_interval``, else None; percentile bootstrap,
-    ``seed`` for its draws). The rounds are drawn
-    by index, one draw for all four records where both contenders ran the same number of rounds
-    (the runner runs round r of every contender of a case, quiet then loaded, before round
-    r + 1: what a round's machine state did to both cancels), else one draw per contender."""
+    (``relative``: below 1, the contender degrades less) and, with 2 or more rounds, a nominal
+    90% interval of that ratio over round resamples (``relative_interval``, else None; a
+    percentile bootstrap, ``seed`` for its draws). The rounds are drawn by index, one draw for
+    all four records where both contenders ran the same number of rounds (the runner runs round
+    r of every contender of a case, quiet then loaded, before round r + 1: what the machine's
+    drift did to both cancels), else one draw per contender."""
     ours = rounds_of(quiet), rounds_of(loaded)
     theirs = rounds_of(naive_quiet), rounds_of(naive_loaded)
     if len(ours[0]) != len(ours[1]) or len(theirs[0]) != len(theirs[1]):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from protokern.bench.load import ensure_running
+from protokern.bench.measure import summarize
 from protokern.bench.report import format_load_comparison
 from protokern.bench.slowdown import (
     add_slowdowns,
@@ -31,11 +32,8 @@ def test_fair_share_is_what_the_competitors_take_from_a_parallel_call():
 def _record(rounds: list[list[float]], contender="protokern:cpu", kind="protokern", load=0,
             **extra) -> dict:
     times = [t for r in rounds for t in r]
-    ordered = sorted(times)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return {"shape": "cub", "dtype": "float32", "pass": "forward", "contender": contender,
-            "kind": kind, "load": load, "status": "ok", "times_s": times, "median_s": median,
+            "kind": kind, "load": load, "status": "ok", "times_s": times, **summarize(times),
             "rounds": len(rounds), **extra}
 
 
