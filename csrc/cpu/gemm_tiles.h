@@ -66,7 +66,7 @@ inline PrototypeNorms<acc_t> prototype_norms(const acc_t* prototypes, int64_t co
   PrototypeNorms<acc_t> norms{std::vector<acc_t>(count), std::vector<acc_t>(count),
                               std::vector<uint8_t>(count), std::vector<double>(count, 0.0)};
   // One pass over the bank: on the calling thread unless the bank is large (kMinParallelElements).
-  at::parallel_for(0, count, parallel_grain(64, size), [&](int64_t begin, int64_t end) {
+  parallel_chunks(0, count, parallel_grain(64, size), [&](int64_t begin, int64_t end) {
     squared_norms(prototypes + begin * size, end - begin, size, norms.squared.data() + begin);
     describe_rows(norms.squared.data() + begin, end - begin, norms.inverse.data() + begin,
                   norms.finite.data() + begin);

@@ -138,7 +138,7 @@ void min_distance_backward(const acc_t* grad_values, const in_t* x, const Featur
     dots.resize(batch * num);
     a_squared.resize(batch * num);
     p_squared.resize(num);
-    at::parallel_for(0, num, parallel_grain(16, size), [&](int64_t begin, int64_t end) {
+    parallel_chunks(0, num, parallel_grain(16, size), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
         dispatched_exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });

@@ -108,11 +108,11 @@ void nearest_prototypes_backward(const acc_t* grad, const in_t* x, const Feature
   if (metric == Metric::kCosine) {
     cosine.resize(pairs);
     std::vector<double> p_squared(num);
-    at::parallel_for(0, num, 64, [&](int64_t begin, int64_t end) {
+    parallel_chunks(0, num, 64, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
         dispatched_exact_dot(prototypes + m * size, prototypes + m * size, size, &p_squared[m]);
     });
-    at::parallel_for(0, batch * positions, 64, [&](int64_t begin, int64_t end) {
+    parallel_chunks(0, batch * positions, 64, [&](int64_t begin, int64_t end) {
       AlignedBuffer<acc_t> window(size);
       for (int64_t row = begin; row < end; ++row) {
         load_window(x, map, row, window.data());
@@ -143,7 +143,7 @@ void nearest_prototypes_backward(const acc_t* grad, const in_t* x, const Feature
   for (int64_t m = 0; m < num; ++m) starts[m + 1] += starts[m];
   std::vector<int64_t> cursor(starts.begin(), starts.end() - 1);
   for (int64_t pair = 0; pair < pairs; ++pair) order[cursor[indices[pair]]++] = pair;
-  at::parallel_for(0, num, kPrototypesPerTask, [&](int64_t begin, int64_t end) {
+  parallel_chunks(0, num, kPrototypesPerTask, [&](int64_t begin, int64_t end) {
     AlignedBuffer<acc_t> window(size);
     prototype_gradients(grad, x, map, prototypes, order.data(), starts.data(), cosine.data(),
                         begin, end, k, metric, window.data(), grad_prototypes);

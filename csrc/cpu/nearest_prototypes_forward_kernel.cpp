@@ -139,7 +139,7 @@ Columns<acc_t> describe_columns(const acc_t* prototypes, int64_t num, int64_t si
   cols.spread.resize(num);
   cols.squared_exact.assign(num, 0.0);
   cols.trusted.resize(num);
-  at::parallel_for(0, num, 64, [&](int64_t begin, int64_t end) {
+  parallel_chunks(0, num, 64, [&](int64_t begin, int64_t end) {
     squared_norms(prototypes + begin * size, end - begin, size, squared.data() + begin);
     describe_rows(squared.data() + begin, end - begin, inverse.data() + begin,
                   cols.trusted.data() + begin);

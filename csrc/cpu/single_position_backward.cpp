@@ -179,7 +179,7 @@ PK_VECTOR_CLONES void row_norms(const acc_t* rows, int64_t begin, int64_t end, i
 }
 
 // Rows [begin, end) of out (n, K), holding W V, become 2 (rowsum(W)_i u_i - (W V)_i);
-// out_norm[i] the row's norm. (The loops over rows run in the vector clones: at::parallel_for's
+// out_norm[i] the row's norm. (The loops over rows run in the vector clones: parallel_chunks'
 // lambdas are not cloned, so they only call these.)
 template <typename acc_t>
 PK_VECTOR_CLONES void finish_rows(acc_t* out, const acc_t* u, int64_t begin, int64_t end,
@@ -227,10 +227,10 @@ void squared_euclidean_gradients(const at::Tensor& grad, const at::Tensor& rows,
                                  at::Tensor& grad_protos) {
   const int64_t batch = rows.size(0), num = protos.size(0), size = rows.size(1);
   std::vector<double> row_norm(batch), proto_norm(num);
-  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+  parallel_chunks(0, batch, 64, [&](int64_t begin, int64_t end) {
     row_norms(rows.const_data_ptr<acc_t>(), begin, end, size, row_norm.data());
   });
-  at::parallel_for(0, num, 64, [&](int64_t begin, int64_t end) {
+  parallel_chunks(0, num, 64, [&](int64_t begin, int64_t end) {
     row_norms(protos.const_data_ptr<acc_t>(), begin, end, size, proto_norm.data());
   });
   const WeightSums sums =
@@ -238,7 +238,7 @@ void squared_euclidean_gradients(const at::Tensor& grad, const at::Tensor& rows,
   if (grad_rows.defined()) {
     product_into(grad_rows, grad, protos);
     std::vector<double> out_norm(batch);
-    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    parallel_chunks(0, batch, 16, [&](int64_t begin, int64_t end) {
       finish_rows(grad_rows.mutable_data_ptr<acc_t>(), rows.const_data_ptr<acc_t>(), begin, end,
                   size, sums.row_sum.data(), out_norm.data());
     });
@@ -248,7 +248,7 @@ void squared_euclidean_gradients(const at::Tensor& grad, const at::Tensor& rows,
   if (grad_protos.defined()) {
     product_into(grad_protos, grad.t(), rows);
     std::vector<double> out_norm(num);
-    at::parallel_for(0, num, 16, [&](int64_t begin, int64_t end) {
+    parallel_chunks(0, num, 16, [&](int64_t begin, int64_t end) {
       finish_rows(grad_protos.mutable_data_ptr<acc_t>(), protos.const_data_ptr<acc_t>(), begin,
                   end, size, sums.col_sum.data(), out_norm.data());
     });
