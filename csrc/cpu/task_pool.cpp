@@ -22,7 +22,9 @@
 #include <climits>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -46,10 +48,11 @@ constexpr int kMostHelpers = static_cast<int>(kSeatMask);
 // How long a thread spins on `state` before it sleeps. Helpers spin briefly after a job, so that
 // the next job of the same call (a forward's, then its backward's) finds them awake, but not so
 // long that they hold a core from the OpenMP threads of the user's next PyTorch op. The caller
-// spins while it waits for a helper's last task: asleep, it would be woken wherever the OS finds
-// room, often on the helper's core, and the next job would start with both on one core (quiet cub
-// forward, the helper kept off the caller's CPU: 9.4 ms with a 20 us spin here, 7.5 with 5 ms,
-// against 7.8 and 7.3 with OpenMP's threads in the same processes).
+// spins for 5 ms, longer than most of its waits, while it waits for a helper's last task:
+// asleep, it would be woken wherever the OS finds room, often on the helper's core, and the
+// helper would move away again at the next job, its caches cold (quiet cub forward, the helper
+// kept off the caller's CPU: 9.4 ms with a 20 us spin here, 7.5 with 5 ms, against 7.8 and 7.3
+// with OpenMP's threads in the same processes).
 constexpr std::chrono::microseconds kHelperSpin{200};
 constexpr std::chrono::microseconds kCallerSpin{5000};
 
@@ -122,13 +125,14 @@ struct Pool {
   // Under `jobs`: the helpers started so far, and the CPU they were last kept away from.
   std::vector<pthread_t> helpers;
   int kept_from = -1;
+  cpu_set_t caller_mask{};
 
   void record(std::exception_ptr thrown) {
     std::lock_guard<std::mutex> guard(error_lock);
     if (!error) error = thrown;
   }
 
-  void helper_main() {
+  void helper_main(uint32_t index) {
     inside_job = true;
     // ATen's per-thread set-up first: its lazy thread-count initialisation would later undo ours.
     (void)at::get_num_threads();
@@ -136,10 +140,13 @@ struct Pool {
     uint32_t last_generation = ~0u;
     uint32_t seen = state.load(std::memory_order_acquire);
     for (;;) {
+      // Only the first `seats` helpers take part: after torch.set_num_threads went down, the
+      // others sleep through each job instead of spinning beside the ones that work.
+      const bool wanted = index < seats.load(std::memory_order_relaxed);
       const bool open = !(seen & kClosed) && generation_of(seen) != last_generation &&
                         (seen & kSeatMask) < seats.load(std::memory_order_relaxed);
-      if (!open) {
-        seen = wait_for_change(state, seen, kHelperSpin);
+      if (!wanted || !open) {
+        seen = wait_for_change(state, seen, wanted ? kHelperSpin : std::chrono::microseconds{0});
         continue;
       }
       if (!state.compare_exchange_weak(seen, seen + 1, std::memory_order_acquire,
@@ -158,39 +165,54 @@ struct Pool {
     }
   }
 
-  // Helpers run anywhere the caller may run except on the caller's current CPU. With three
-  // runnable threads on two cores (a call's two and a competing process), the OS balances the
-  // count per core and leaves whichever pair shares a core together; when the pair is the
-  // call's own, the call gets one core instead of one and a half (cub forward under one
-  // competitor: slowdown 2.21 with OpenMP's threads, 1.50 with the helper kept off the caller's
-  // CPU; benchmarks/NOTES.md). The masks change only when the caller has moved.
+  // Helpers run anywhere the caller may run except on the caller's current CPU (task_pool.h
+  // says why). A caller pinned to one CPU (OMP_PROC_BIND, taskset on the thread) gives its
+  // helpers the other online CPUs (the kernel keeps them inside the process's cpuset), as OpenMP
+  // binds its own threads to other places. The masks change only when the caller's CPU or mask
+  // has.
   void keep_helpers_off_caller() {
     const int cpu = sched_getcpu();
-    if (cpu < 0 || cpu == kept_from) return;
     cpu_set_t allowed;
     CPU_ZERO(&allowed);
-    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
-    if (CPU_ISSET(cpu, &allowed) && CPU_COUNT(&allowed) > 1) CPU_CLR(cpu, &allowed);
-    for (pthread_t helper : helpers) pthread_setaffinity_np(helper, sizeof(allowed), &allowed);
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(allowed), &allowed) != 0)
+      return;
+    if (cpu == kept_from && CPU_EQUAL(&allowed, &caller_mask)) return;
+    caller_mask = allowed;
     kept_from = cpu;
+    if (CPU_COUNT(&allowed) <= 1) {
+      const long online = sysconf(_SC_NPROCESSORS_ONLN);
+      for (long c = 0; c < std::min<long>(online, CPU_SETSIZE); ++c) CPU_SET(c, &allowed);
+    }
+    CPU_CLR(cpu, &allowed);
+    if (CPU_COUNT(&allowed) == 0) return;  // one CPU in all: nowhere else to go
+    for (pthread_t helper : helpers) pthread_setaffinity_np(helper, sizeof(allowed), &allowed);
   }
 
-  void start_helpers(int wanted) {
+  // Starts helpers up to `wanted`; returns how many there are (fewer if the OS refused a thread,
+  // where OpenMP would run with fewer threads too).
+  int start_helpers(int wanted) {
+    helpers.reserve(static_cast<size_t>(wanted));
     while (static_cast<int>(helpers.size()) < wanted) {
-      std::thread helper([this] { helper_main(); });
-      helpers.push_back(helper.native_handle());
-      helper.detach();
+      const auto index = static_cast<uint32_t>(helpers.size());
+      try {
+        std::thread helper([this, index] { helper_main(index); });
+        helpers.push_back(helper.native_handle());
+        helper.detach();
+      } catch (const std::system_error&) {
+        break;
+      }
       kept_from = -1;  // the new helper may run anywhere yet
     }
+    return static_cast<int>(helpers.size());
   }
 
   void run(int64_t count, int threads, c10::function_ref<void(TaskCounter&)>& job) {
     TaskCounter take(count);
-    start_helpers(threads - 1);
+    const int available = start_helpers(threads - 1);
     keep_helpers_off_caller();
     worker.store(&job, std::memory_order_relaxed);
     counter.store(&take, std::memory_order_relaxed);
-    seats.store(static_cast<uint32_t>(threads - 1), std::memory_order_relaxed);
+    seats.store(static_cast<uint32_t>(available), std::memory_order_relaxed);
     error = nullptr;
     // The previous job left the word closed with no seats taken: open the next generation.
     const uint32_t previous = state.load(std::memory_order_relaxed);
@@ -209,7 +231,7 @@ struct Pool {
     inside_job = false;
     uint32_t now = state.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
     while (now & kSeatMask) now = wait_for_change(state, now, kCallerSpin);
-    if (error) std::rethrow_exception(error);
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
   }
 };
 

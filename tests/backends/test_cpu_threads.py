@@ -67,8 +67,8 @@ def test_blas_inside_tasks_starts_no_threads(two_threads):
 
 
 def test_concurrent_callers_get_what_one_caller_gets(two_threads):
-    """Two Python threads calling at once: one gets the pool, the other runs its tasks on its own
-    thread; both results are bit-identical to a call alone."""
+    """Four Python threads calling at once (one holds the pool, a call that finds it busy runs its
+    tasks on its own thread): every result is bit-identical to a call alone."""
     cases = [_inputs(seed, torch.float32, positions) for seed, positions in
              ((2, 7), (3, 1), (4, 5), (5, 7))]
     alone = [_forward_backward(*case) for case in cases]
@@ -90,28 +90,32 @@ def test_concurrent_callers_get_what_one_caller_gets(two_threads):
 
 
 def _child(queue) -> None:
+    before = _os_threads()
+    results = _forward_backward(*_inputs(6))
     # As numpy arrays: a tensor sent through a queue travels in shared memory that the sender
     # must keep alive until it is received.
-    queue.put([result.numpy() for result in _forward_backward(*_inputs(6))])
+    queue.put(([result.numpy() for result in results], before, _os_threads()))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                     reason="needs the fork start method")
 def test_forked_child_runs_the_kernels(two_threads):
-    """A child forked after the parent used the pool (its helpers do not exist in the child)
-    computes what the parent computes, and returns."""
+    """A child forked after the parent used the pool has none of its helpers: it starts its own
+    (a pool inherited as it was would believe its helpers exist, never start one, and re-pin the
+    parent's threads by their ids), computes what the parent computes, and returns."""
     expected = _forward_backward(*_inputs(6))
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child, args=(queue,))
     child.start()
     try:
-        got = queue.get(timeout=120)
+        got, before, after = queue.get(timeout=120)
     finally:
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+    assert after > before, "the child started no helper of its own"
     for result, want in zip(got, expected, strict=True):
         assert torch.equal(torch.from_numpy(result), want)
 
