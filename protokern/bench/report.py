@@ -72,7 +72,8 @@ def format_load_comparison(results: list[dict], fair_share: float | None = None)
     against the GEMM timed under the same load), and for contenders that are not naive, the
     slowdown of the naive contender fastest quiet, which one, and ours over it with its nominal
     90% interval over the rounds (`protokern.bench.slowdown`; below 1: degrades less).
-    ``fair_share``, if given, is said in the title: what a perfectly parallel call would lose.
+    ``fair_share``, if given, is said in the title: what a perfectly parallel call would lose
+    if every runnable thread got an equal share of the cores.
     Empty if nothing ran under a load."""
     quiet = {(r["shape"], r["dtype"], r["pass"], r["contender"]): r for r in results
              if not r.get("load") and r["status"] == "ok"}
@@ -98,7 +99,7 @@ def format_load_comparison(results: list[dict], fair_share: float | None = None)
               f"{'naive':>9} {'vs naive (90%)':>20} {'naive is':<14}")
     title = f"quiet vs under load {pairs[0][1]['load']} competing process(es)"
     if fair_share is not None:
-        title += f"; a perfectly parallel call's fair-share slowdown: {fair_share:.2f}x"
+        title += f"; fair-share slowdown: {fair_share:.2f}x (equal shares per thread)"
     lines = [title, header, "-" * len(header)]
     for q, r in pairs:
         lines.append(f"{r['shape']:<12} {r['dtype']:<9} {r['pass']:<17} {r['contender']:<22} "

@@ -335,7 +335,8 @@ def environment(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "isolated_processes": config.isolate and config.device == "cpu",
         "competing_load_processes": config.load,
         "load_rounds": config.load_rounds if config.load else None,
-        # what a perfectly parallel call would lose to the load (protokern.bench.slowdown)
+        # what a perfectly parallel call would lose to the load with equal shares per thread
+        # (protokern.bench.slowdown)
         "load_fair_share_slowdown": _fair_share(config),
     }
 

@@ -13,11 +13,16 @@ percentile bootstrap over 6-8 rounds: nominally 90%, and narrower than the sprea
 (cub14's forward read 0.81 (0.77-0.85) in one run, 0.89 (0.80-0.99) in another), so a row is
 told apart from parity only when its interval clears 1 by a margin.
 
-Why a fair share: a call whose every thread is busy cannot lose less than the share of the cores
-the scheduler grants its threads. With T threads, N single-threaded competitors and C cores, each
-runnable thread gets C / (T + N) of a core where T + N > C, so a perfectly parallel call slows by
-min(T, C) (T + N) / (T C): 1.5 for 2 threads, 1 competitor, 2 cores. A call that loses less has
-serial stretches (one thread, which then has a core to itself) or waits on memory.
+Why a fair share: it is what a call whose every thread is busy loses when the scheduler grants
+every runnable thread an equal share of the cores. With T threads, N single-threaded competitors
+and C cores each runnable thread then gets C / (T + N) of a core where T + N > C, so a perfectly
+parallel call slows by min(T, C) (T + N) / (T C): 1.5 for 2 threads, 1 competitor, 2 cores. It is
+a reference line, not a floor: Linux balances the number of runnable threads per core, so with 3
+threads on 2 cores one core holds two of them; when those are the call's own the call gets one
+core (slowdown 2), when one of them is the competitor the call gets one and a half (4/3, if its
+work moves to the thread with the whole core). protokern's CPU kernels keep their helper threads
+off the caller's core for that reason (csrc/cpu/task_pool.h). A call also loses less than the
+fair share in serial stretches (one thread, which then has a core to itself) or waiting on memory.
 """
 
 import random
@@ -30,7 +35,8 @@ RESAMPLES = 2000
 
 def fair_share_slowdown(threads: int, load: int, cores: int) -> float:
     """A perfectly parallel call's slowdown when ``load`` single-threaded processes compete with
-    its ``threads`` threads for ``cores`` cores, each runnable thread getting an equal share.
+    its ``threads`` threads for ``cores`` cores and each runnable thread gets an equal share of
+    them (the module's docstring says why a call can lose less).
     ValueError unless threads and cores are >= 1 and load >= 0."""
     if threads < 1 or cores < 1 or load < 0:
         raise ValueError(f"threads and cores must be >= 1 and load >= 0, got threads {threads}, "
