@@ -1,5 +1,8 @@
 """Tolerances and comparisons of DESIGN.md §5, shared by the tests."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from brute_force import distances, first_min
 from torch import Tensor
@@ -201,3 +204,14 @@ def assert_nearest(x, prototypes, metric, k, values, indices, tol=None):
             ordered = torch.cat([ordered, ordered[:, -1:] + 2 * scale], 1)
         clear = ((ordered.diff(dim=1)) > tol * scale).all(1)
         assert torch.equal(indices[clear], want_indices[clear])
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch.set_num_threads(count) for the block; the previous count comes back after it."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)

@@ -108,9 +108,8 @@ template <typename Fn>
 void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
   const int64_t items = end - begin;
   if (items <= 0) return;
-  const int64_t chunks =
-      std::min<int64_t>(at::get_num_threads(), (items + std::max<int64_t>(grain, 1) - 1) /
-                                                   std::max<int64_t>(grain, 1));
+  const int64_t least = std::max<int64_t>(grain, 1);
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), (items + least - 1) / least);
   if (chunks <= 1) {
     fn(begin, end);
     return;

@@ -142,9 +142,10 @@ struct Pool {
     for (;;) {
       // Only the first `seats` helpers take part: after torch.set_num_threads went down, the
       // others sleep through each job instead of spinning beside the ones that work.
-      const bool wanted = index < seats.load(std::memory_order_relaxed);
+      const uint32_t job_seats = seats.load(std::memory_order_relaxed);
+      const bool wanted = index < job_seats;
       const bool open = !(seen & kClosed) && generation_of(seen) != last_generation &&
-                        (seen & kSeatMask) < seats.load(std::memory_order_relaxed);
+                        (seen & kSeatMask) < job_seats;
       if (!wanted || !open) {
         seen = wait_for_change(state, seen, wanted ? kHelperSpin : std::chrono::microseconds{0});
         continue;

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from helpers import torch_threads
 
 import protokern as pk
 from protokern.backends import cpu
@@ -42,10 +43,8 @@ def _inputs(seed: int, dtype=torch.float32, positions: int = 7, dim: int = 32):
 
 @pytest.fixture
 def two_threads():
-    was = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(was)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.skipif(not hasattr(os, "listdir") or not os.path.isdir("/proc/self/task"),
@@ -123,13 +122,9 @@ def test_forked_child_runs_the_kernels(two_threads):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_any_thread_count_gives_the_same_bits(threads):
     """More threads than cores, and more than the pool has helpers yet: the same results."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         expected = _forward_backward(*_inputs(7, torch.float32, 6))
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         got = _forward_backward(*_inputs(7, torch.float32, 6))
-    finally:
-        torch.set_num_threads(was)
     for result, want in zip(got, expected, strict=True):
         assert torch.equal(result, want)

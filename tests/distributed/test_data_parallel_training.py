@@ -15,6 +15,7 @@ from dataclasses import asdict
 import pytest
 import torch
 from gloo import run_on_gloo
+from helpers import torch_threads
 from torch.utils.data import Subset, TensorDataset
 
 from protokern import cli
@@ -35,10 +36,8 @@ RELATIVE = 1e-10  # float64; measured differences are about 1e-15
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _tiny_model() -> torch.nn.Module:
