@@ -10,6 +10,7 @@ of one case moved by 20-40% between two runs of the whole plan minutes apart
 paired"), more than the effect being measured. ``--load-rounds R`` repeats the pair R times.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,11 +18,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# The loop runs while its parent (the bench, whose pid is its argument) lives: a bench killed by
+# a signal that runs no `finally` (SIGTERM, SIGKILL) would otherwise leave it running, and every
+# later measurement on the machine would be loaded without saying so (this happened: a run
+# killed with pkill left one behind for 80 minutes; benchmarks/NOTES.md, "The Intel Xeon again").
 _LOOP = (
+    "import os, sys\n"
     "import torch\n"
     "torch.set_num_threads(1)\n"
+    "parent = int(sys.argv[1])\n"
     "a = torch.randn(256, 256)\n"
-    "while True:\n"
+    "while os.getppid() == parent:\n"
     "    a = torch.mm(a, a).clamp_(-1, 1)\n"
 )
 
@@ -29,11 +36,13 @@ _LOOP = (
 @contextmanager
 def competing_load(processes: int) -> Iterator[list[subprocess.Popen]]:
     """Keep ``processes`` busy single-threaded processes running for the ``with`` block; they are
-    killed when it ends, also on an error or Ctrl-C. ValueError on a negative count."""
+    killed when it ends, also on an error or Ctrl-C, and end by themselves when this process
+    dies. ValueError on a negative count."""
     if processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
-    started = [subprocess.Popen([sys.executable, "-c", _LOOP], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL) for _ in range(processes)]
+    started = [subprocess.Popen([sys.executable, "-c", _LOOP, str(os.getpid())],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for _ in range(processes)]
     try:
         time.sleep(2.0 if started else 0.0)  # past their import of torch: busy from the start
         ensure_running(started, "at once")

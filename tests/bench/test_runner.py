@@ -3,7 +3,10 @@ passes and contenders are clear errors; ``load`` runs every case quiet and under
 processes, side by side."""
 
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,6 +44,35 @@ def test_competing_load_runs_its_processes_and_kills_them():
     with competing_load(2) as processes:
         assert len(processes) == 2 and all(p.poll() is None for p in processes)
     assert all(p.poll() is not None for p in processes)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc/PID/stat (Linux)")
+def test_load_processes_end_when_the_bench_is_killed():
+    # SIGKILL runs no finally block: the load must notice by itself that its parent is gone
+    bench = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom protokern.bench.load import competing_load\n"
+         "with competing_load(1) as processes:\n    print(processes[0].pid, flush=True)\n"
+         "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    load_pid = int(bench.stdout.readline())
+    assert not _gone(load_pid)
+    bench.kill()
+    bench.wait()
+    deadline = time.monotonic() + 20
+    while not _gone(load_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone = _gone(load_pid)
+    if not gone:
+        os.kill(load_pid, signal.SIGKILL)
+    assert gone, "the load process outlived the bench that started it"
 
 
 def _state(process, waiting_for: str) -> str:
