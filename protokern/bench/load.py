@@ -21,7 +21,7 @@ from contextlib import contextmanager
 # The loop runs while its parent (the bench, whose pid is its argument) lives: a bench killed by
 # a signal that runs no `finally` (SIGTERM, SIGKILL) would otherwise leave it running, and every
 # later measurement on the machine would be loaded without saying so (this happened: a run
-# killed with pkill left one behind for 80 minutes; benchmarks/NOTES.md, "The Intel Xeon again").
+# killed with pkill left one behind for 78 minutes; benchmarks/NOTES.md, "The Intel Xeon again").
 _LOOP = (
     "import os, sys\n"
     "import torch\n"

@@ -46,13 +46,19 @@ def test_competing_load_runs_its_processes_and_kills_them():
     assert all(p.poll() is not None for p in processes)
 
 
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+def _state_letter(pid: int) -> str:
+    """Process ``pid``'s state letter in /proc/PID/stat (R, S, T: stopped, Z: zombie), or X
+    where the process no longer exists."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in "ZX"
+            return stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return True
+        return "X"
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+    return _state_letter(pid) in "ZX"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc/PID/stat (Linux)")
@@ -79,8 +85,7 @@ def _state(process, waiting_for: str) -> str:
     """The process's state letter in /proc/PID/stat (T: stopped), polled for up to a second
     until it is one of ``waiting_for`` (a signal takes effect when the process next runs)."""
     for _ in range(100):
-        with open(f"/proc/{process.pid}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
+        state = _state_letter(process.pid)
         if state in waiting_for:
             break
         time.sleep(0.01)
