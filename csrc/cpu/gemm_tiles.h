@@ -37,6 +37,23 @@ inline acc_t huge_norm() {
   return std::numeric_limits<acc_t>::max() / 8;
 }
 
+// The expansion's rounding bounds, as reference.expanded_distance's (g relative to the norms, tau
+// absolute, for subnormal products), plus a few eps for the rearranged arithmetic of the kernels'
+// passes (reciprocals, (1 +- g) factors). `input_rounding` is the relative rounding the GEMM may
+// apply to its float32 inputs (TF32/bf16 settings).
+struct ExpansionBounds {
+  double g, tau;
+};
+
+template <typename acc_t>
+inline ExpansionBounds expansion_bounds(int64_t size, Metric metric, double input_rounding) {
+  const double eps = std::numeric_limits<acc_t>::epsilon();
+  const double tiny = std::numeric_limits<acc_t>::min();
+  const double g = metric == Metric::kCosine ? (2 * size + 12) * eps + 4 * input_rounding
+                                             : (size + 12) * eps + 2 * input_rounding;
+  return {g, 4 * (size + 1) * tiny};
+}
+
 // Sum of squares of each of `count` rows of length `size` (gemm_tiles.cpp, vectorised per ISA).
 template <typename acc_t>
 void squared_norms(const acc_t* rows, int64_t count, int64_t size, acc_t* out);
@@ -98,18 +115,20 @@ class RowsGemm {
     }
   }
 
-  // tile (count x columns, row-major) = rows . prototypes (columns x size, row-major)^T.
-  void multiply(const acc_t* prototypes, int64_t columns, acc_t* tile) const {
+  // tile (count x columns, row-major, rows `ld` apart: by default packed) = rows . prototypes
+  // (columns x size, row-major)^T.
+  void multiply(const acc_t* prototypes, int64_t columns, acc_t* tile, int64_t ld = 0) const {
+    if (ld == 0) ld = columns;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (packed_) {
-        packed_gemm(panels_.data(), count_, prototypes, columns, size_, tile);
+        packed_gemm(panels_.data(), count_, prototypes, columns, size_, tile, ld);
         return;
       }
     }
     const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
     at::Tensor lhs = at::from_blob(const_cast<acc_t*>(rows_), {count_, size_}, options);
     at::Tensor rhs = at::from_blob(const_cast<acc_t*>(prototypes), {columns, size_}, options);
-    at::Tensor out = at::from_blob(tile, {count_, columns}, options);
+    at::Tensor out = at::from_blob(tile, {count_, columns}, {ld, 1}, options);
     at::mm_out(out, lhs, rhs.t());
   }
 

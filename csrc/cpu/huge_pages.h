@@ -11,7 +11,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -43,6 +45,24 @@ inline at::Tensor advise_huge_pages(at::Tensor tensor) {
 // at::empty, advised as above.
 inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return advise_huge_pages(at::empty(sizes, options));
+}
+
+// A tensor of zeros that costs nothing until it is touched: its storage comes from calloc, whose
+// large blocks are fresh mappings that glibc does not clear (the OS hands out zeroed pages on
+// first touch), advised as above, so a read maps the shared zero page (a huge one where allowed)
+// and a write faults in a zeroed page. For an output that is all zeros and usually never read:
+// the one-position forward's (B, M) int64 indices, which at cil_vectors (82 MB) had cost the
+// OS's clearing of every page plus the kernel's own fill of zeros, together about 17 ms of a
+// 67 ms call (benchmarks/NOTES.md, "The one-position forward as one product"). Its storage is
+// not resizable (at::from_blob).
+inline at::Tensor zeros_untouched(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  void* data = std::calloc(std::max<size_t>(bytes, 1), 1);
+  TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "protokern: could not allocate ", bytes,
+                   " bytes of zeros");
+  at::Tensor tensor = at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+  return advise_huge_pages(tensor);
 }
 
 }  // namespace protokern::cpu

@@ -38,13 +38,22 @@ std::tuple<at::Tensor, at::Tensor> min_distance_op(const at::Tensor& x,
   const at::Tensor protos = flat_prototypes(prototypes);
   const int64_t num = prototypes.size(0);
   at::Tensor values = empty_huge({map.batch, num}, x.options().dtype(protos.scalar_type()));
-  at::Tensor indices = empty_huge({map.batch, num}, x.options().dtype(at::kLong));
+  // One position per image: every index is 0, and the kernel writes only the values.
+  const bool single_position = map.positions() == 1;
+  at::Tensor indices = single_position
+                           ? zeros_untouched({map.batch, num}, x.options().dtype(at::kLong))
+                           : empty_huge({map.batch, num}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
-                                          protos.const_data_ptr<acc_t>(), num, metric,
-                                          input_rounding, values.mutable_data_ptr<acc_t>(),
-                                          indices.mutable_data_ptr<int64_t>());
+    if (single_position)
+      single_position_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
+                                               protos.const_data_ptr<acc_t>(), num, metric,
+                                               input_rounding, values.mutable_data_ptr<acc_t>());
+    else
+      min_distance_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), map,
+                                            protos.const_data_ptr<acc_t>(), num, metric,
+                                            input_rounding, values.mutable_data_ptr<acc_t>(),
+                                            indices.mutable_data_ptr<int64_t>());
   });
   return {values.to(x.scalar_type()), indices};
 }

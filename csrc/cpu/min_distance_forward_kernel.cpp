@@ -12,7 +12,9 @@
 // Positions or prototypes with a non-finite or huge squared norm (NaN, inf, overflow) are always
 // shortlisted, which gives NaN propagation and true values for inf inputs.
 //
-// Only a tile of distances ever exists, and only the indices are needed by the backward.
+// Only a tile of distances ever exists, and only the indices are needed by the backward. One
+// position per image, where there is nothing to reduce, is single_position_forward.cpp's
+// (min_distance_cpu.cpp calls it).
 #include "cpu/min_distance_kernels.h"
 
 #include <ATen/ATen.h>
@@ -215,57 +217,6 @@ PK_VECTOR_CLONES void reduce_image(const acc_t* tile, int64_t columns, int64_t p
                       r);
 }
 
-// One position per image (tokens L = 1, or a window as large as the map): the only position is
-// the answer, so every pair's distance is returned, index 0. The GEMM tile gives them by the
-// expansion; a value is kept where the expansion's rounding bound is at most twice the direct
-// float32 sum's own (g times the distance), i.e. it cancelled at most one bit, the certificate of
-// the Triton kernel (protokern/backends/triton/min_distance.py). The rest (a prototype on or near
-// its vector, untrusted norms, NaN, inf) is recomputed directly, as any chosen position is.
-// Cosine's bound is absolute (g), so the same rule keeps distances of at least about 1/2; dot's
-// (g |x||p| + tau) keeps products within about 1/2 of |x||p| (cos >= 1/2 in size).
-template <typename acc_t>
-PK_VECTOR_CLONES void expanded_distances(const acc_t* tile, int64_t count, int64_t columns,
-                                         const acc_t* rows, int64_t size,
-                                         TileSide<acc_t> row_side, TileSide<acc_t> col_side,
-                                         const acc_t* prototypes,
-                                         const double* proto_squared_exact, Metric metric,
-                                         acc_t g, acc_t tau, acc_t* values, int64_t ld,
-                                         int64_t* indices) {
-  const bool squared_metric = metric == Metric::kSqEuclidean;
-  const bool dot_metric = metric == Metric::kDot;
-  for (int64_t r = 0; r < count; ++r) {
-    const acc_t* dots = tile + r * columns;
-    acc_t* out = values + r * ld;
-    const acc_t row_squared = row_side.squared[r], row_inverse = row_side.inverse[r];
-    const acc_t row_norm = std::sqrt(row_squared);
-    // A branch-free pass over the row (vectorised); a NaN value marks a pair to recompute.
-    for (int64_t c = 0; c < columns; ++c) {
-      acc_t value, bound;
-      if (squared_metric) {
-        const acc_t magnitude = row_squared + col_side.squared[c];
-        value = magnitude - 2 * dots[c];
-        bound = g * magnitude + tau;
-      } else if (dot_metric) {
-        value = -dots[c];
-        bound = g * (row_norm * std::sqrt(col_side.squared[c])) + tau;
-      } else {
-        value = 1 - dots[c] * (row_inverse * col_side.inverse[c]);
-        bound = g;
-      }
-      // |value|: dot's may be negative (the others are >= 0 up to their bound, where this fails)
-      const bool kept = bound <= 2 * g * (std::abs(value) - bound);  // false for NaN
-      out[c] = kept ? value : std::numeric_limits<acc_t>::quiet_NaN();
-    }
-    const bool row_trusted = row_side.finite[r] != 0;
-    for (int64_t c = 0; c < columns; ++c)
-      if (!(row_trusted && col_side.finite[c]) || std::isnan(out[c]))
-        out[c] = static_cast<acc_t>(exact_distance(rows + r * size, prototypes + c * size, size,
-                                                   metric, proto_squared_exact[c],
-                                                   row_trusted && col_side.finite[c]));
-    for (int64_t c = 0; c < columns; ++c) indices[r * ld + c] = 0;
-  }
-}
-
 }  // namespace
 
 template <typename in_t, typename acc_t>
@@ -274,17 +225,11 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           acc_t* values, int64_t* indices) {
   const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
   if (batch == 0 || num_prototypes == 0) return;
+  TORCH_CHECK(positions > 1, "min_distance_forward: one position is single_position_forward's");
 
   const PrototypeNorms<acc_t> norms = prototype_norms(prototypes, num_prototypes, size, metric);
-
-  // Rounding of the expansion, as reference.expanded_distance, plus a few eps for the
-  // rearranged arithmetic of the passes (reciprocals, (1 +- g) factors).
-  const double eps = std::numeric_limits<acc_t>::epsilon();
-  const double tiny = std::numeric_limits<acc_t>::min();
-  const acc_t g = metric == Metric::kCosine
-                      ? static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding)
-                      : static_cast<acc_t>((size + 12) * eps + 2 * input_rounding);
-  const acc_t tau = static_cast<acc_t>(4 * (size + 1) * tiny);
+  const ExpansionBounds bounds = expansion_bounds<acc_t>(size, metric, input_rounding);
+  const acc_t g = static_cast<acc_t>(bounds.g), tau = static_cast<acc_t>(bounds.tau);
 
   const int64_t images_per_block =
       std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);
@@ -316,16 +261,6 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
         const TileSide<acc_t> col_side{norms.squared.data() + c0, norms.inverse.data() + c0,
                                        norms.finite.data() + c0};
         gemm.multiply(prototypes + c0 * size, columns, work.tile.data());
-        if (positions == 1) {  // the only position is the answer: no shortlist
-          const TileSide<acc_t> row_side{work.squared.data(), work.inverse.data(),
-                                         work.finite.data()};
-          expanded_distances(work.tile.data(), images, columns, work.rows.data(), size,
-                             row_side, col_side, prototypes + c0 * size,
-                             norms.squared_exact.data() + c0, metric, g, tau,
-                             values + first_image * num_prototypes + c0, num_prototypes,
-                             indices + first_image * num_prototypes + c0);
-          continue;
-        }
         for (int64_t image = 0; image < images; ++image) {
           const int64_t r0 = image * positions;
           const acc_t* tile = work.tile.data() + r0 * columns;

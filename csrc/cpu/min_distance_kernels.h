@@ -45,6 +45,13 @@ void min_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pro
                           int64_t num_prototypes, Metric metric, double input_rounding,
                           acc_t* values, int64_t* indices);
 
+// min_distance_forward's case of one position per image (single_position_forward.cpp), which
+// min_distance_forward does not take: every pair's distance, from one blocked GEMM into
+// `values`. Same arguments, less the indices: every one is 0, and the caller provides them.
+template <typename in_t, typename acc_t>
+void single_position_forward(const in_t* x, const FeatureMap& map, const acc_t* prototypes,
+                             int64_t num, Metric metric, double input_rounding, acc_t* values);
+
 // The k smallest distances over positions (topk_distance_forward_kernel.cpp): values/indices
 // (B, M, k) contiguous, ascending, a NaN first, ties to the lowest position; 1 <= k <= L. Its
 // backward is min_distance_backward on k copies of each prototype (protokern/backends/cpu.py).

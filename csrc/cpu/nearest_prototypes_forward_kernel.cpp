@@ -177,13 +177,8 @@ void nearest_prototypes_forward(const in_t* x, const FeatureMap& map, const acc_
   const int64_t batch = map.batch, positions = map.positions(), size = map.row_size();
   if (batch == 0 || positions == 0) return;
   const bool sq = metric == Metric::kSqEuclidean;
-  // The reference's rounding bounds, plus a few eps for the rearranged arithmetic, as in
-  // min_distance_forward.
-  const double eps = std::numeric_limits<acc_t>::epsilon();
-  const acc_t g = metric == Metric::kCosine
-                      ? static_cast<acc_t>((2 * size + 12) * eps + 4 * input_rounding)
-                      : static_cast<acc_t>((size + 12) * eps + 2 * input_rounding);
-  const acc_t tau = static_cast<acc_t>(4 * (size + 1) * std::numeric_limits<acc_t>::min());
+  const ExpansionBounds bounds = expansion_bounds<acc_t>(size, metric, input_rounding);
+  const acc_t g = static_cast<acc_t>(bounds.g), tau = static_cast<acc_t>(bounds.tau);
   const Columns<acc_t> cols = describe_columns(prototypes, num, size, metric, g);
 
   const int64_t images_per_block =

@@ -198,7 +198,7 @@ void pack_row_panels(const float* rows, int64_t count, int64_t size, float* pane
 }
 
 void packed_gemm(const float* panels, int64_t count, const float* prototypes, int64_t columns,
-                 int64_t size, float* tile) {
+                 int64_t size, float* tile, int64_t ld) {
 #if PK_HAVE_PACKED_GEMM
   TORCH_CHECK(packed_gemm_supported(), "packed_gemm: this CPU lacks AVX-512F");
   // Prototypes outermost: a micro-tile's 8 prototypes (8 x size floats) stay in L1 while every
@@ -206,11 +206,11 @@ void packed_gemm(const float* panels, int64_t count, const float* prototypes, in
   for (int64_t c0 = 0; c0 < columns; c0 += kTileColumns) {
     const MicroTile micro = kMicroTiles[std::min(kTileColumns, columns - c0) - 1];
     for (int64_t r0 = 0; r0 < count; r0 += kPanelRows)
-      micro(panels + r0 * size, prototypes + c0 * size, size, tile + r0 * columns + c0, columns,
+      micro(panels + r0 * size, prototypes + c0 * size, size, tile + r0 * ld + c0, ld,
             std::min(kPanelRows, count - r0));
   }
 #else
-  (void)panels, (void)count, (void)prototypes, (void)columns, (void)size, (void)tile;
+  (void)panels, (void)count, (void)prototypes, (void)columns, (void)size, (void)tile, (void)ld;
   TORCH_CHECK(false, "packed_gemm: not built for this CPU");
 #endif
 }

@@ -45,10 +45,10 @@ inline int64_t packed_panels_size(int64_t count, int64_t size) {
 // rows (count x size, row-major) -> panels (packed_panels_size floats).
 void pack_row_panels(const float* rows, int64_t count, int64_t size, float* panels);
 
-// tile (count x columns, row-major) = rows . prototypes^T, the rows given as their panels and
-// prototypes (columns x size) row-major. Runs on the calling thread. Needs the AVX-512F CPU.
+// tile (count x columns, rows `ld` apart) = rows . prototypes^T, the rows given as their panels
+// and prototypes (columns x size) row-major. Runs on the calling thread. Needs the AVX-512F CPU.
 void packed_gemm(const float* panels, int64_t count, const float* prototypes, int64_t columns,
-                 int64_t size, float* tile);
+                 int64_t size, float* tile, int64_t ld);
 
 // out (rows x columns, row-major) = A . B, with A(i, d) = a[i * a_row + d * a_depth] (any
 // strides: A may be a transpose) and B (depth x columns) row-major with rows b_row apart. The

@@ -240,11 +240,8 @@ void topk_distance_forward(const in_t* x, const FeatureMap& map, const acc_t* pr
 
   const PrototypeNorms<acc_t> norms = prototype_norms(prototypes, num_prototypes, size, metric);
 
-  // min_distance_forward_kernel.cpp's bounds (the reference's plus a few eps of slack).
-  const double eps = std::numeric_limits<acc_t>::epsilon();
-  const double g = metric == Metric::kCosine ? (2 * size + 12) * eps + 4 * input_rounding
-                                            : (size + 12) * eps + 2 * input_rounding;
-  const double tau = 4 * (size + 1) * static_cast<double>(std::numeric_limits<acc_t>::min());
+  const ExpansionBounds bounds = expansion_bounds<acc_t>(size, metric, input_rounding);
+  const double g = bounds.g, tau = bounds.tau;
 
   const int64_t images_per_block =
       std::clamp<int64_t>((kTargetRows + positions - 1) / positions, 1, batch);

@@ -255,6 +255,48 @@ def test_single_position_values_survive_cancellation(metric):
     assert relative_error(values, ref_values) <= TOLERANCE[torch.float32]
 
 
+SINGLE_POSITION_INPUTS = ("float32-tokens", "window-as-large-as-a-channels_last-map",
+                          "bfloat16-tokens", "float64-tokens")
+
+
+@pytest.mark.parametrize("inputs", SINGLE_POSITION_INPUTS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_single_position_across_blocks(metric, inputs):
+    """With one position the GEMM writes blocks of rows x prototypes straight into the values
+    (1024 x 1024 with BLAS; the packed GEMM's 384 x 256 are tests/backends/test_cpu_gemm.py's)
+    and certifies them in place: rows and prototypes past a block's edge, read from x itself
+    (contiguous float32 tokens) or from a packed copy (a window as large as a channels_last map,
+    bfloat16 tokens; float64 in double blocks), match the brute force, every index 0."""
+    torch.manual_seed(1)
+    batch, num = 1024 + 37, 1024 + 29
+    if inputs == "window-as-large-as-a-channels_last-map":
+        x = torch.randn(batch, 3, 2, 2).to(memory_format=torch.channels_last)
+        prototypes = torch.randn(num, 3, 2, 2)
+    else:
+        dtype = getattr(torch, inputs.split("-")[0])
+        x = torch.randn(batch, 1, 6, dtype=dtype)  # (B, L = 1, D) tokens
+        prototypes = torch.randn(num, 6, dtype=dtype)
+    with pk.use_backend("cpu"):
+        values, indices = pk.min_distance(x, prototypes, metric)
+    assert (indices == 0).all()
+    assert_matches_brute_force(x, prototypes, metric, values, indices)
+
+
+@pytest.mark.parametrize("batch", [3, 300])  # 240 B of indices (the heap), 24 MB (a mapping)
+def test_single_position_indices_are_fresh_zeros(batch):
+    """The one-position indices are zeros the kernel never writes (zeros_untouched in
+    csrc/cpu/huge_pages.h): they read as 0 even where the memory of an earlier call's indices,
+    overwritten and freed, is handed out again, and they can be written like any tensor."""
+    x, p = torch.randn(batch, 4, 1, 1), torch.randn(10000, 4)
+    with pk.use_backend("cpu"):
+        for _ in range(3):
+            _, indices = pk.min_distance(x, p)
+            assert indices.shape == (batch, 10000) and (indices == 0).all()
+            indices.fill_(-1)  # the next call may get these bytes back
+            assert (indices == -1).all()
+            del indices
+
+
 def _vm_flags_at(address: int) -> list[str]:
     """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
     inside = False
